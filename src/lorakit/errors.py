@@ -1,0 +1,24 @@
+"""Exceptions raised by lorakit. Each one carries a message that says what to do."""
+
+
+class LoraKitError(Exception):
+    """Base class for lorakit errors."""
+
+
+class ConfigError(LoraKitError, ValueError):
+    """A LoraConfig (or adapter_config.json) value is invalid."""
+
+
+class TargetModulesError(LoraKitError, ValueError):
+    """target_modules matched nothing, or matched a module type LoRA cannot wrap."""
+
+
+class AdapterLoadError(LoraKitError, ValueError):
+    """An adapter file is missing, corrupt, or does not fit the base model."""
+
+
+class AdapterNotFoundError(LoraKitError, KeyError):
+    """An adapter name that is not loaded was asked for."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

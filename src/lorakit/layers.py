@@ -1,0 +1,441 @@
+"""LoRA layers: a frozen base layer plus one or more low-rank adapters.
+
+Attribute names (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`, `lora_magnitude_vector`,
+`modules_to_save`) follow PEFT so state-dict keys, and therefore adapter files, are interchangeable.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+BASE_ADAPTER = "__base__"  # the row-adapter name that means "no adapter"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D: a Linear whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """lorakit's NF4Linear (or any Linear-like module that can only be read through dequantize())."""
+    return hasattr(module, "dequantize") and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's learned magnitude vector (one entry per output feature), stored as `.weight` like PEFT."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class LoraLayer(nn.Module):
+    """State shared by all LoRA layer types: adapters, which are active, which are merged."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        # Set by PeftModel for one call: the adapter of each batch row (mixed-adapter batch).
+        self.row_adapters: Optional[list[Optional[str]]] = None
+        self._dora_merge_factor: dict[str, torch.Tensor] = {}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = []
+        for key, value in self.named_parameters():
+            parts = key.split(".")
+            if parts[0] != "base_layer" and name in parts[1:2]:
+                params.append(value)
+        return params
+
+    def _row_groups(self, batch: int) -> list[Optional[str]]:
+        names = self.row_adapters
+        if batch != len(names):
+            if batch % len(names):
+                raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; "
+                                 "pass one adapter name per row.")
+            # generate() expands rows for num_return_sequences / beams: repeat each name accordingly.
+            names = [n for n in names for _ in range(batch // len(names))]
+        if self.merged_adapters:
+            raise ValueError("Cannot run a mixed-adapter batch while adapters are merged into the base weights; "
+                             "call unmerge_adapter() first.")
+        return [n if n in self.r else None for n in names]
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"Adapter {name!r} is merged into the base weights; unmerge it before deleting it.")
+        for container_name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                               "lora_dropout", "lora_magnitude_vector"):
+            container = getattr(self, container_name, None)
+            if container is not None and name in container:
+                del container[name]
+        for mapping in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_factor):
+            mapping.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+        for name in names:
+            self._merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around nn.Linear, GPT-2 Conv1D (fan_in_fan_out) or a quantized Linear."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
+                    init: bool | str, use_dora: bool) -> None:
+        weight = self._base_weight()
+        dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() >= 4 else torch.float32
+        device = weight.device
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        self.use_dora[name] = use_dora
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self._init_weights(name, init)
+        if use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(self._base_weight().to(dtype), name)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+
+    def _init_weights(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init is False:
+                return  # both random (nn.Linear's default init): useful for tests
+            if init == "pissa":
+                self._init_pissa(name)
+                return
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def _init_pissa(self, name: str) -> None:
+        """PiSSA: A, B from the top-r singular vectors of W; W keeps only the residual."""
+        if is_quantized_linear(self.base_layer):
+            raise ConfigError("init_lora_weights='pissa' needs a full-precision base weight; "
+                              "apply PiSSA before quantizing the model.")
+        weight = self._base_weight().float()
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        r, scale = self.r[name], self.scaling[name]
+        sqrt_s = torch.sqrt(S[:r] / scale)
+        A = sqrt_s[:, None] * Vh[:r]
+        B = U[:, :r] * sqrt_s[None, :]
+        self.lora_A[name].weight.copy_(A)
+        self.lora_B[name].weight.copy_(B)
+        self._set_base_weight(weight - scale * (B @ A))
+
+    # -- base weight access ------------------------------------------------------------------------
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in], whatever the storage (Conv1D transposes, NF4 dequantizes)."""
+        if is_quantized_linear(self.base_layer) and not isinstance(self.base_layer, nn.Linear):
+            return self.base_layer.dequantize()
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        if is_quantized_linear(self.base_layer) and not isinstance(self.base_layer, nn.Linear):
+            raise ValueError("Cannot write into a quantized base weight; use merge_and_unload(), which "
+                             "dequantizes the layer first.")
+        target = self.base_layer.weight
+        with torch.no_grad():
+            target.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A, shaped [out, in]."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def _weight_norm(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """Row norms of W + scaling * B @ A (DoRA's normaliser), one per output feature."""
+        return (weight + self.delta_weight(name).to(weight.dtype)).norm(p=2, dim=1)
+
+    # -- merging -----------------------------------------------------------------------------------
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        with torch.no_grad():
+            weight = self._base_weight()
+            delta = self.delta_weight(name).to(weight.dtype)
+            if self.use_dora[name]:
+                factor = self.lora_magnitude_vector[name].weight / self._weight_norm(weight, name)
+                merged = factor[:, None].to(weight.dtype) * (weight + delta)
+                self._dora_merge_factor[name] = factor.detach().clone()
+            else:
+                merged = weight + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"safe_merge: merging adapter {name!r} would put NaN/inf into the base weights; "
+                                 "the adapter is broken. Nothing was merged into this layer.")
+            self._set_base_weight(merged)
+
+    def _unmerge_one(self, name: str) -> None:
+        with torch.no_grad():
+            weight = self._base_weight()
+            delta = self.delta_weight(name).to(weight.dtype)
+            if self.use_dora[name]:
+                factor = self._dora_merge_factor.pop(name)
+                weight = weight / factor[:, None].to(weight.dtype)
+            self._set_base_weight(weight - delta)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.r:
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            x_lora = self.lora_dropout[name](x.to(A.dtype))
+            lora_out = F.linear(F.linear(x_lora, A), B) * self.scaling[name]
+            if self.use_dora[name]:
+                lora_out = self._dora_output(name, x_lora, x, result, lora_out)
+            result = result + lora_out.to(result.dtype)
+        return result
+
+    def _dora_output(self, name: str, x_lora: torch.Tensor, x: torch.Tensor, base_result: torch.Tensor,
+                     lora_out: torch.Tensor) -> torch.Tensor:
+        """DoRA: m / ||W + sBA|| rescales W x + s B A x; the norm is detached as in the DoRA paper (4.3)."""
+        weight = self._base_weight().to(lora_out.dtype)
+        norm = self._weight_norm(weight.detach(), name).detach()
+        scale = self.lora_magnitude_vector[name].weight / norm
+        if x_lora is x or not self.training:
+            base_out = base_result.to(lora_out.dtype)
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base_out = base_out - bias.to(base_out.dtype)
+        else:  # dropout changed the input, so W x must be recomputed on the dropped input
+            base_out = F.linear(x_lora, weight)
+        return (scale - 1) * base_out + scale * lora_out
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One forward for a batch whose rows use different adapters: per-row A and B are gathered."""
+        result = self.base_layer(x, *args, **kwargs)
+        rows = self._row_groups(x.shape[0])
+        used = list(dict.fromkeys(n for n in rows if n is not None))
+        if not used:
+            return result
+        dtype = self.lora_A[used[0]].weight.dtype
+        r_max = max(self.r[n] for n in used)
+        # Slot 0 is an all-zero adapter for rows that run the base model.
+        A = torch.stack([x.new_zeros(r_max, self.in_features, dtype=dtype)] +
+                        [F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in used])
+        B = torch.stack([x.new_zeros(self.out_features, r_max, dtype=dtype)] +
+                        [F.pad(self.lora_B[n].weight * self.scaling[n], (0, r_max - self.r[n])) for n in used])
+        slot = torch.tensor([used.index(n) + 1 if n is not None else 0 for n in rows], device=x.device)
+        x3 = x.to(dtype).reshape(x.shape[0], -1, self.in_features)
+        if self.training:
+            p = torch.tensor([self._dropout_p(n) for n in rows], device=x.device, dtype=dtype)
+            keep = torch.bernoulli((1 - p)[:, None, None].expand_as(x3))
+            x3 = x3 * keep / (1 - p)[:, None, None]
+        h = torch.bmm(x3, A[slot].transpose(1, 2))
+        lora_out = torch.bmm(h, B[slot].transpose(1, 2))
+        dora_used = [n for n in used if self.use_dora[n]]
+        if dora_used:
+            weight = self._base_weight().to(dtype).detach()
+            scales = torch.ones(len(used) + 1, self.out_features, device=x.device, dtype=dtype)
+            for n in dora_used:
+                scales[used.index(n) + 1] = self.lora_magnitude_vector[n].weight / self._weight_norm(weight, n).detach()
+            row_scale = scales[slot][:, None, :]
+            base_out = F.linear(x3, weight)
+            lora_out = (row_scale - 1) * base_out + row_scale * lora_out
+        return result + lora_out.reshape(result.shape).to(result.dtype)
+
+    def _dropout_p(self, name: Optional[str]) -> float:
+        dropout = self.lora_dropout[name] if name is not None else None
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around nn.Embedding: the update is a lookup into A^T followed by B."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
+                    init: bool | str, use_dora: bool) -> None:
+        if use_dora:
+            raise ConfigError("use_dora=True is supported on Linear and Conv1D layers, not on embeddings: "
+                              "remove the embedding from target_modules or set use_dora=False.")
+        if init == "pissa":
+            raise ConfigError("init_lora_weights='pissa' is supported on Linear layers only, not on embeddings.")
+        weight = self.base_layer.weight
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        self.use_dora[name] = False
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        A = torch.randn(r, self.in_features, device=weight.device, dtype=weight.dtype)
+        B = torch.randn(self.out_features, r, device=weight.device, dtype=weight.dtype)
+        if init is not False:
+            # The update must start at zero; with A = 0 the gradient still reaches A through B.
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * (B @ A)^T, shaped like the embedding table [num_embeddings, dim]."""
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                           sparse=base.sparse)
+
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            merged = weight + self.delta_weight(name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"safe_merge: merging adapter {name!r} would put NaN/inf into the embedding.")
+            weight.copy_(merged)
+
+    def _unmerge_one(self, name: str) -> None:
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight.sub_(self.delta_weight(name).to(weight.dtype))
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(ids, *args, **kwargs)
+        result = self.base_layer(ids, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.row_adapters is not None:
+            return result + self._mixed_delta(ids).to(result.dtype)
+        for name in self.active_adapters:
+            if name in self.r:
+                after_a = self._lookup(ids, self.lora_embedding_A[name].T)
+                result = result + (after_a @ self.lora_embedding_B[name].T * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _mixed_delta(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._row_groups(ids.shape[0])
+        used = list(dict.fromkeys(n for n in rows if n is not None))
+        weight = self.base_layer.weight
+        if not used:
+            return weight.new_zeros(*ids.shape, self.out_features)
+        r_max = max(self.r[n] for n in used)
+        A = torch.stack([weight.new_zeros(self.in_features, r_max)] +
+                        [F.pad(self.lora_embedding_A[n].T, (0, r_max - self.r[n])) for n in used])
+        B = torch.stack([weight.new_zeros(r_max, self.out_features)] +
+                        [F.pad(self.lora_embedding_B[n].T * self.scaling[n], (0, 0, 0, r_max - self.r[n]))
+                         for n in used])
+        slot = torch.tensor([used.index(n) + 1 if n is not None else 0 for n in rows], device=ids.device)
+        ids2 = ids.reshape(ids.shape[0], -1)
+        after_a = A[slot[:, None], ids2]  # [batch, seq, r]
+        return torch.bmm(after_a, B[slot]).reshape(*ids.shape, self.out_features)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A fully trainable copy of a module per adapter (e.g. a classifier head); the original stays frozen."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.row_adapters: Optional[list[Optional[str]]] = None
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def active_module(self) -> nn.Module:
+        if self.disable_adapters:
+            return self.original_module
+        for name in self.active_adapters:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.row_adapters is None or self.disable_adapters:
+            return self.active_module()(x, *args, **kwargs)
+        names = self.row_adapters
+        repeat = x.shape[0] // len(names)
+        rows = [n if n in self.modules_to_save else None for n in names for _ in range(repeat)]
+        used = list(dict.fromkeys(rows))
+        if len(used) == 1:
+            module = self.modules_to_save[used[0]] if used[0] is not None else self.original_module
+            return module(x, *args, **kwargs)
+        outputs = [None] * len(rows)
+        for name in used:
+            index = [i for i, n in enumerate(rows) if n == name]
+            module = self.modules_to_save[name] if name is not None else self.original_module
+            out = module(x[index], *args, **kwargs)
+            for j, i in enumerate(index):
+                outputs[i] = out[j]
+        return torch.stack(outputs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Model code reads e.g. `lm_head.weight`: answer with the module that would run.
+            modules = self._modules
+            if "original_module" not in modules:
+                raise
+            return getattr(self.active_module(), name)

@@ -1,0 +1,404 @@
+"""PeftModel / LoraModel: a transformers (or any torch) model with LoRA adapters injected.
+
+The nesting `PeftModel.base_model (LoraModel) .model (your model)` is PEFT's, so state-dict keys
+start with `base_model.model.` exactly as in PEFT's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
+from .errors import AdapterLoadError, AdapterNotFoundError
+from .inject import resolve_modules_to_save, resolve_targets, wrap_module_to_save, wrap_target
+from .io_utils import atomic_save_json, atomic_save_safetensors
+from .layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_quantized_linear
+from .persistence import adapter_state_dict, load_adapter_tensors, read_adapter_weights
+
+
+def _model_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+class LoraModel(nn.Module):
+    """Owns the injected layers: add, delete, activate, merge and unload adapters."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str = adapter_name
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- walking the injected modules ---------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def _adapter_modules(self) -> Iterator[LoraLayer | ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                yield module
+
+    def _check(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNotFoundError(f"No adapter named {name!r}; loaded adapters: "
+                                           f"{', '.join(self.peft_config) or 'none'}.")
+
+    # -- adapters -----------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name or "
+                             "delete_adapter() it first.")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' in mixed batches.")
+        if config.base_model_name_or_path is None:
+            config = replace(config, base_model_name_or_path=_model_name(self.model))
+        targets = resolve_targets(self.model, config)
+        to_save = resolve_modules_to_save(self.model, config)
+        for name in targets:
+            wrap_target(self.model, name, config, adapter_name)
+        for name in to_save:
+            wrap_module_to_save(self.model, name, adapter_name)
+        self.peft_config[adapter_name] = config
+        if len(self.peft_config) == 1:
+            self._set_active(adapter_name)
+        else:  # new layers start with the current active adapter, as do existing ones
+            self._set_active(self.active_adapter)
+        self.set_requires_grad(adapter_name, not config.inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Make the parameters of these adapters trainable (or frozen). The only call that changes trainability."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check(names)
+        for name in names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(requires_grad)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """A, B (and magnitude, bias, modules_to_save copies) of one adapter."""
+        params = []
+        for module in self._adapter_modules():
+            if isinstance(module, LoraLayer):
+                params += module.adapter_parameters(adapter_name)
+            elif adapter_name in module.modules_to_save:
+                params += list(module.modules_to_save[adapter_name].parameters())
+        bias = self.peft_config[adapter_name].bias
+        if bias == "all":
+            params += [p for n, p in self.model.named_parameters()
+                       if n.endswith("bias") and ".lora_" not in n and ".modules_to_save." not in n]
+        elif bias == "lora_only":
+            params += [m.base_layer.bias for _, m in self.lora_layers()
+                       if adapter_name in m.r and getattr(m.base_layer, "bias", None) is not None]
+        return params
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Choose which adapter(s) run. Never changes which parameters train (see set_requires_grad)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check(names)
+        self._set_active(names[0] if len(names) == 1 else names)
+
+    def _set_active(self, names: str | list[str]) -> None:
+        self.active_adapter = names
+        active = [names] if isinstance(names, str) else list(names)
+        for module in self._adapter_modules():
+            module.active_adapters = list(active)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check([adapter_name])
+        for module in self._adapter_modules():
+            module.delete(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._set_active(remaining[0] if len(remaining) == 1 else remaining)
+
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        for module in self._adapter_modules():
+            module.disable_adapters = not enabled
+
+    @contextlib.contextmanager
+    def row_adapters(self, adapter_names: Optional[Sequence[Optional[str]]]):
+        """Within the block, batch row i runs adapter adapter_names[i] (None or '__base__': no adapter)."""
+        if adapter_names is None:
+            yield
+            return
+        names = [None if n in (None, BASE_ADAPTER) else n for n in adapter_names]
+        self._check([n for n in dict.fromkeys(names) if n is not None])
+        modules = list(self._adapter_modules())
+        for module in modules:
+            module.row_adapters = names
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.row_adapters = None
+
+    # -- merging ------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        names = list(adapter_names) if adapter_names else self.active_adapters
+        self._check(names)
+        for _, layer in self.lora_layers():
+            if is_quantized_linear(layer.base_layer) and not isinstance(layer.base_layer, nn.Linear):
+                raise ValueError("merge_adapter() cannot write into 4-bit base weights; use merge_and_unload(), "
+                                 "which dequantizes, merges and returns a full-precision model.")
+        layers = [layer for _, layer in self.lora_layers()]
+        if safe_merge:  # check every layer first so a failure leaves nothing half-merged
+            for layer in layers:
+                for name in names:
+                    if name in layer.r and not torch.isfinite(layer.delta_weight(name)).all():
+                        raise ValueError(f"safe_merge: adapter {name!r} has NaN/inf weights; nothing was merged.")
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        """Merge adapters into the base weights and return the plain model (no lorakit module left)."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        names = list(adapter_names) if adapter_names else self.active_adapters
+        if merge:
+            self._check(names)
+            quantized = [n for n, layer in self.lora_layers() if is_quantized_linear(layer.base_layer)
+                         and not isinstance(layer.base_layer, nn.Linear)]
+            if quantized:
+                warnings.warn(f"merge_and_unload: {len(quantized)} base layers are 4-bit quantized; they are "
+                              "dequantized to full precision before merging, so the merged weights carry NF4's "
+                              "rounding error (re-quantizing them adds a second rounding).", stacklevel=3)
+                for name in quantized:
+                    layer = self.model.get_submodule(name)
+                    layer.base_layer = _dequantized_linear(layer.base_layer)
+            self.merge_adapter(names, safe_merge=safe_merge)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                if isinstance(module, LoraLayer):
+                    replacement = module.base_layer
+                else:
+                    replacement = module.active_module() if merge else module.original_module
+                setattr(parent, child, replacement)
+        return self.model
+
+    # -- combining adapters -------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
+
+def _dequantized_linear(layer: nn.Module) -> nn.Linear:
+    weight = layer.dequantize()
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+class PeftModel(nn.Module):
+    """The model users hold: forward/generate with adapters, save/load, parameter counts."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self):
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # -- running ------------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        with self.base_model.row_adapters(adapter_names):
+            return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        with self.base_model.row_adapters(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the plain base model inside the block (merged adapters are unmerged first)."""
+        self.base_model.set_adapters_enabled(False)
+        try:
+            yield
+        finally:
+            self.base_model.set_adapters_enabled(True)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    # -- parameter counts ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = 0, 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        for module in self.modules():  # 4-bit weights are buffers: count the values they stand for
+            shape = getattr(module, "weight_shape", None)
+            if shape is not None and is_quantized_linear(module):
+                total += int(torch.Size(shape).numel())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # -- files --------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        selected_adapters: Optional[Sequence[str]] = None, **_ignored) -> None:
+        """PEFT's layout: adapter 'default' at the top, every other adapter in a sub-folder of its name."""
+        names = list(selected_adapters) if selected_adapters else list(self.peft_config)
+        self.base_model._check(names)
+        root = Path(save_directory)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {root} exists and is not a directory.")
+        lora_names = {f"base_model.model.{n}" for n, _ in self.base_model.lora_layers()}
+        for name in names:
+            config = self.peft_config[name]
+            directory = root if name == "default" else root / name
+            tensors = adapter_state_dict(self, name, config.bias, lora_names)
+            atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+            data = config.to_dict()
+            data["inference_mode"] = True
+            model_cls = type(self.base_model.model)
+            data["auto_mapping"] = {"base_model_class": model_cls.__name__, "parent_library": model_cls.__module__}
+            atomic_save_json(data, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **_ignored) -> "PeftModel":
+        """Load a saved adapter (lorakit's or PEFT's) onto `model`."""
+        path = _resolve_adapter_path(model_id)
+        config = config or LoraConfig.from_pretrained(path)
+        config = replace(config, inference_mode=not is_trainable)
+        _warn_on_base_mismatch(config, model, path)
+        peft_model = (PeftModelForCausalLM if config.task_type == "CAUSAL_LM" else cls)(model, config, adapter_name)
+        peft_model._load_weights(path, adapter_name)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     **_ignored) -> None:
+        """Add a saved adapter under `adapter_name`; the active adapter does not change."""
+        path = _resolve_adapter_path(model_id)
+        config = replace(LoraConfig.from_pretrained(path), inference_mode=not is_trainable)
+        _warn_on_base_mismatch(config, self.base_model.model, path)
+        self.base_model.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(path, adapter_name)
+        except Exception:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, path: Path, adapter_name: str) -> None:
+        tensors = read_adapter_weights(path)
+        expected_base = self.peft_config[adapter_name].base_model_name_or_path
+        hint = f" (adapter says base_model_name_or_path={expected_base!r})" if expected_base else ""
+        load_adapter_tensors(self, tensors, adapter_name, str(path), hint)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Same as PeftModel; the name exists so code written for PEFT keeps working."""
+
+
+def _resolve_adapter_path(model_id: str | os.PathLike) -> Path:
+    path = Path(model_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise AdapterLoadError(f"{path} is a file; pass the adapter directory that holds {CONFIG_NAME}.")
+    text = str(model_id)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        try:  # a hub repo id: fetch the two files into the local hub cache
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*/" + CONFIG_NAME,
+                                                                "*/" + WEIGHTS_NAME]))
+        except Exception as exc:
+            raise AdapterLoadError(f"Adapter {text!r} is not a local directory and could not be fetched from "
+                                   f"the Hugging Face Hub ({type(exc).__name__}: {exc}).") from None
+    raise AdapterLoadError(f"Adapter directory {path} does not exist.")
+
+
+def _warn_on_base_mismatch(config: LoraConfig, model: nn.Module, path: Path) -> None:
+    expected, actual = config.base_model_name_or_path, _model_name(model)
+    if expected and actual and expected != actual:
+        warnings.warn(f"Adapter {path} was trained on {expected!r} but is being loaded onto {actual!r}; "
+                      "loading goes ahead because the tensor shapes are checked.", stacklevel=3)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Freeze `model`, inject the adapter described by `peft_config`, return the wrapper."""
+    if isinstance(model, PeftModel):
+        raise ValueError("This model already has adapters: use model.add_adapter(name, config) instead.")
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"get_peft_model expects a lorakit.LoraConfig, got {type(peft_config).__name__}.")
+    cls = PeftModelForCausalLM if peft_config.task_type == "CAUSAL_LM" else PeftModel
+    return cls(model, peft_config, adapter_name)
+
+
+__all__ = ["LoraModel", "PeftModel", "PeftModelForCausalLM", "get_peft_model", "LoraEmbedding", "LoraLinear"]

@@ -1,0 +1,373 @@
+"""PeftModel behaviour, checked number for number against PEFT."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from tiny_models import outputs, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
+from transformers import LlamaForCausalLM
+
+import lorakit
+from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+
+ATOL = 1e-5
+
+MODELS = {
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj"], ["lm_head"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], ["lm_head"]),
+    "mlp": (tiny_mlp, ["lin0", "lin1"], ["head"]),
+}
+VARIANTS = {
+    "plain": {},
+    "rslora": {"use_rslora": True, "lora_alpha": 32},
+    "dora": {"use_dora": True},
+    "bias_all": {"bias": "all"},
+    "bias_lora_only": {"bias": "lora_only"},
+    "modules_to_save": {"modules_to_save": "HEAD"},
+}
+
+
+def build_pair(model_name: str, variant: dict, **extra):
+    """The same random base wrapped by PEFT and by lorakit, with identical (nonzero) adapter weights."""
+    factory, targets, head = MODELS[model_name]
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                  fan_in_fan_out=model_name == "gpt2")
+    kwargs.update(variant)
+    kwargs.update(extra)
+    if kwargs.get("modules_to_save") == "HEAD":
+        kwargs["modules_to_save"] = head
+    theirs = peft.get_peft_model(factory(), peft.LoraConfig(**kwargs))
+    ours = get_peft_model(factory(), LoraConfig(**kwargs))
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():  # perturb magnitudes and heads so every trainable tensor matters
+        for key, value in theirs.state_dict(keep_vars=True).items():
+            if value.requires_grad and ("magnitude" in key or "modules_to_save" in key):
+                value.add_(torch.randn_like(value) * 0.1)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_outputs_and_gradients_match_peft(model_name, variant):
+    theirs, ours = build_pair(model_name, VARIANTS[variant])
+    ids = token_batch()
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)
+
+    ours_trainable = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_trainable = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours_trainable.keys() == theirs_trainable.keys()
+    outputs(ours, ids).float().pow(2).mean().backward()
+    outputs(theirs, ids).float().pow(2).mean().backward()
+    for name, param in ours_trainable.items():
+        assert torch.allclose(param.grad, theirs_trainable[name].grad, atol=ATOL), name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_parameter_counts_match_peft(model_name, variant, capsys):
+    theirs, ours = build_pair(model_name, VARIANTS[variant])
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    theirs.print_trainable_parameters()
+    expected = capsys.readouterr().out
+    ours.print_trainable_parameters()
+    assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize("extra", [
+    {"target_modules": ["embed_tokens", "q_proj"]},
+    {"layers_to_transform": [1]},
+    {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"layers.1.self_attn.v_proj": 3}},
+    {"target_modules": r".*\.layers\.0\.self_attn\.(q|v)_proj"},
+    {"target_modules": "all-linear"},
+    {"exclude_modules": ["k_proj"]},
+])
+def test_targeting_options_match_peft(extra):
+    theirs, ours = build_pair("llama", {}, **extra)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ids = token_batch()
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)
+
+
+def test_training_mode_dropout_only_touches_lora_input():
+    theirs, ours = build_pair("llama", {}, lora_dropout=0.5)
+    ours.train()
+    ids = token_batch()
+    with ours.disable_adapter():
+        base = outputs(ours, ids)
+    torch.manual_seed(0)
+    a = outputs(ours, ids)
+    torch.manual_seed(1)
+    b = outputs(ours, ids)
+    assert not torch.allclose(a, b)  # dropout is live on the LoRA path ...
+    ours.eval()
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)  # ... and off in eval
+    assert not torch.allclose(base, outputs(ours, ids))
+
+
+def test_pissa_matches_peft_and_starts_at_the_base_output():
+    base = tiny_llama()
+    ids = token_batch()
+    reference = outputs(base, ids)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg)).eval()
+    ours = get_peft_model(tiny_llama(), LoraConfig(**cfg)).eval()
+    assert torch.allclose(outputs(ours, ids), reference, atol=1e-4)
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)
+    with ours.disable_adapter():  # the base now holds only the residual
+        assert not torch.allclose(outputs(ours, ids), reference, atol=1e-3)
+
+
+def test_gaussian_and_default_init():
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert abs(layer.lora_A["default"].weight.std().item() - 1 / 4) < 0.05
+    ids = token_batch()
+    with ours.disable_adapter():
+        base = outputs(ours, ids)
+    assert torch.equal(outputs(ours, ids), base)
+
+
+# -- files ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["plain", "dora", "bias_lora_only", "modules_to_save"])
+def test_lorakit_adapter_loads_in_peft_and_back(tmp_path, variant):
+    theirs, ours = build_pair("gpt2" if "bias" in variant else "llama", VARIANTS[variant])
+    factory = tiny_gpt2 if "bias" in variant else tiny_llama
+    ids = token_batch()
+    expected = outputs(ours, ids)
+
+    ours.save_pretrained(tmp_path / "ours")
+    in_peft = peft.PeftModel.from_pretrained(factory(), tmp_path / "ours").eval()
+    assert torch.allclose(outputs(in_peft, ids), expected, atol=ATOL)
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = PeftModel.from_pretrained(factory(), tmp_path / "theirs").eval()
+    assert torch.allclose(outputs(in_ours, ids), expected, atol=ATOL)
+    assert not any(p.requires_grad for p in in_ours.parameters())
+
+
+def test_saved_files_use_peft_key_names_and_fields(tmp_path):
+    theirs, ours = build_pair("llama", {})
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+
+    ours_keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert ours_keys == set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in ours_keys
+    import json
+
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert set(theirs_cfg) - set(ours_cfg) <= {"peft_version"}
+    for field in ("r", "lora_alpha", "target_modules", "peft_type", "bias", "use_dora", "inference_mode"):
+        value = ours_cfg[field]
+        assert (sorted(value) if isinstance(value, list) else value) == \
+            (sorted(theirs_cfg[field]) if isinstance(theirs_cfg[field], list) else theirs_cfg[field])
+
+
+def test_from_pretrained_trainable_and_frozen(tmp_path):
+    _, ours = build_pair("llama", {})
+    ours.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == ours.get_nb_trainable_parameters()[0]
+
+
+def test_many_adapters_saved_in_peft_layout(tmp_path):
+    _, ours = build_pair("llama", {})
+    ours.add_adapter("billing", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file()
+    assert (tmp_path / "billing" / "adapter_model.safetensors").is_file()
+    ids = token_batch()
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    reloaded.load_adapter(tmp_path / "billing", adapter_name="billing")
+    for name in ("default", "billing"):
+        ours.set_adapter(name)
+        reloaded.set_adapter(name)
+        assert torch.allclose(outputs(reloaded, ids), outputs(ours, ids), atol=ATOL)
+    # PEFT reads the same layout
+    in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    in_peft.load_adapter(tmp_path / "billing", adapter_name="billing")
+    in_peft.set_adapter("billing")
+    assert torch.allclose(outputs(in_peft.eval(), ids), outputs(ours, ids), atol=ATOL)
+
+
+def test_base_model_name_is_written_and_mismatch_warns(tmp_path):
+    base = tiny_llama()
+    base.config.name_or_path = "org/base-a"
+    ours = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    ours.save_pretrained(tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base-a"
+    other = tiny_llama()
+    other.config.name_or_path = "org/base-b"
+    with pytest.warns(UserWarning, match="trained on 'org/base-a'"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+# -- adapters at run time ---------------------------------------------------------------------------
+def test_set_adapter_never_changes_trainability():
+    _, ours = build_pair("llama", {})
+    ours.add_adapter("frozen", LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
+    frozen = set(map(id, ours.base_model.adapter_parameters("frozen")))
+    ours.set_adapter("frozen")
+    assert not any(p.requires_grad for p in ours.parameters() if id(p) in frozen)
+    ours.set_requires_grad("frozen", True)
+    assert all(p.requires_grad for p in ours.parameters() if id(p) in frozen)
+
+
+def test_disable_adapter_and_delete_adapter():
+    base = tiny_llama()
+    ids = token_batch()
+    reference = outputs(base, ids)
+    _, ours = build_pair("llama", {})
+    with ours.disable_adapter():
+        assert torch.allclose(outputs(ours, ids), reference, atol=ATOL)
+    assert not torch.allclose(outputs(ours, ids), reference, atol=1e-3)
+    ours.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+    ours.delete_adapter("default")
+    assert ours.active_adapter == "other" and list(ours.peft_config) == ["other"]
+    assert torch.allclose(outputs(ours, ids), reference, atol=ATOL)  # 'other' starts at zero
+    with pytest.raises(lorakit.AdapterNotFoundError, match="loaded adapters: other"):
+        ours.set_adapter("default")
+
+
+# -- merging ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_name,variant", [("llama", "plain"), ("llama", "dora"), ("gpt2", "plain"),
+                                                ("mlp", "modules_to_save")])
+def test_merge_equals_unmerged_and_unmerge_restores(model_name, variant):
+    _, ours = build_pair(model_name, VARIANTS[variant])
+    ids = token_batch()
+    expected = outputs(ours, ids)
+    weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    ours.merge_adapter()
+    assert torch.allclose(outputs(ours, ids), expected, atol=ATOL)
+    ours.unmerge_adapter()
+    for name, param in ours.named_parameters():
+        if name in weights:
+            assert torch.allclose(param, weights[name], atol=1e-6), name
+    merged = ours.merge_and_unload()
+    assert not any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in merged.modules())
+    assert type(merged) is type(MODELS[model_name][0]())
+    assert torch.allclose(outputs(merged, ids), expected, atol=ATOL)
+
+
+def test_merged_model_is_plain_transformers(tmp_path):
+    _, ours = build_pair("llama", {})
+    ids = token_batch()
+    expected = outputs(ours, ids)
+    ours.merge_and_unload().save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(outputs(reloaded, ids), expected, atol=ATOL)
+
+
+def test_safe_merge_refuses_nan():
+    _, ours = build_pair("llama", {})
+    layer = ours.base_model.model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    before = ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="NaN/inf"):
+        ours.merge_and_unload(safe_merge=True)
+    assert torch.equal(ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+
+
+def test_unload_returns_base_without_changes():
+    base_out = outputs(tiny_llama(), token_batch())
+    _, ours = build_pair("llama", {})
+    plain = ours.unload()
+    assert torch.allclose(outputs(plain, token_batch()), base_out, atol=ATOL)
+
+
+# -- mixed-adapter batches --------------------------------------------------------------------------
+def mixed_model():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                     init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                      init_lora_weights=False))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "lora_magnitude_vector") and "c" in mod.lora_magnitude_vector:
+                mod.lora_magnitude_vector["c"].weight.mul_(1.3)
+    return model.eval()
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs():
+    model = mixed_model()
+    ids = token_batch(batch=5)
+    names = ["a", "b", None, "c", "__base__"]
+    mixed = outputs(model, ids, adapter_names=names)
+    for row, name in enumerate(names):
+        if name in (None, "__base__"):
+            with model.disable_adapter():
+                single = outputs(model, ids[row:row + 1])
+        else:
+            model.set_adapter(name)
+            single = outputs(model, ids[row:row + 1])
+        assert torch.allclose(mixed[row], single[0], atol=ATOL), name
+
+
+def test_mixed_batch_generate_equals_one_by_one():
+    model = mixed_model()
+    ids = token_batch(batch=3, seq=6)
+    names = ["b", "a", "c"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
+    for row, name in enumerate(names):
+        model.set_adapter(name)
+        alone = model.generate(input_ids=ids[row:row + 1], attention_mask=torch.ones_like(ids[row:row + 1]), **kwargs)
+        assert torch.equal(together[row], alone[0]), name
+
+
+def test_mixed_batch_is_one_forward_not_a_loop():
+    model = mixed_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    outputs(model, token_batch(batch=4), adapter_names=["a", "b", "a", None])
+    assert len(calls) == 1
+
+
+def test_mixed_batch_refused_while_merged():
+    model = mixed_model()
+    model.set_adapter("a")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        outputs(model, token_batch(batch=2), adapter_names=["a", "b"])
+
+
+def test_mixed_batch_unknown_adapter():
+    with pytest.raises(lorakit.AdapterNotFoundError, match="'zz'.*loaded adapters: a, b, c"):
+        outputs(mixed_model(), token_batch(batch=2), adapter_names=["a", "zz"])
+
+
+# -- combining --------------------------------------------------------------------------------------
+def _delta(model, name, layer):
+    return layer.delta_weight(name)
+
+
+def test_add_weighted_adapter_cat_svd_linear():
+    model = mixed_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "cat", combination_type="cat")
+    expected = 0.7 * layer.delta_weight("a") - 0.4 * layer.delta_weight("b")
+    assert torch.allclose(layer.delta_weight("cat"), expected, atol=1e-5)
+    model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "svd", combination_type="svd", svd_rank=3)
+    best = torch.linalg.svd(expected)
+    approx = best.U[:, :3] @ torch.diag(best.S[:3]) @ best.Vh[:3]
+    assert torch.allclose(layer.delta_weight("svd"), approx, atol=1e-5)
+    # linear mixes the factors: A = sum sqrt(w s) A_i, B likewise, so two halves of sqrt give back a
+    model.add_weighted_adapter(["a", "a"], [0.25, 0.25], "lin", combination_type="linear")
+    assert torch.allclose(layer.delta_weight("lin"), layer.delta_weight("a"), atol=1e-5)
+    with pytest.raises(ValueError, match="equal rank"):
+        model.add_weighted_adapter(["a", "b"], [1, 1], "bad", combination_type="linear")
+    with pytest.raises(ValueError, match="choose one of"):
+        model.add_weighted_adapter(["a"], [1], "bad2", combination_type="ties")

@@ -1,0 +1,50 @@
+"""Tiny random models shared by the core tests (no downloads, built from configs)."""
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.lin0 = nn.Linear(32, 64)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, input_ids):
+        return self.head(self.lin1(self.relu(self.lin0(self.emb(input_ids)))))
+
+
+def tiny_mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def token_batch(batch: int = 3, seq: int = 10, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def outputs(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    out = model(input_ids=ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
