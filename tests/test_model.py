@@ -371,3 +371,20 @@ def test_add_weighted_adapter_cat_svd_linear():
         model.add_weighted_adapter(["a", "b"], [1, 1], "bad", combination_type="linear")
     with pytest.raises(ValueError, match="choose one of"):
         model.add_weighted_adapter(["a"], [1], "bad2", combination_type="ties")
+
+
+# -- the README snippet on the embedded model -------------------------------------------------------
+def test_readme_snippet_on_smollm2_matches_peft(capsys):
+    from lorakit.models import load_base_model
+
+    kwargs = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "k_proj", "o_proj"],
+                  lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
+    base, _ = load_base_model("smollm2")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    theirs.print_trainable_parameters()
+    expected = capsys.readouterr().out
+    model = get_peft_model(base, LoraConfig(**kwargs))
+    model.print_trainable_parameters()
+    printed = capsys.readouterr().out
+    assert printed == expected
+    assert printed.startswith("trainable params: 1,843,200 || all params: ")
