@@ -388,3 +388,35 @@ def test_readme_snippet_on_smollm2_matches_peft(capsys):
     printed = capsys.readouterr().out
     assert printed == expected
     assert printed.startswith("trainable params: 1,843,200 || all params: ")
+
+
+# -- LoRA on a 4-bit base -----------------------------------------------------------------------------
+def test_lora_on_nf4_base_trains_and_merges(tmp_path):
+    from lorakit.quant import NF4Linear, quantize_model
+
+    model = get_peft_model(quantize_model(tiny_llama(), "nf4"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = token_batch()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.grad is not None
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    with pytest.raises(ValueError, match="use merge_and_unload"):
+        model.merge_adapter()
+    expected = outputs(model.eval(), ids)
+    second = copy.deepcopy(model)
+
+    with pytest.warns(UserWarning, match="dequantized to full precision"):
+        merged = model.merge_and_unload()
+    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+    assert torch.allclose(outputs(merged, ids), expected, atol=ATOL)
+    merged.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(outputs(reloaded, ids), expected, atol=ATOL)
+
+    with pytest.warns(UserWarning, match="second rounding"):
+        requantized = second.merge_and_unload(requantize=True)
+    assert sum(isinstance(m, NF4Linear) for m in requantized.modules()) == 2 * 7
+    reference = quantize_model(copy.deepcopy(merged), "nf4")
+    assert torch.allclose(outputs(requantized, ids), outputs(reference, ids), atol=1e-6)

@@ -186,9 +186,24 @@ class LoraModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
-        """Merge adapters into the base weights and return the plain model (no lorakit module left)."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+                         adapter_names: Optional[Sequence[str]] = None, requantize: bool = False) -> nn.Module:
+        """Merge adapters into the base weights and return the plain model (no lorakit module left).
+
+        A 4-bit base is dequantized first, so the result is full precision (re-quantized if `requantize`).
+        """
+        quantized = [name for name, m in self.model.named_modules()
+                     if is_quantized_linear(m) and not isinstance(m, nn.Linear)]
+        if quantized:
+            from .quant import dequantize_model, quantize_model
+
+            warnings.warn(f"merge_and_unload: {len(quantized)} layers are 4-bit quantized; they are dequantized "
+                          "to full precision before merging, so the merged weights carry NF4's rounding error"
+                          + (" and re-quantizing adds a second rounding." if requantize else "."), stacklevel=2)
+            dequantize_model(self.model)
+        model = self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        if quantized and requantize:
+            quantize_model(model, "nf4", skip_modules=_unquantized_linear_names(model, quantized))
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""
@@ -197,16 +212,6 @@ class LoraModel(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         names = list(adapter_names) if adapter_names else self.active_adapters
         if merge:
-            self._check(names)
-            quantized = [n for n, layer in self.lora_layers() if is_quantized_linear(layer.base_layer)
-                         and not isinstance(layer.base_layer, nn.Linear)]
-            if quantized:
-                warnings.warn(f"merge_and_unload: {len(quantized)} base layers are 4-bit quantized; they are "
-                              "dequantized to full precision before merging, so the merged weights carry NF4's "
-                              "rounding error (re-quantizing them adds a second rounding).", stacklevel=3)
-                for name in quantized:
-                    layer = self.model.get_submodule(name)
-                    layer.base_layer = _dequantized_linear(layer.base_layer)
             self.merge_adapter(names, safe_merge=safe_merge)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
@@ -227,16 +232,12 @@ class LoraModel(nn.Module):
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
 
-def _dequantized_linear(layer: nn.Module) -> nn.Linear:
-    weight = layer.dequantize()
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-    linear.requires_grad_(False)
-    return linear
+def _unquantized_linear_names(model: nn.Module, quantized: list[str]) -> list[str]:
+    """Full names of the Linear layers that were not quantized before (so re-quantizing skips them)."""
+    # Quantized names were recorded inside LoRA wrappers (`x.q_proj.base_layer`); after unloading
+    # the wrapper is gone and the layer is `x.q_proj`.
+    was_quantized = {name.replace(".base_layer", "") for name in quantized}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in was_quantized]
 
 
 class PeftModel(nn.Module):
