@@ -1,0 +1,115 @@
+"""LoRA layers: dropout, initialisation, mixed-adapter batches."""
+
+import peft
+import pytest
+import torch
+from test_model import ATOL, build_pair
+from tiny_models import outputs, tiny_llama, token_batch
+
+import lorakit
+from lorakit import LoraConfig, get_peft_model
+
+
+def test_training_mode_dropout_only_touches_lora_input():
+    theirs, ours = build_pair("llama", {}, lora_dropout=0.5)
+    ours.train()
+    ids = token_batch()
+    with ours.disable_adapter():
+        base = outputs(ours, ids)
+    torch.manual_seed(0)
+    a = outputs(ours, ids)
+    torch.manual_seed(1)
+    b = outputs(ours, ids)
+    assert not torch.allclose(a, b)  # dropout is live on the LoRA path ...
+    ours.eval()
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)  # ... and off in eval
+    assert not torch.allclose(base, outputs(ours, ids))
+
+
+def test_pissa_matches_peft_and_starts_at_the_base_output():
+    base = tiny_llama()
+    ids = token_batch()
+    reference = outputs(base, ids)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg)).eval()
+    ours = get_peft_model(tiny_llama(), LoraConfig(**cfg)).eval()
+    assert torch.allclose(outputs(ours, ids), reference, atol=1e-4)
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)
+    with ours.disable_adapter():  # the base now holds only the residual
+        assert not torch.allclose(outputs(ours, ids), reference, atol=1e-3)
+
+
+def test_gaussian_and_default_init():
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert abs(layer.lora_A["default"].weight.std().item() - 1 / 4) < 0.05
+    ids = token_batch()
+    with ours.disable_adapter():
+        base = outputs(ours, ids)
+    assert torch.equal(outputs(ours, ids), base)
+
+
+# -- mixed-adapter batches --------------------------------------------------------------------------
+def mixed_model():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                     init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                      init_lora_weights=False))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "lora_magnitude_vector") and "c" in mod.lora_magnitude_vector:
+                mod.lora_magnitude_vector["c"].weight.mul_(1.3)
+    return model.eval()
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs():
+    model = mixed_model()
+    ids = token_batch(batch=5)
+    names = ["a", "b", None, "c", "__base__"]
+    mixed = outputs(model, ids, adapter_names=names)
+    for row, name in enumerate(names):
+        if name in (None, "__base__"):
+            with model.disable_adapter():
+                single = outputs(model, ids[row:row + 1])
+        else:
+            model.set_adapter(name)
+            single = outputs(model, ids[row:row + 1])
+        assert torch.allclose(mixed[row], single[0], atol=ATOL), name
+
+
+def test_mixed_batch_generate_equals_one_by_one():
+    model = mixed_model()
+    ids = token_batch(batch=3, seq=6)
+    names = ["b", "a", "c"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
+    for row, name in enumerate(names):
+        model.set_adapter(name)
+        alone = model.generate(input_ids=ids[row:row + 1], attention_mask=torch.ones_like(ids[row:row + 1]), **kwargs)
+        assert torch.equal(together[row], alone[0]), name
+
+
+def test_mixed_batch_is_one_forward_not_a_loop():
+    model = mixed_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    outputs(model, token_batch(batch=4), adapter_names=["a", "b", "a", None])
+    assert len(calls) == 1
+
+
+def test_mixed_batch_refused_while_merged():
+    model = mixed_model()
+    model.set_adapter("a")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        outputs(model, token_batch(batch=2), adapter_names=["a", "b"])
+
+
+def test_mixed_batch_unknown_adapter():
+    with pytest.raises(lorakit.AdapterNotFoundError, match="'zz'.*loaded adapters: a, b, c"):
+        outputs(mixed_model(), token_batch(batch=2), adapter_names=["a", "zz"])
+
+
