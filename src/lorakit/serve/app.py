@@ -1,0 +1,427 @@
+"""FastAPI routes: the OpenAI-compatible API, vLLM's adapter endpoints, /health, /metrics, /playground."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from importlib import resources
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorakit.errors import LoraKitError
+
+from .engine import Engine, Output, SamplingParams, Sequence
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .registry import AdapterBusyError, AdapterPathError, UnknownAdapterError
+from .schemas import (APIError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
+                      UnloadAdapterRequest, message_text, parse_body)
+
+log = logging.getLogger("lorakit.serve")
+
+OPEN_PATHS = ("/health", "/playground")  # no API key needed (the page holds no data; it asks for the key)
+MAX_STOP = 4
+
+
+def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = None) -> FastAPI:
+    """The ASGI app; starts the engine thread on startup and stops it on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if not engine.alive:
+            engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api = _API(engine, metrics)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        err = APIError(500, f"Internal server error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "error", "detail": "generation engine stopped"}, status_code=503)
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/playground")
+    async def playground():
+        page = resources.files("lorakit.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": api.model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        for card in api.model_cards():
+            if card["id"] == model_id:
+                return card
+        raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await api.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await api.chat(request)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        req = parse_body(LoadAdapterRequest, await _json(request))
+        await api.engine_call(lambda: engine.registry.register(req.lora_name, req.lora_path))
+        return {"status": "ok", "message": f"Adapter '{req.lora_name}' loaded.", "name": req.lora_name}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        req = parse_body(UnloadAdapterRequest, await _json(request))
+        now = await api.engine_call(lambda: engine.registry.remove(req.lora_name))
+        detail = "unloaded" if now else "will be unloaded when its running requests finish"
+        return {"status": "ok", "message": f"Adapter '{req.lora_name}' {detail}.", "name": req.lora_name}
+
+    return _Guard(app, metrics, api_key)
+
+
+class _Guard:
+    """ASGI wrapper: Bearer API key on every path but OPEN_PATHS, and a request counter per status."""
+
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+                 "/v1/unload_lora_adapter", "/health", "/metrics", "/playground")
+
+    def __init__(self, app: FastAPI, metrics: ServerMetrics, api_key: Optional[str]):
+        self.app, self.metrics, self.api_key = app, metrics, api_key
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = next((e for e in self.ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        status = {"code": 500}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+                err = APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>' "
+                               "with the key given to --api-key.", code="invalid_api_key")
+                response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send_counted)
+            return await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.request(endpoint, status["code"])
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return False
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Results:
+    """Collects Output events from the engine thread into this event loop, tagged with the choice index."""
+
+    def __init__(self, count: int):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending = count
+
+    def sink(self, index: int):
+        def put(out: Output) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+        return put
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
+        while self.pending:
+            index, out = await self.queue.get()
+            if out.finish_reason is not None:
+                self.pending -= 1
+            yield index, out
+
+
+class _API:
+    def __init__(self, engine: Engine, metrics: ServerMetrics):
+        self.engine, self.metrics = engine, metrics
+        self.tokenizer = copy.deepcopy(engine.tokenizer)  # the engine thread decodes with its own copy
+        self.max_len = engine.config.max_model_len
+        self.created = int(time.time())
+
+    # -- models ---------------------------------------------------------------------------------------
+    def model_cards(self) -> list[dict]:
+        engine = self.engine
+        cards = [{"id": engine.base_name, "object": "model", "created": self.created, "owned_by": "lorakit",
+                  "root": engine.base_name, "parent": None, "max_model_len": self.max_len}]
+        resident = set(engine.registry.resident())
+        for info in engine.registry.list():
+            cards.append({"id": info.name, "object": "model", "created": info.created, "owned_by": "lorakit",
+                          "root": str(info.path), "parent": engine.base_name,
+                          "status": "loaded" if info.name in resident else "available"})
+        return cards
+
+    def adapter_for(self, model: str) -> Optional[str]:
+        if model == self.engine.base_name:
+            return None
+        if not self.engine.registry.exists(model):
+            names = ", ".join(self.engine.registry.available())
+            raise APIError(404, f"The model '{model}' does not exist. Available models: {names}.",
+                           param="model", code="model_not_found")
+        return model
+
+    async def engine_call(self, fn):
+        """Run fn on the engine thread; map lorakit errors to HTTP errors."""
+        return await self.wait(self.engine.call(fn))
+
+    async def wait(self, future):
+        try:
+            return await asyncio.wrap_future(future)
+        except UnknownAdapterError as exc:
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
+        except AdapterPathError as exc:
+            raise APIError(403, str(exc), param="lora_path", code="adapter_path_not_allowed") from None
+        except AdapterBusyError as exc:
+            raise APIError(503, str(exc), "server_busy", code="adapters_busy") from None
+        except (LoraKitError, ValueError, FileNotFoundError) as exc:
+            raise APIError(400, str(exc), code="adapter_error") from None
+
+    # -- request parsing ------------------------------------------------------------------------------
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = len(self.tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is out of range for this model (0..{vocab - 1}).",
+                           param="prompt", code="invalid_value")
+        return ids
+
+    def _prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [self.tokenizer(p)["input_ids"]]
+        elif p and isinstance(p[0], str):
+            prompts = [self.tokenizer(s)["input_ids"] for s in p]
+        elif p and isinstance(p[0], list):
+            prompts = [self._check_ids(ids) for ids in p]
+        else:
+            prompts = [self._check_ids(list(p))]
+        if not prompts or any(len(ids) == 0 for ids in prompts):
+            raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+        return prompts
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "This base model's tokenizer has no chat template; use /v1/completions.",
+                           param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
+                    for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises for conversations the template rejects
+            raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _params(self, req, prompt_lens: list[int], max_tokens: Optional[int], what: str) -> list[SamplingParams]:
+        for field, value in (("presence_penalty", req.presence_penalty),
+                             ("frequency_penalty", req.frequency_penalty)):
+            if value:
+                raise APIError(400, f"'{field}' is not supported by lorakit serve; leave it unset or 0.",
+                               param=field, code="unsupported_parameter")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP or any(not s for s in stop):
+            raise APIError(400, f"'stop' takes up to {MAX_STOP} non-empty strings.", param="stop",
+                           code="invalid_value")
+        longest = max(prompt_lens)
+        if longest >= self.max_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens, but the "
+                           f"{what} has {longest} tokens. Shorten the {what}.", param=what,
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = self.max_len - longest
+        if max_tokens < 1:
+            raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}.", param="max_tokens",
+                           code="invalid_value")
+        if longest + max_tokens > self.max_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
+                           f"requested {longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} in "
+                           f"the completion). Reduce the {what} or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        n = req.n or 1
+        return [SamplingParams(max_tokens=max_tokens,
+                               temperature=1.0 if req.temperature is None else req.temperature,
+                               top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(stop),
+                               seed=None if req.seed is None else req.seed + i, ignore_eos=req.ignore_eos)
+                for i in range(n)]
+
+    # -- endpoints ------------------------------------------------------------------------------------
+    async def completions(self, request: Request):
+        req = parse_body(CompletionRequest, await _json(request))
+        if req.echo:
+            raise APIError(400, "'echo' is not supported by lorakit serve.", param="echo",
+                           code="unsupported_parameter")
+        if req.logprobs:
+            raise APIError(400, "'logprobs' is not supported by lorakit serve.", param="logprobs",
+                           code="unsupported_parameter")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise APIError(400, "'best_of' is not supported by lorakit serve.", param="best_of",
+                           code="unsupported_parameter")
+        if req.suffix:
+            raise APIError(400, "'suffix' is not supported by lorakit serve.", param="suffix",
+                           code="unsupported_parameter")
+        adapter = self.adapter_for(req.model)
+        prompts = self._prompts(req)
+        params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt")
+        jobs = [(ids, p) for ids in prompts for p in params]
+        return await self._run(request, req, adapter, jobs, chat=False)
+
+    async def chat(self, request: Request):
+        req = parse_body(ChatCompletionRequest, await _json(request))
+        if req.logprobs or req.top_logprobs:
+            raise APIError(400, "'logprobs' is not supported by lorakit serve.", param="logprobs",
+                           code="unsupported_parameter")
+        if req.tools:
+            raise APIError(400, "Tool calling is not supported by lorakit serve.", param="tools",
+                           code="unsupported_parameter")
+        adapter = self.adapter_for(req.model)
+        ids = self._chat_prompt(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._params(req, [len(ids)], max_tokens, "messages")
+        return await self._run(request, req, adapter, [(ids, p) for p in params], chat=True)
+
+    async def _run(self, request: Request, req, adapter: Optional[str], jobs, chat: bool):
+        results = _Results(len(jobs))
+        seqs = [Sequence(ids, adapter, params, results.sink(i)) for i, (ids, params) in enumerate(jobs)]
+        await self.wait(self.engine.submit(seqs))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        prompt_tokens = sum(len(ids) for ids in {tuple(ids) for ids, _ in jobs})
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(results, seqs, rid, req.model, chat, usage, prompt_tokens),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._collect(request, results, seqs, rid, req.model, chat, prompt_tokens)
+
+    async def _collect(self, request, results: _Results, seqs, rid, model, chat, prompt_tokens):
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, seqs))
+        texts = [[] for _ in seqs]
+        finals: dict[int, Output] = {}
+        try:
+            async for index, out in results:
+                if out.error is not None:
+                    raise APIError(500, f"Generation failed: {out.error}", "server_error")
+                texts[index].append(out.text)
+                if out.finish_reason is not None:
+                    finals[index] = out
+        finally:
+            watcher.cancel()
+            for seq in seqs:
+                seq.cancel()
+        choices = []
+        for i in range(len(seqs)):
+            text = "".join(texts[i])
+            choice = {"index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        completion_tokens = sum(o.completion_tokens for o in finals.values())
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model, "system_fingerprint": None, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    async def _stream(self, results: _Results, seqs, rid, model, chat, include_usage, prompt_tokens):
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list, usage=None) -> str:
+            body = {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+                    "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return _sse(body)
+
+        completion_tokens = 0
+        try:
+            if chat:
+                for i in range(len(seqs)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+            async for index, out in results:
+                if out.error is not None:
+                    yield _sse(APIError(500, f"Generation failed: {out.error}", "server_error").body())
+                    break
+                if out.finish_reason is not None:
+                    completion_tokens += out.completion_tokens
+                if not out.text and out.finish_reason is None:
+                    continue
+                if chat:
+                    delta = {"content": out.text} if out.text else {}
+                    if out.text and out.finish_reason is not None:  # text first, then the closing chunk
+                        yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                        delta = {}
+                    yield chunk([{"index": index, "delta": delta, "logprobs": None,
+                                  "finish_reason": out.finish_reason}])
+                else:
+                    yield chunk([{"index": index, "text": out.text, "logprobs": None,
+                                  "finish_reason": out.finish_reason}])
+            else:
+                if include_usage:
+                    yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                     "total_tokens": prompt_tokens + completion_tokens})
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects and the response task is cancelled
+            for seq in seqs:
+                seq.cancel()
+            self.engine.wake()
+
+
+async def _cancel_on_disconnect(request: Request, seqs: list[Sequence]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for seq in seqs:
+                seq.cancel()
+            return

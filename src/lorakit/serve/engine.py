@@ -1,0 +1,606 @@
+"""Continuous-batching generation engine for many adapters on one base model.
+
+One background thread owns the model. Each loop iteration it
+  1. runs queued commands (new requests, adapter load/unload) between forwards,
+  2. admits waiting sequences into free batch rows, prefilling each one on its own,
+  3. runs ONE forward for all running sequences: row i feeds its last token at its own position,
+     attends only to its own KV-cache slot, and applies its own adapter (`adapter_names=`).
+Sequences leave the batch as soon as they finish or their client goes away; the freed row is reused
+by the next waiting sequence (continuous batching).
+
+KV cache: a preallocated buffer per layer, [max_batch_size, kv_heads, capacity, head_dim]. Running
+sequence i always lives in slot i (a leaving sequence's slot is refilled by moving the last one in),
+so the batch's cache is a view, not a copy; each step writes one K/V column per row at that row's
+own position and masks everything past it. Prefill uses the model's ordinary cache (exactly what
+offline `generate` does) and copies the result into the slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import inspect
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence as Seq
+
+import torch
+
+from .registry import AdapterRegistry
+
+log = logging.getLogger("lorakit.serve")
+
+SCHEDULING_MODES = ("mixed", "per-adapter")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8
+    max_model_len: int = 2048
+    max_adapters: int = 8
+    scheduling: str = "mixed"  # "mixed": any adapters share a batch; "per-adapter": one adapter per batch
+    # When every row of a step uses the same adapter, run the plain single-adapter forward (set_adapter)
+    # instead of the gathered mixed-adapter one; same math, fewer ops.
+    uniform_fast_path: bool = True
+
+    def __post_init__(self):
+        if self.scheduling not in SCHEDULING_MODES:
+            raise ValueError(f"scheduling must be one of {SCHEDULING_MODES}, got {self.scheduling!r}.")
+        if self.max_batch_size < 1:
+            raise ValueError("--max-batch-size must be at least 1.")
+        if self.max_model_len < 2:
+            raise ValueError("--max-model-len must be at least 2.")
+
+
+@dataclass
+class Output:
+    """One event for one sequence: new text since the last event, and the finish reason at the end."""
+
+    text: str
+    finish_reason: Optional[str]  # None while running; "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    error: Optional[BaseException] = None
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One generation: prompt, adapter, sampling state, its own RNG, and where its KV cache lives."""
+
+    def __init__(self, prompt_ids: Seq[int], adapter: Optional[str], params: SamplingParams,
+                 sink: Callable[[Output], None]):
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.adapter = adapter  # None: the base model
+        self.params = params
+        self.sink = sink
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed % (1 << 63))
+        self.output_ids: list[int] = []
+        self.cache_len = 0  # tokens whose K/V sit in the cache
+        self.sent = 0  # characters of the output text already emitted
+        self.finish_reason: Optional[str] = None
+        self.cancelled = False  # set from any thread; the engine frees the row at its next step
+        self.pinned = False  # holds a reference on its adapter in the registry
+        self.arrival = time.monotonic()
+        self.first_token_at: Optional[float] = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class SlotCache:
+    """Per-layer K/V buffers, one slot per batch row, plus the HF `Cache.update` hook for a decode step."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, slots: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.max_len, self.slots = max_len, slots
+        self.capacity = min(max_len, 256)
+        shape = (slots, kv_heads, self.capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._rows = self._pos = None
+        self._n = self._kv_len = 0
+
+    def reserve(self, length: int) -> None:
+        """Grow (doubling) so every slot can hold `length` positions."""
+        if length <= self.capacity:
+            return
+        new = self.capacity
+        while new < length:
+            new *= 2
+        new = min(new, self.max_len)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                grown = old.new_zeros(*old.shape[:2], new, old.shape[3])
+                grown[:, :, : self.capacity] = old
+                buffers[i] = grown
+        self.capacity = new
+
+    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Store a prefilled sequence ([kv_heads, T, head_dim] per layer) in `slot`."""
+        length = keys[0].shape[-2]
+        self.reserve(length)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.k[layer][slot, :, :length] = k
+            self.v[layer][slot, :, :length] = v
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for buffers in (self.k, self.v):
+            for buf in buffers:
+                buf[dst, :, :length] = buf[src, :, :length]
+
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Rows 0..n-1 write their new K/V at `positions[i]` in the coming forward."""
+        self._n = positions.shape[0]
+        self._rows = torch.arange(self._n, device=positions.device)
+        self._pos = positions
+        self._kv_len = int(positions.max()) + 1
+        self.reserve(self._kv_len)
+
+    # -- the part of transformers' Cache interface the attention layers call --------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k[self._rows, :, self._pos] = key_states[:, :, 0]
+        v[self._rows, :, self._pos] = value_states[:, :, 0]
+        return k[: self._n, :, : self._kv_len], v[: self._n, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len - 1
+
+
+def _cache_layers(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """K and V per layer from a transformers DynamicCache (new `layers` API or the older lists)."""
+    if hasattr(cache, "layers"):
+        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    return list(cache.key_cache), list(cache.value_cache)
+
+
+def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """One token per row: argmax for temperature 0, else top-p sampling with the row's own generator."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature <= 0:
+            continue
+        row = logits[i] / p.temperature
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+        probs = torch.softmax(row, dim=-1)
+        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+    return tokens
+
+
+class Engine:
+    """Owns the model and the decode loop; everything that touches the model runs on its thread."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig, base_name: str = "base",
+                 adapter_dirs: Seq[str] = (), metrics=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.base_name = base_name
+        self.metrics = metrics
+        hf = self._hf_model()
+        hf_config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+        sliding = getattr(hf_config, "sliding_window", None)
+        layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"} or (sliding and getattr(hf_config, "use_sliding_window", True)):
+            raise ValueError(f"lorakit serve supports full-attention decoder models; {type(hf).__name__} uses "
+                             f"sliding-window or non-attention layers ({sorted(layer_types)}).")
+        limit = getattr(hf_config, "max_position_embeddings", None)
+        if limit and config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit}).")
+        params = inspect.signature(hf.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._hf_config = hf.config
+        self.eos_ids = self._eos_ids(hf, tokenizer)
+        self.registry = AdapterRegistry(base_name, list(adapter_dirs), config.max_adapters,
+                                        load=self._load_adapter, unload=self._unload_adapter,
+                                        on_change=self._adapters_changed)
+        self.device = next(hf.parameters()).device
+        self.slots: Optional[SlotCache] = None
+        self.running: list[Sequence] = []
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._active: Optional[str] = None  # adapter selected by set_adapter for the fast path
+        self.steps = 0
+        self.batch_rows = 0  # sum over steps of the batch size (mean batch = batch_rows / steps)
+        self.error: Optional[BaseException] = None
+
+    # -- setup helpers --------------------------------------------------------------------------------
+    def _hf_model(self):
+        from lorakit import PeftModel
+
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    @staticmethod
+    def _eos_ids(hf, tokenizer) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(hf, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source is not None:
+                ids.update(int(i) for i in source)
+        return ids
+
+    def _is_peft(self) -> bool:
+        from lorakit import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        from lorakit import LoraConfig, get_peft_model
+
+        if not self._is_peft():
+            # Wrap the base with the adapter's own config, then drop the freshly initialised copy and
+            # load through load_adapter, which cleans up after itself if the file does not fit.
+            wrapped = get_peft_model(self.model, LoraConfig.from_pretrained(str(path)), adapter_name=name)
+            wrapped.delete_adapter(name)
+            self.model = wrapped.eval()
+        self.model.load_adapter(str(path), adapter_name=name)
+        self.model.eval()
+        self._active = None
+
+    def _unload_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+        self._active = None
+
+    def _adapters_changed(self, registry: AdapterRegistry) -> None:
+        if self.metrics is not None:
+            self.metrics.adapters_changed(len(registry.resident()), registry.loads, registry.evictions)
+
+    # -- public API (any thread) ----------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Make the loop look at its queues now (e.g. after a cancel), not after the current wait."""
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` on the engine thread between two forwards; returns a Future with its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            future.set_exception(RuntimeError("The generation engine is not running."))
+            return future
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future
+
+    def submit(self, seqs: list[Sequence]) -> concurrent.futures.Future:
+        """Queue sequences. The Future fails (nothing queued) if an adapter is unknown or fails to load."""
+        return self.call(lambda: self._accept(seqs))
+
+    def configure_adapters(self, adapters: dict[str, str]) -> None:
+        """Register --adapter NAME=PATH entries and load up to --max-adapters of them (startup)."""
+        for name, path in adapters.items():
+            self.registry.configure(name, path)
+        for name in list(adapters)[: self.config.max_adapters]:
+            if self.registry.acquire(name):
+                self.registry.release(name)
+
+    def generate(self, prompt_ids: Seq[int], adapter: Optional[str] = None,
+                 params: Optional[SamplingParams] = None, timeout: float = 600.0) -> tuple[str, list[int], str]:
+        """Blocking helper: (text, token_ids, finish_reason) for one prompt."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        seq = Sequence(prompt_ids, adapter, params or SamplingParams(), events.put)
+        self.submit([seq]).result(timeout)
+        text, ids = [], []
+        deadline = time.monotonic() + timeout
+        while True:
+            out = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            if out.error is not None:
+                raise out.error
+            if out.finish_reason is not None:
+                return "".join(text), ids, out.finish_reason
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps,
+                "mean_batch_size": self.batch_rows / self.steps if self.steps else 0.0,
+                "resident_adapters": self.registry.resident()}
+
+    # -- engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._run_commands()
+                self._reap()
+                self._admit()
+                if self.running:
+                    self._step()
+                elif not self._stopping:
+                    self._wake.wait(0.5)
+        except BaseException as exc:  # a bug here must not leave clients hanging forever
+            log.exception("generation engine crashed")
+            self.error = exc
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        reason = self.error or RuntimeError("The server is shutting down.")
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, "error", error=reason)
+        self.running.clear()
+        self.waiting.clear()
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            future.set_exception(RuntimeError("The server is shutting down."))
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _accept(self, seqs: list[Sequence]) -> None:
+        """Pin each sequence's adapter (loading it now when a slot is free) and queue it."""
+        done: list[Sequence] = []
+        try:
+            for seq in seqs:
+                if not 0 < len(seq.prompt_ids) < self.config.max_model_len:
+                    raise ValueError(f"A prompt must have 1 to {self.config.max_model_len - 1} tokens "
+                                     f"(--max-model-len); this one has {len(seq.prompt_ids)}.")
+                if seq.adapter is not None:
+                    self.registry.get(seq.adapter)  # raises if unknown
+                    seq.pinned = self.registry.acquire(seq.adapter)
+                done.append(seq)
+        except BaseException:
+            for seq in done:
+                self._unpin(seq)
+            raise
+        self.waiting.extend(seqs)
+        self._update_gauges()
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.pinned:
+            self.registry.release(seq.adapter)
+            seq.pinned = False
+
+    def _reap(self) -> None:
+        """Drop cancelled sequences (client went away) from the queue and the batch."""
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        gone = [i for i, s in enumerate(self.running) if s.cancelled]
+        for i in reversed(gone):
+            self._finish(self.running[i], "cancelled")
+            self._remove_row(i)
+
+    def _admit(self) -> None:
+        if not self.waiting or len(self.running) >= self.config.max_batch_size:
+            return
+        group = self._admissible_adapter()
+        for seq in list(self.waiting):
+            if len(self.running) >= self.config.max_batch_size:
+                break
+            if self.config.scheduling == "per-adapter" and seq.adapter != group:
+                continue
+            if seq.adapter is not None and not seq.pinned:
+                try:
+                    seq.pinned = self.registry.acquire(seq.adapter)
+                except Exception as exc:
+                    self.waiting.remove(seq)
+                    self._finish(seq, "error", error=exc)
+                    continue
+                if not seq.pinned:
+                    continue  # every adapter slot is busy; retry after some sequence finishes
+            self.waiting.remove(seq)
+            self._prefill(seq)
+        self._update_gauges()
+
+    def _admissible_adapter(self) -> Optional[str]:
+        """per-adapter mode: the adapter the batch is serving, else the oldest waiting request's."""
+        if self.config.scheduling != "per-adapter":
+            return None
+        if not self.running:
+            # The oldest request whose adapter is (or can be made) resident picks the next batch's adapter.
+            for seq in self.waiting:
+                if seq.adapter is None or seq.pinned:
+                    return seq.adapter
+            return self.waiting[0].adapter
+        current = self.running[0].adapter
+        # Once another adapter is waiting, the current batch takes no newcomers and drains (no starvation).
+        if any(s.adapter != current for s in self.waiting):
+            return object()  # matches nothing
+        return current
+
+    def _forward(self, names: list[Optional[str]], **kwargs):
+        """One model call, row i with adapter names[i]."""
+        if not self._is_peft():
+            return self.model(**kwargs)
+        if self.config.uniform_fast_path and len(set(names)) == 1 and names[0] is not None:
+            if self._active != names[0]:
+                self.model.set_adapter(names[0])
+                self._active = names[0]
+            return self.model(**kwargs)
+        return self.model(adapter_names=names, **kwargs)
+
+    def _prefill(self, seq: Sequence) -> None:
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self._hf_config)
+            ids = torch.tensor([seq.prompt_ids], device=self.device)
+            out = self._forward([seq.adapter], input_ids=ids, use_cache=True, logits_to_keep=1,
+                                **{self._cache_kw: cache})
+            keys, values = _cache_layers(cache)
+            if self.slots is None:
+                _, heads, _, dim = keys[0].shape
+                self.slots = SlotCache(len(keys), heads, dim, self.config.max_batch_size,
+                                       self.config.max_model_len, keys[0].dtype, self.device)
+            slot = len(self.running)
+            self.slots.write(slot, [k[0] for k in keys], [v[0] for v in values])
+            token = sample_next(out.logits[:, -1, :], [seq])[0]
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._finish(seq, "error", error=exc)
+            return
+        seq.cache_len = len(seq.prompt_ids)
+        seq.first_token_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.first_token(seq.adapter or self.base_name, seq.first_token_at - seq.arrival)
+        self.running.append(seq)
+        if self._advance(seq, token):
+            self._remove_row(len(self.running) - 1)
+
+    def _step(self) -> None:
+        seqs = self.running
+        n = len(seqs)
+        positions = torch.tensor([s.cache_len for s in seqs], device=self.device)
+        try:
+            self.slots.begin_step(positions)
+            kv_len = int(positions.max()) + 1
+            mask = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+            out = self._forward([s.adapter for s in seqs], input_ids=ids, position_ids=positions[:, None],
+                                attention_mask=mask[:, None, None, :], use_cache=True,
+                                **{self._cache_kw: self.slots})
+            tokens = sample_next(out.logits[:, -1, :], seqs)
+        except Exception as exc:
+            log.exception("decode step failed; failing the %d sequences in the batch", n)
+            for seq in seqs:
+                self._finish(seq, "error", error=exc)
+            self.running = []
+            return
+        self.steps += 1
+        self.batch_rows += n
+        if self.metrics is not None:
+            self.metrics.step(n)
+        finished = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            seq.cache_len += 1
+            if self._advance(seq, token):
+                finished.append(i)
+        for i in reversed(finished):
+            self._remove_row(i)
+
+    def _remove_row(self, i: int) -> None:
+        """Free batch row i; the last row moves into it so rows stay 0..n-1."""
+        last = len(self.running) - 1
+        if i != last:
+            moving = self.running[last]
+            self.slots.move(last, i, moving.cache_len)
+            self.running[i] = moving
+        self.running.pop()
+        self._update_gauges()
+
+    # -- per-token bookkeeping --------------------------------------------------------------------------
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Append a sampled token, emit the new text, and return True if the sequence finished."""
+        p = seq.params
+        seq.output_ids.append(token)
+        finish = None
+        text_ids = seq.output_ids
+        if token in self.eos_ids and not p.ignore_eos:
+            finish, text_ids = "stop", seq.output_ids[:-1]
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if p.stop:
+            start = max(0, seq.sent - max(len(s) for s in p.stop))
+            hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+        if finish is None and (len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.config.max_model_len):
+            finish = "length"
+        end = len(text)
+        if finish is None:
+            while end > seq.sent and text[end - 1] == "\ufffd":  # half of a multi-byte character
+                end -= 1
+            end -= _held_back(text[:end], p.stop)
+        delta = text[seq.sent: end] if end > seq.sent else ""
+        seq.sent = max(seq.sent, end)
+        if finish is None:
+            self._emit(seq, Output(delta, None, len(seq.prompt_ids), len(seq.output_ids), [token]))
+            return False
+        self._finish(seq, finish, delta, [token])
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None,
+                error: Optional[BaseException] = None) -> None:
+        seq.finish_reason = reason
+        self._unpin(seq)
+        if self.metrics is not None:
+            self.metrics.finished(seq.adapter or self.base_name, reason, len(seq.prompt_ids), len(seq.output_ids),
+                                  time.monotonic() - seq.arrival)
+        self._emit(seq, Output(text, reason, len(seq.prompt_ids), len(seq.output_ids), token_ids or [], error))
+
+    def _emit(self, seq: Sequence, output: Output) -> None:
+        try:
+            seq.sink(output)
+        except Exception:  # the client's event loop is gone: stop generating for it
+            seq.cancel()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue(len(self.running), len(self.waiting))
+
+
+def _held_back(text: str, stops: Seq[str]) -> int:
+    """Length of the longest suffix of `text` that could be the start of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,112 @@
+"""OpenAI request bodies (validated strictly: a string is not a number) and the error body."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (clients send vendor extras); known fields must have the right type.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+Stop = Union[str, list[str], None]
+
+
+class _SamplingFields(_Strict):
+    model: str
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    n: Optional[int] = Field(default=None, ge=1, le=16)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Stop = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    user: Optional[str] = None
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens tokens (benchmarks)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+
+
+class LoadAdapterRequest(_Strict):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(_Strict):
+    lora_name: str
+    lora_int_id: Optional[int] = None  # sent by some vLLM clients; unused
+
+
+def parse_body(cls: type[BaseModel], body: Any) -> BaseModel:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}.")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        # Union members appear in loc as type names ('str', 'list[int]'); they are not fields.
+        fields = [p for p in loc if not (p[:1].isalpha() and ("[" in p or p in ("str", "int", "float", "bool")))]
+        param = ".".join(fields) or None
+        kind = "missing" if first["type"] == "missing" else "invalid"
+        message = (f"Missing required field '{param}'." if kind == "missing"
+                   else f"Invalid value for '{param}': {first['msg']} (got {first.get('input')!r}).")
+        raise APIError(400, message, param=param, code="invalid_type" if kind == "invalid" else "missing_field")
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)

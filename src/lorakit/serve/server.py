@@ -1,0 +1,153 @@
+"""`lorakit serve`: command-line options, building the engine from them, and running uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Optional
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lorakit serve` (the CLI's serve subcommand calls this, then run_server)."""
+    parser.add_argument("--base", default="smollm2",
+                        help="base model: 'smollm2' (embedded default), a local model directory or a hub id")
+    parser.add_argument("--served-model-name", default=None,
+                        help="name clients use for the base model (default: the --base value)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="serve the adapter saved in PATH as model NAME (repeatable)")
+    parser.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                        help="directory of adapters (one sub-folder each), loadable on demand by folder name "
+                             "and through /v1/load_lora_adapter; nothing outside these is loaded at run time "
+                             "(repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-adapters", type=int, default=8,
+                        help="adapters kept in memory at once; the least recently used is evicted (default 8)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="sequences decoded together in one forward (default 8)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + completion tokens per request (default: min(2048, the model's limit))")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the base weights")
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health and /playground "
+                             "(default: $LORAKIT_API_KEY, else no key)")
+    parser.add_argument("--scheduling", choices=("mixed", "per-adapter"), default="mixed",
+                        help="'mixed' (default): requests for any adapters share a batch; 'per-adapter': one "
+                             "adapter per batch (a baseline for benchmarks)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH, e.g. --adapter support=./out/support.")
+        if name in adapters:
+            raise ValueError(f"--adapter {name} is given twice.")
+        adapters[name] = path
+    return adapters
+
+
+def build_server(args: argparse.Namespace):
+    """Load the base model, register the adapters, and return the ASGI app (engine not yet started)."""
+    import torch
+
+    from lorakit.models import load_base_model
+
+    from .app import create_app
+    from .engine import Engine, EngineConfig
+    from .metrics import ServerMetrics
+
+    adapters = parse_adapter_specs(args.adapter)
+    model, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    max_len = args.max_model_len or min(2048, limit)
+    metrics = ServerMetrics(args.max_batch_size)
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_len,
+                          max_adapters=args.max_adapters, scheduling=args.scheduling)
+    engine = Engine(model, tokenizer, config, base_name=args.served_model_name or args.base,
+                    adapter_dirs=args.adapter_dir, metrics=metrics)
+    engine.configure_adapters(adapters)
+    return create_app(engine, metrics, api_key=args.api_key)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    from lorakit.errors import LoraKitError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = build_server(args)
+    except (LoraKitError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"lorakit serve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not _is_loopback(args.host) and not args.api_key:
+        logging.getLogger("lorakit.serve").warning(
+            "listening on %s without --api-key: anyone who can reach this port can use the server", args.host)
+    print(f"lorakit serve: http://{args.host}:{args.port}/v1  (playground: http://{args.host}:{args.port}/playground)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+class ServerThread:
+    """Run an app with uvicorn in a background thread on a loopback port (tests and benchmarks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        if not _is_loopback(host):
+            raise ValueError("ServerThread only listens on loopback addresses.")
+        self.app, self.host, self.port = app, host, port
+        self.server = None
+        self.thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                       name="lorakit-uvicorn")
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

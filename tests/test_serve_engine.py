@@ -1,0 +1,280 @@
+"""The batching engine without HTTP: greedy outputs equal offline generation (also in mixed-adapter
+batches), continuous batching, per-adapter scheduling, seeds, stop strings, cancellation."""
+
+from __future__ import annotations
+
+import copy
+import queue
+import time
+
+import pytest
+import torch
+
+from lorakit.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, _held_back
+from test_serve_helpers import offline_ids, save_random_adapter, tiny_model, tiny_tokenizer
+
+PROMPTS = ["The weather today", "Hello there, how", "Once upon a time", "abc def ghi", "Numbers: 1 2 3"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = tiny_tokenizer()
+    base = tiny_model(tok)
+    root = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate(["a", "b", "c"]):
+        save_random_adapter(base, root / name, seed=i + 1)
+    return tok, base, root
+
+
+def make_engine(setup, **overrides) -> Engine:
+    tok, base, root = setup
+    config = EngineConfig(**{"max_batch_size": 8, "max_model_len": 256, **overrides})
+    return Engine(copy.deepcopy(base), tok, config, base_name="tiny", adapter_dirs=[str(root)]).start()
+
+
+def record_batches(engine: Engine) -> list[list]:
+    """Wrap the engine's forward to log the adapter of every row of every model call."""
+    calls = []
+    forward = engine._forward
+
+    def logged(names, **kwargs):
+        calls.append((list(names), kwargs["input_ids"].shape[1]))
+        return forward(names, **kwargs)
+
+    engine._forward = logged
+    return calls
+
+
+def collect(seqs_events) -> list[tuple[str, list[int], str]]:
+    results = []
+    for events in seqs_events:
+        text, ids = [], []
+        while True:
+            out = events.get(timeout=60)
+            assert out.error is None, out.error
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            if out.finish_reason:
+                results.append(("".join(text), ids, out.finish_reason))
+                break
+    return results
+
+
+def submit_together(engine, jobs, params_fn):
+    """Submit all jobs in ONE call, so they are admitted in the same loop iteration (same batch)."""
+    seqs, events = [], []
+    for prompt_ids, adapter in jobs:
+        q = queue.SimpleQueue()
+        seqs.append(Sequence(prompt_ids, adapter, params_fn(), q.put))
+        events.append(q)
+    engine.submit(seqs).result(30)
+    return seqs, events
+
+
+def test_mixed_batch_greedy_equals_offline_generate(setup):
+    tok, base, root = setup
+    engine = make_engine(setup)
+    calls = record_batches(engine)
+    try:
+        adapters = ["a", "b", None, "c", "a"]
+        jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS, adapters)]
+        _, events = submit_together(engine, jobs, lambda: SamplingParams(max_tokens=20, temperature=0))
+        results = collect(events)
+    finally:
+        engine.stop()
+    for (prompt_ids, adapter), (text, ids, finish) in zip(jobs, results):
+        expected = offline_ids(base, tok, prompt_ids, root / adapter if adapter else None, max_new_tokens=20)
+        assert ids == expected, f"adapter {adapter}: server {ids} != offline {expected}"
+        assert text == tok.decode(expected, skip_special_tokens=True)
+        assert finish == ("stop" if expected[-1] == tok.eos_token_id else "length")
+    # The adapters really shared forwards: decode steps ran with all four adapter choices in one batch.
+    decode_steps = [names for names, q_len in calls if q_len == 1]
+    assert any(set(names) == {"a", "b", None, "c"} and len(names) == 5 for names in decode_steps)
+    # And the adapters differ from each other and from the base (otherwise the check above is vacuous).
+    assert len({tuple(r[1]) for r in results[:4]}) == 4
+
+
+def test_continuous_batching_join_and_leave(setup):
+    tok, base, root = setup
+    engine = make_engine(setup, max_batch_size=3)
+    calls = record_batches(engine)
+    try:
+        long_q, short_q, late_q = queue.SimpleQueue(), queue.SimpleQueue(), queue.SimpleQueue()
+        p = tok(PROMPTS[0])["input_ids"]
+        long = Sequence(p, "a", SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), long_q.put)
+        short = Sequence(p, "b", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), short_q.put)
+        engine.submit([long, short]).result(30)
+        for _ in range(8):  # wait until the long one is well under way
+            long_q.get(timeout=30)
+        late = Sequence(tok(PROMPTS[1])["input_ids"], "c", SamplingParams(max_tokens=10, temperature=0),
+                        late_q.put)
+        engine.submit([late]).result(30)
+        (late_text, late_ids, _), = collect([late_q])
+        (_, short_ids, short_finish), = collect([short_q])
+        (_, long_ids, _) = collect([long_q])[0]
+    finally:
+        engine.stop()
+    assert short_finish == "length" and len(short_ids) == 5
+    assert len(long_ids) == 60 - 8
+    sizes = [len(names) for names, q_len in calls if q_len == 1]
+    assert max(sizes) <= 3
+    assert 1 in sizes  # the short one left while the long one kept going...
+    # ...and the late one joined the running batch (a step with both 'a' and 'c').
+    assert any(set(names) == {"a", "c"} for names, q_len in calls if q_len == 1)
+    assert late_ids == offline_ids(base, tok, tok(PROMPTS[1])["input_ids"], root / "c", max_new_tokens=10)
+
+
+def test_max_batch_size_is_respected(setup):
+    tok, base, root = setup
+    engine = make_engine(setup, max_batch_size=2)
+    calls = record_batches(engine)
+    try:
+        jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS, ["a", "b", "c", None, "b"])]
+        _, events = submit_together(engine, jobs, lambda: SamplingParams(max_tokens=8, temperature=0))
+        results = collect(events)
+    finally:
+        engine.stop()
+    assert max(len(names) for names, _ in calls) == 2
+    for (prompt_ids, adapter), (_, ids, _) in zip(jobs, results):
+        assert ids == offline_ids(base, tok, prompt_ids, root / adapter if adapter else None, max_new_tokens=8)
+
+
+def test_per_adapter_scheduling_serves_one_adapter_per_batch(setup):
+    tok, base, root = setup
+    engine = make_engine(setup, scheduling="per-adapter")
+    calls = record_batches(engine)
+    try:
+        adapters = ["a", "b", "a", "c", "b"]
+        jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS, adapters)]
+        _, events = submit_together(engine, jobs, lambda: SamplingParams(max_tokens=10, temperature=0))
+        results = collect(events)
+    finally:
+        engine.stop()
+    for names, _ in calls:
+        assert len(set(names)) == 1
+    # Same-adapter requests were still batched together.
+    assert any(names == ["a", "a"] for names, q_len in calls if q_len == 1)
+    for (prompt_ids, adapter), (_, ids, _) in zip(jobs, results):
+        assert ids == offline_ids(base, tok, prompt_ids, root / adapter, max_new_tokens=10)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(setup):
+    tok, _, _ = setup
+    engine = make_engine(setup)
+    p = tok(PROMPTS[2])["input_ids"]
+    try:
+        alone = engine.generate(p, "a", SamplingParams(max_tokens=24, temperature=1.0, seed=1234, ignore_eos=True))
+        other_seed = engine.generate(p, "a", SamplingParams(max_tokens=24, temperature=1.0, seed=99, ignore_eos=True))
+        # The same request again, now sharing the batch with other sampled requests.
+        jobs = [(p, "a"), (p, "b"), (tok(PROMPTS[3])["input_ids"], None), (p, "a")]
+        seqs, events = [], []
+        for i, (ids, adapter) in enumerate(jobs):
+            q = queue.SimpleQueue()
+            seed = 1234 if i == 0 else 7 + i
+            seqs.append(Sequence(ids, adapter, SamplingParams(max_tokens=24, temperature=1.0, seed=seed,
+                                                              ignore_eos=True), q.put))
+            events.append(q)
+        engine.submit(seqs).result(30)
+        batched = collect(events)
+    finally:
+        engine.stop()
+    assert batched[0][1] == alone[1]
+    assert other_seed[1] != alone[1]
+    assert batched[3][1] != alone[1]  # same prompt and adapter, different seed
+
+
+def test_top_p_keeps_only_the_nucleus(setup):
+    from lorakit.serve.engine import sample_next
+
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
+    seq = Sequence([1], None, SamplingParams(temperature=1.0, top_p=0.5, seed=0), lambda out: None)
+    assert {sample_next(logits, [seq])[0] for _ in range(50)} == {0}  # p(0) = 0.70 >= 0.5
+    seq.params.top_p = 0.9
+    assert {sample_next(logits, [seq])[0] for _ in range(200)} == {0, 1}  # 0.70 + 0.26 covers 0.9
+
+
+def test_stop_strings_are_trimmed_and_end_the_sequence(setup):
+    tok, base, root = setup
+    engine = make_engine(setup)
+    p = tok(PROMPTS[0])["input_ids"]
+    full = tok.decode(offline_ids(base, tok, p, root / "c", max_new_tokens=30), skip_special_tokens=True)
+    stop = full[6:9]
+    assert full.find(stop) == 6
+    try:
+        text, ids, finish = engine.generate(p, "c", SamplingParams(max_tokens=30, temperature=0,
+                                                                   stop=("not-in-output", stop)))
+        # The stream never emits text that later turns out to be part of a stop string.
+        events = queue.SimpleQueue()
+        engine.submit([Sequence(p, "c", SamplingParams(max_tokens=30, temperature=0, stop=(stop,)),
+                                events.put)]).result(30)
+        pieces = collect([events])[0][0]
+    finally:
+        engine.stop()
+    assert text == full[:6] and finish == "stop"
+    assert pieces == full[:6]
+    assert len(ids) < 30
+
+
+def test_held_back_suffix():
+    assert _held_back("hello wor", ("world",)) == 3
+    assert _held_back("hello", ("xyz",)) == 0
+    assert _held_back("ab", ("abc", "b!")) == 2
+
+
+def test_cancel_frees_the_row(setup):
+    tok, _, _ = setup
+    engine = make_engine(setup)
+    try:
+        q = queue.SimpleQueue()
+        seq = Sequence(tok(PROMPTS[0])["input_ids"], "a",
+                       SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), q.put)
+        engine.submit([seq]).result(30)
+        q.get(timeout=30)
+        seq.cancel()
+        engine.wake()
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == 0
+        assert seq.finish_reason == "cancelled" and len(seq.output_ids) < 200
+        # The adapter is no longer pinned, and the engine keeps serving.
+        assert engine.registry.get("a").refcount == 0
+        text, ids, finish = engine.generate(tok(PROMPTS[1])["input_ids"], "b", SamplingParams(max_tokens=4,
+                                                                                            temperature=0))
+        assert len(ids) >= 1
+    finally:
+        engine.stop()
+
+
+def test_unknown_adapter_and_too_long_prompt_fail_at_submit(setup):
+    tok, _, _ = setup
+    engine = make_engine(setup, max_model_len=16)
+    try:
+        from lorakit.serve.registry import UnknownAdapterError
+
+        with pytest.raises(UnknownAdapterError, match="'nope' does not exist"):
+            engine.generate([5, 6], "nope")
+        with pytest.raises(ValueError, match="1 to 15 tokens"):
+            engine.generate(list(range(3, 20)), "a")
+        assert engine.stats()["waiting"] == 0
+        # A sequence reaching --max-model-len stops with "length".
+        _, ids, finish = engine.generate([5, 6, 7, 8], "a", SamplingParams(max_tokens=100, temperature=0,
+                                                                            ignore_eos=True))
+        assert finish == "length" and len(ids) == 12
+    finally:
+        engine.stop()
+
+
+def test_lru_eviction_reloads_adapters_with_the_same_outputs(setup):
+    tok, base, root = setup
+    engine = make_engine(setup, max_adapters=2)
+    p = tok(PROMPTS[4])["input_ids"]
+    try:
+        first = {a: engine.generate(p, a, SamplingParams(max_tokens=10, temperature=0))[1] for a in "abc"}
+        assert sorted(engine.registry.resident()) == ["b", "c"]  # a was least recently used
+        again = engine.generate(p, "a", SamplingParams(max_tokens=10, temperature=0))[1]
+        assert sorted(engine.registry.resident()) == ["a", "c"]
+        assert engine.registry.evictions == 2
+    finally:
+        engine.stop()
+    assert again == first["a"] == offline_ids(base, tok, p, root / "a", max_new_tokens=10)
