@@ -1,0 +1,404 @@
+"""The HTTP server on a loopback port: the official `openai` client for the happy paths, raw httpx for
+error bodies, auth, SSE framing, disconnects, adapter loading and metrics."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from lorakit.serve import ServerThread, add_serve_arguments, build_server
+from test_serve_helpers import (chat_ids, offline_text, save_base, save_random_adapter, tiny_model,
+                                tiny_tokenizer)
+
+KEY = "test-key-123"
+BASE = "tiny-base"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tok = tiny_tokenizer()
+    base = tiny_model(tok)
+    save_base(base, tok, root / "base")
+    adapters = root / "adapters"
+    for i, name in enumerate(["a", "b", "c"]):
+        save_random_adapter(base, adapters / name, seed=i + 1)
+    # An adapter made for a different base (hidden size 32 instead of 64).
+    save_random_adapter(tiny_model(tok, hidden=32), adapters / "otherbase", seed=9)
+    outside = root / "outside"
+    save_random_adapter(base, outside / "x", seed=5)
+    os.symlink(outside / "x", adapters / "linkout")
+    # An adapter whose weights file is a link to a file outside the adapter directory.
+    (adapters / "filelink").mkdir()
+    os.symlink(outside / "x" / "adapter_config.json", adapters / "filelink" / "adapter_config.json")
+    os.symlink(outside / "x" / "adapter_model.safetensors", adapters / "filelink" / "adapter_model.safetensors")
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--base", str(root / "base"), "--served-model-name", BASE,
+                              "--adapter", f"a={adapters / 'a'}", "--adapter-dir", str(adapters),
+                              "--max-adapters", "3", "--max-batch-size", "4", "--max-model-len", "512",
+                              "--api-key", KEY])
+    server = ServerThread(build_server(args)).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    yield {"server": server, "client": client, "http": http, "tok": tok, "base": base, "adapters": adapters,
+           "outside": outside}
+    http.close()
+    server.stop()
+    assert not server.thread.is_alive()
+
+
+def metric(env, name: str, required: bool = True, **labels) -> float:
+    """Sum of a Prometheus sample (matching the given labels) from /metrics."""
+    text = env["http"].get("/metrics").text
+    total, found = 0.0, False
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+            found = True
+    assert found or not required, f"{name}{labels} not in /metrics"
+    return total
+
+
+def assert_error(response, status: int, param=None, code=None, match=None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    if match is not None:
+        assert re.search(match, body["error"]["message"]), body["error"]["message"]
+    return body["error"]
+
+
+# -- happy paths with the openai client -----------------------------------------------------------------
+
+def test_model_list(env):
+    models = env["client"].models.list()
+    ids = [m.id for m in models.data]
+    assert ids[0] == BASE
+    assert {"a", "b", "c"} <= set(ids)
+    assert "linkout" not in ids and "filelink" not in ids  # links to outside are not offered
+    assert env["client"].models.retrieve("b").id == "b"
+
+
+def test_completion_greedy_matches_offline_for_base_and_adapters(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    prompt = "The weather today"
+    ids = tok(prompt)["input_ids"]
+    for model, adapter_dir in [(BASE, None), ("a", adapters / "a"), ("b", adapters / "b")]:
+        r = env["client"].completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+        assert r.choices[0].text == offline_text(base, tok, ids, adapter_dir, 16)
+        assert r.model == model and r.object == "text_completion"
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_mixed_adapter_requests_each_match_offline(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    before = metric(env, "lorakit_batch_size_count") - metric(env, "lorakit_batch_size_bucket", le="2.0")
+    jobs = [("a", "Hello there, how"), ("b", "Once upon a time"), ("c", "Numbers: 1 2 3"), (BASE, "abc def ghi")]
+
+    def ask(job):
+        model, prompt = job
+        r = env["client"].completions.create(model=model, prompt=prompt, max_tokens=60, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(ask, jobs))
+    for (model, prompt), text in zip(jobs, texts):
+        # ignore_eos: compare with the offline tokens up to the first EOS (the server keeps going after it).
+        expected = offline_text(base, tok, tok(prompt)["input_ids"], None if model == BASE else adapters / model, 60)
+        assert text.startswith(expected) and len(expected) > 0
+    batched = metric(env, "lorakit_batch_size_count") - metric(env, "lorakit_batch_size_bucket", le="2.0")
+    assert batched - before > 10  # many decode steps ran 3-4 different models in one forward
+
+
+def test_chat_completion_and_streaming(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    messages = [{"role": "user", "content": "What is LoRA?"}]
+    expected = offline_text(base, tok, chat_ids(tok, "What is LoRA?"), adapters / "b", 20)
+    r = env["client"].chat.completions.create(model="b", messages=messages, max_tokens=20, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert r.object == "chat.completion" and r.usage.prompt_tokens == len(chat_ids(tok, "What is LoRA?"))
+
+    stream = env["client"].chat.completions.create(model="b", messages=messages, max_tokens=20, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [r.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_completion_streaming_and_raw_sse_format(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    expected = offline_text(base, tok, tok("Once upon a time")["input_ids"], adapters / "c", 24)
+    stream = env["client"].completions.create(model="c", prompt="Once upon a time", max_tokens=24, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected
+
+    body = {"model": "c", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "stream": True}
+    with env["http"].stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert "".join(p["choices"][0]["text"] for p in payloads) == expected
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-1])
+    assert set(payloads[0]) >= {"id", "object", "created", "model", "choices"}
+
+
+def test_stop_sequences_trim_output(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    full = offline_text(base, tok, tok("The weather today")["input_ids"], adapters / "a", 30)
+    stop = full[5:8]
+    assert full.find(stop) == 5
+    r = env["client"].completions.create(model="a", prompt="The weather today", max_tokens=30, temperature=0,
+                                         stop=[stop, "never-appears"])
+    assert r.choices[0].text == full[:5] and r.choices[0].finish_reason == "stop"
+    stream = env["client"].completions.create(model="a", prompt="The weather today", max_tokens=30, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == full[:5]
+
+
+def test_seed_reproducible_n_choices_and_length(env):
+    client = env["client"]
+    kwargs = dict(model="a", prompt="Hello there, how", max_tokens=20, temperature=1.0, top_p=0.95,
+                  extra_body={"ignore_eos": True})
+    first = client.completions.create(seed=7, **kwargs).choices[0].text
+    again = client.completions.create(seed=7, **kwargs).choices[0].text
+    other = client.completions.create(seed=8, **kwargs).choices[0].text
+    assert first == again and first != other
+    r = client.completions.create(seed=7, n=2, **kwargs)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == first and r.choices[1].text == other  # choice i uses seed + i
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage.completion_tokens == 40 and r.usage.prompt_tokens == len(env["tok"]("Hello there, how")["input_ids"])
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ('{"model": "a", "prompt": "hi", ', 400, None, "invalid_json"),
+    ('[1, 2]', 400, None, None),
+    ('{"model": "a", "prompt": "hi", "max_tokens": "5"}', 400, "max_tokens", "invalid_type"),
+    ('{"model": "a", "prompt": "hi", "temperature": "hot"}', 400, "temperature", "invalid_type"),
+    ('{"model": "a", "prompt": "hi", "temperature": 3}', 400, "temperature", None),
+    ('{"model": "a", "prompt": "hi", "stream": "yes"}', 400, "stream", "invalid_type"),
+    ('{"model": "a", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", "invalid_value"),
+    ('{"model": "a", "prompt": 42}', 400, "prompt", "invalid_type"),
+    ('{"prompt": "hi"}', 400, "model", "missing_field"),
+    ('{"model": "nope", "prompt": "hi"}', 404, "model", "model_not_found"),
+    ('{"model": "a", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "context_length_exceeded"),
+    ('{"model": "a", "prompt": [1, 2, 99999]}', 400, "prompt", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "frequency_penalty": 0.5}', 400, "frequency_penalty", "unsupported_parameter"),
+])
+def test_completion_errors(env, body, status, param, code):
+    r = env["http"].post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, status, param, code)
+
+
+def test_chat_errors_and_prompt_too_long(env):
+    http = env["http"]
+    assert_error(http.post("/v1/chat/completions", json={"model": "a"}), 400, "messages", "missing_field")
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "robot",
+                                                                                     "content": "x"}]}),
+                 400, "messages.0.role")
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": []}), 400, "messages")
+    long = "word " * 200  # 1000 tokens > --max-model-len 512
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user",
+                                                                                     "content": long}]}),
+                 400, "messages", "context_length_exceeded", match="maximum context length is 512")
+    assert_error(http.post("/v1/completions", json={"model": "a", "prompt": long}), 400, "prompt",
+                 "context_length_exceeded")
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get("/v1/completions"), 405)
+    # ... and the server keeps serving everyone else.
+    r = env["client"].chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_model_error_through_openai_client(env):
+    with pytest.raises(openai.NotFoundError) as info:
+        env["client"].completions.create(model="missing-adapter", prompt="hi", max_tokens=2)
+    assert "missing-adapter" in str(info.value)
+
+
+def test_auth(env):
+    url = env["server"].url
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        assert anon.get("/health").status_code == 200
+        assert anon.get("/playground").status_code == 200
+        assert_error(anon.get("/v1/models"), 401, code="invalid_api_key")
+        assert_error(anon.post("/v1/completions", json={"model": "a", "prompt": "hi"}), 401)
+        assert_error(anon.get("/metrics"), 401)
+        assert_error(anon.post("/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": "a"}), 401)
+        assert_error(anon.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(anon.get("/v1/models", headers={"Authorization": KEY}), 401)  # no "Bearer"
+        assert anon.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_playground_page(env):
+    r = httpx.get(env["server"].url + "/playground", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "lorakit playground" in r.text and "/v1/chat/completions" in r.text
+
+
+# -- adapters at run time --------------------------------------------------------------------------------
+
+def test_load_and_unload_adapter(env):
+    http, client, tok, base, adapters = env["http"], env["client"], env["tok"], env["base"], env["adapters"]
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "b-copy", "lora_path": "b"})
+    assert r.status_code == 200, r.text
+    assert "b-copy" in [m.id for m in client.models.list().data]
+    out = client.completions.create(model="b-copy", prompt="abc def ghi", max_tokens=12, temperature=0)
+    assert out.choices[0].text == offline_text(base, tok, tok("abc def ghi")["input_ids"], adapters / "b", 12)
+    # Absolute paths inside the adapter directory work too.
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "c-abs",
+                                                    "lora_path": str(adapters / "c")}).status_code == 200
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "c-abs"}).status_code == 200
+    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "b-copy"})
+    assert r.status_code == 200, r.text
+    assert_error(http.post("/v1/completions", json={"model": "b-copy", "prompt": "hi"}), 404,
+                 code="model_not_found")
+    assert_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "b-copy"}), 404)
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "bad name!", "lora_path": "b"}), 400,
+                 match="Invalid adapter name")
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": BASE, "lora_path": "b"}), 400)
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "z"}), 400, "lora_path")
+
+
+@pytest.mark.parametrize("path_of", [
+    lambda env: str(env["outside"] / "x"),  # absolute, outside
+    lambda env: "../outside/x",  # '..'
+    lambda env: "b/../../outside/x",
+    lambda env: "linkout",  # a symlink inside the dir that points outside
+    lambda env: str(env["adapters"] / "linkout"),
+    lambda env: "filelink",  # adapter files that are links to outside
+    lambda env: "/etc",
+])
+def test_load_refuses_paths_outside_adapter_dirs(env, path_of):
+    r = env["http"].post("/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": path_of(env)})
+    assert_error(r, 403, "lora_path", "adapter_path_not_allowed")
+    assert "evil" not in [m.id for m in env["client"].models.list().data]
+
+
+def test_adapter_for_another_base_is_refused_with_the_mismatch(env):
+    r = env["http"].post("/v1/load_lora_adapter", json={"lora_name": "ob", "lora_path": "otherbase"})
+    err = assert_error(r, 400, code="adapter_error")
+    assert re.search(r"tensor '.*(q|k|v|o)_proj\.lora_A\.weight' has shape \(8, 32\) .* expects \(8, 64\)",
+                     err["message"]), err["message"]
+    # On demand (folder name in the adapter dir) it is refused the same way, and nothing is left behind.
+    r = env["http"].post("/v1/completions", json={"model": "otherbase", "prompt": "hi", "max_tokens": 2})
+    assert_error(r, 400, match="shape")
+    r = env["client"].completions.create(model="a", prompt="hi", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_lru_eviction_and_on_demand_reload(env):
+    client, tok, base, adapters = env["client"], env["tok"], env["base"], env["adapters"]
+    evictions = metric(env, "lorakit_adapter_evictions_total")
+    texts = {}
+    for model in ["a", "b", "c", "a", "b", "c"]:  # 3 adapters + the ones earlier tests loaded; max 3 resident
+        texts.setdefault(model, []).append(
+            client.completions.create(model=model, prompt="Numbers: 1 2 3", max_tokens=10, temperature=0)
+            .choices[0].text)
+    assert metric(env, "lorakit_resident_adapters") <= 3
+    resident = {m.id for m in client.models.list().data if getattr(m, "status", None) == "loaded"}
+    assert len(resident) <= 3
+    for model, outs in texts.items():
+        expected = offline_text(base, tok, tok("Numbers: 1 2 3")["input_ids"], adapters / model, 10)
+        assert outs == [expected, expected]
+    # Fill the slots with other adapters so 'a' must be evicted, then use it again.
+    env["http"].post("/v1/load_lora_adapter", json={"lora_name": "b2", "lora_path": "b"})
+    env["http"].post("/v1/load_lora_adapter", json={"lora_name": "c2", "lora_path": "c"})
+    env["http"].post("/v1/load_lora_adapter", json={"lora_name": "b3", "lora_path": "b"})
+    assert metric(env, "lorakit_adapter_evictions_total") >= evictions + 3
+    again = client.completions.create(model="a", prompt="Numbers: 1 2 3", max_tokens=10, temperature=0)
+    assert again.choices[0].text == texts["a"][0]
+    for name in ("b2", "c2", "b3"):
+        env["http"].post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+# -- disconnects, health, metrics ------------------------------------------------------------------------
+
+def _wait_idle(env, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = env["http"].get("/health").json()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return stats
+        time.sleep(0.02)
+    raise AssertionError(f"server still busy: {stats}")
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(env):
+    cancelled = metric(env, "lorakit_sequences_finished_total", False, finish_reason="cancelled")
+    tokens = metric(env, "lorakit_generation_tokens_total")
+    body = {"model": "c", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with env["http"].stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        seen = [next(lines) for _ in range(4)]  # a couple of chunks, then hang up
+        assert any(line.startswith("data: ") for line in seen)
+    _wait_idle(env)
+    assert metric(env, "lorakit_sequences_finished_total", False, finish_reason="cancelled") == cancelled + 1
+    assert metric(env, "lorakit_generation_tokens_total") - tokens < 480  # stopped early
+
+
+def test_client_timeout_on_non_streaming_request_frees_the_slot(env):
+    cancelled = metric(env, "lorakit_sequences_finished_total", False, finish_reason="cancelled")
+    body = {"model": "b", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=env["server"].url, headers={"Authorization": f"Bearer {KEY}"}) as short:
+        with pytest.raises(httpx.ReadTimeout):
+            short.post("/v1/completions", json=body, timeout=0.3)
+    _wait_idle(env)
+    assert metric(env, "lorakit_sequences_finished_total", False, finish_reason="cancelled") == cancelled + 1
+
+
+def test_health_and_metrics(env):
+    r = httpx.get(env["server"].url + "/health", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    text = env["http"].get("/metrics").text
+    for name in ("lorakit_requests_total", "lorakit_prompt_tokens_total", "lorakit_generation_tokens_total",
+                 "lorakit_batch_size_bucket", "lorakit_request_latency_seconds_bucket",
+                 "lorakit_time_to_first_token_seconds_bucket", "lorakit_resident_adapters",
+                 "lorakit_running_sequences", "lorakit_adapter_loads_total"):
+        assert name in text, name
+    assert metric(env, "lorakit_requests_total", endpoint="/v1/completions", status="200") > 5
+    assert metric(env, "lorakit_requests_total", endpoint="/v1/completions", status="404") >= 1
+    assert metric(env, "lorakit_generation_tokens_total", model="a") > 0
+    assert metric(env, "lorakit_request_latency_seconds_count", model="b") > 0
