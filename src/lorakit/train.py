@@ -1,0 +1,517 @@
+"""Supervised fine-tuning: LoRA (or full fine-tuning as a baseline) on chat-formatted pairs.
+
+A plain PyTorch loop: AdamW on the trainable parameters, warmup + cosine schedule, gradient
+accumulation and clipping, checkpoints that a killed run resumes from with the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
+from lorakit.errors import LoraKitError
+from lorakit.io_utils import atomic_save_json, atomic_save_safetensors, atomic_write
+from lorakit.models import DEFAULT_BASE, load_base_model
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+CHECKPOINTS = "checkpoints"
+TRAIN_INFO = "lorakit_train.json"  # next to the adapter: how it was trained (eval reuses the prompt format)
+STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+# Changing any of these between a run and its resume would change the result, so resume refuses.
+RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "epochs", "max_steps", "lr",
+                     "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+                     "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
+                     "max_length", "too_long", "full", "quantize")
+
+
+class TrainError(LoraKitError, ValueError):
+    """A training run cannot start or continue as asked."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the CLI flags map one-to-one onto these fields."""
+
+    data: str = ""
+    base: str = DEFAULT_BASE
+    eval_data: Optional[str] = None
+    out: str = "lorakit-out"
+    # LoRA
+    r: int = 16
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dropout: float = 0.05
+    # optimisation
+    epochs: int = 3
+    max_steps: Optional[int] = None  # if set, overrides epochs
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices learn at lr * ratio
+    # bookkeeping
+    eval_every: int = 0  # steps between eval-loss measurements (0: only at the end)
+    save_every: int = 0  # steps between checkpoints (0: none, except on Ctrl-C)
+    keep_checkpoints: int = 2
+    log_every: int = 1  # steps between metrics.jsonl rows
+    progress: bool = True
+    # data
+    query_field: str = "query"
+    response_field: str = "response"
+    system_prompt: Optional[str] = None
+    max_length: int = 512
+    too_long: str = "truncate"  # or "skip"
+    # variants
+    full: bool = False  # full fine-tuning baseline: all weights train, a full model dir is saved
+    quantize: Optional[str] = None  # "nf4": QLoRA, the frozen base is stored in 4 bits
+    resume: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        checks = [
+            (bool(self.data), "data: give a training data file (--data)"),
+            (self.r > 0, f"r must be a positive integer, got {self.r}"),
+            (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs (or max_steps) must be positive"),
+            (self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.max_length > 1, f"max_length must be > 1, got {self.max_length}"),
+            (self.too_long in ("truncate", "skip"), f"too_long must be 'truncate' or 'skip', got {self.too_long!r}"),
+            (self.quantize in (None, "nf4"), f"quantize must be None or 'nf4', got {self.quantize!r}"),
+            (not (self.full and self.quantize), "full fine-tuning cannot train 4-bit weights; drop quantize"),
+            (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio must be positive"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainError(message)
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    epochs: float  # passes over the training data, fractional
+    first_loss: Optional[float]
+    final_loss: Optional[float]  # mean train loss over the last 10% of steps
+    eval_loss: Optional[float]
+    tokens: int  # non-padding tokens processed
+    train_seconds: float
+    tokens_per_s: float
+    trainable_params: int
+    interrupted: bool = False
+    checkpoint: Optional[str] = None  # last checkpoint written
+
+    def summary(self) -> str:
+        first = "?" if self.first_loss is None else f"{self.first_loss:.3f}"
+        last = "?" if self.final_loss is None else f"{self.final_loss:.3f}"
+        text = (f"trained {self.steps} steps ({self.epochs:.2f} epochs) in {_duration(self.train_seconds)} "
+                f"at {self.tokens_per_s:.0f} tok/s: loss {first} -> {last}")
+        if self.eval_loss is not None:
+            text += f", eval loss {self.eval_loss:.3f}"
+        if self.interrupted:
+            return text + f"; interrupted, checkpoint {self.checkpoint} (continue with --resume)"
+        return text + f"; saved to {self.out}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+# -- schedule and optimizer --------------------------------------------------------------------------
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak lr: linear warmup from 0, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; with LoRA+, B matrices get their own (higher) lr."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise TrainError("the model has no trainable parameters")
+    ratio = None if config.full else config.loraplus_lr_ratio
+    is_b = (lambda n: ".lora_B." in n or ".lora_embedding_B." in n) if ratio else (lambda n: False)
+    decay = lambda n, p: p.ndim >= 2  # no weight decay on norms and biases
+    groups = []
+    for b_matrix in (False, True):
+        for with_decay in (True, False):
+            chosen = [p for n, p in params if is_b(n) == b_matrix and decay(n, p) == with_decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": config.lr * (ratio if b_matrix else 1.0),
+                               "weight_decay": config.weight_decay if with_decay else 0.0})
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+# -- loss --------------------------------------------------------------------------------------------
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over response tokens, and how many response tokens there are."""
+    labels = batch["labels"]
+    targets = labels != IGNORE_INDEX
+    n = int(targets.sum())
+    start = 0
+    kwargs = {}
+    if logits_to_keep and n:
+        # The vocabulary projection is the costliest single matmul of a small model; skip it for the
+        # prompt positions that no label looks at.
+        start = max(0, int(targets.any(0).nonzero()[0]) - 1)
+        kwargs["logits_to_keep"] = labels.shape[1] - start
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **kwargs).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, start + 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, n
+
+
+@torch.no_grad()
+def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 16, bf16: bool = False) -> float:
+    """Mean cross-entropy per response token over a whole tokenized set."""
+    was_training = model.training
+    model.eval()
+    lengths = data.lengths
+    order = sorted(range(len(data)), key=lambda i: lengths[i])  # similar lengths: less padding
+    total, count = 0.0, 0
+    keep = _supports_logits_to_keep(model)
+    for i in range(0, len(order), batch_size):
+        batch = collate([data.items[j] for j in order[i:i + batch_size]], pad_token_id)
+        with _autocast(bf16):
+            loss, n = batch_loss(model, batch, keep)
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (incomplete ones never get a step-* name)."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig) -> Path:
+    """Write step-N/ (trainable weights, optimizer, scheduler, RNG, data position) atomically."""
+    root = out / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{position['step']:06d}"
+    if (final / STATE_FILE).is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        atomic_save_safetensors(trainable, tmp / TRAINABLE_FILE)
+        if not config.full:
+            model.save_pretrained(tmp)  # a checkpoint is also a usable adapter
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": _rng_state(), "position": dict(position), "config": dataclasses.asdict(config)}
+        with atomic_write(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(out)[:-config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig) -> dict:
+    """Restore a checkpoint in place; returns the data position to continue from."""
+    from safetensors.torch import load_file
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_MUST_MATCH
+               if _norm(saved.get(k)) != _norm(getattr(config, k))]
+    if changed:
+        raise TrainError(f"cannot resume from {path}: these settings differ from the interrupted run, which "
+                         f"would change the result: {'; '.join(changed)}. Use the original settings, or a new --out.")
+    tensors = load_file(str(path / TRAINABLE_FILE))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing:
+        raise TrainError(f"checkpoint {path} lacks {len(missing)} trainable tensors (first: {missing[0]})")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["position"]
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nlorakit: Ctrl-C: saving a checkpoint after this step (press again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def prepare_model(config: TrainConfig):
+    """Load the base, optionally quantize it, and make the parameters that should train trainable."""
+    from lorakit import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base_model(config.base, dtype=torch.float32)
+    if config.quantize:
+        from lorakit.quant import quantize_model
+
+        model = quantize_model(model, config.quantize)
+    torch.manual_seed(config.seed)  # LoRA A matrices are initialised randomly
+    if config.full:
+        model.requires_grad_(True)
+    else:
+        lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.targets),
+                          lora_dropout=config.dropout, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if config.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        # Reentrant checkpointing only backpropagates into a segment whose inputs need grad; with a
+        # frozen embedding they would not, and the LoRA weights inside would get no gradient.
+        inner.enable_input_require_grads()
+    return model, tokenizer
+
+
+def load_data(config: TrainConfig, tokenizer, path: str) -> TokenizedData:
+    examples = load_examples(path, config.query_field, config.response_field, system_prompt=config.system_prompt)
+    return tokenize_examples(tokenizer, examples, config.max_length, config.too_long)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a fine-tuning job; the final adapter (or full model) is written to config.out."""
+    out = Path(config.out)
+    checkpoints = list_checkpoints(out)
+    if checkpoints and not config.resume:
+        raise TrainError(f"{out} already holds checkpoints of an earlier run ({checkpoints[-1].name}); pass "
+                         f"--resume to continue it, or choose another --out")
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+
+    # Data first: a bad row must fail before minutes go into loading the model.
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.base)
+    train_data = load_data(config, tokenizer, config.data)
+    eval_data = load_data(config, tokenizer, config.eval_data) if config.eval_data else None
+    print(f"lorakit: train data {config.data}: {train_data.summary()}", flush=True)
+    if eval_data is not None:
+        print(f"lorakit: eval data {config.eval_data}: {eval_data.summary()}", flush=True)
+
+    model, tokenizer = prepare_model(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pad_id = tokenizer.pad_token_id
+    keep = _supports_logits_to_keep(model)
+
+    batches_per_epoch = len(length_grouped_batches(train_data.lengths, config.batch_size, config.seed, 0))
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup_steps = int(config.warmup_ratio * total_steps)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup_steps, total_steps))
+
+    position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_seconds": 0.0}
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if config.resume and checkpoints:
+        position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, config)
+        print(f"lorakit: resuming from {checkpoints[-1]} (step {position['step']}/{total_steps})", flush=True)
+        kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= position["step"]]
+    else:
+        if config.resume:
+            print(f"lorakit: no checkpoint in {out / CHECKPOINTS}; starting from scratch", flush=True)
+        kept = []
+    with atomic_write(metrics_path, "w") as f:  # drop rows a killed run wrote after its last checkpoint
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    losses = [r["loss"] for r in kept if "loss" in r]
+    last_eval = next((r["eval_loss"] for r in reversed(kept) if "eval_loss" in r), None)
+    last_checkpoint = str(checkpoints[-1]) if config.resume and checkpoints else None
+
+    model.train()
+    plan_epoch, plan = -1, []
+    bar = _progress(config.progress, total_steps, position["step"])
+    interrupted = False
+    with _StopFlag() as stop, open(metrics_path, "a") as metrics:
+        while position["step"] < total_steps:
+            if plan_epoch != position["epoch"]:
+                plan_epoch = position["epoch"]
+                plan = length_grouped_batches(train_data.lengths, config.batch_size, config.seed, plan_epoch)
+            micro = plan[position["batch"]:position["batch"] + config.grad_accum]
+            batches = [collate([train_data.items[i] for i in idx], pad_id) for idx in micro]
+            n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for batch in batches:
+                with _autocast(config.bf16):
+                    loss_sum, _ = batch_loss(model, batch, keep)
+                # Normalise by the response tokens of the whole accumulated step, so accumulation
+                # gives the same gradient as one big batch.
+                (loss_sum / max(n_targets, 1)).backward()
+                step_loss += float(loss_sum) / max(n_targets, 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+            position["step"] += 1
+            position["tokens"] += n_tokens
+            position["train_seconds"] += dt
+            position["batch"] += len(micro)
+            if position["batch"] >= len(plan):
+                position["epoch"] += 1
+                position["batch"] = 0
+            step = position["step"]
+            losses.append(step_loss)
+            row = {"step": step, "epoch": round(position["epoch"] + position["batch"] / len(plan), 4),
+                   "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                   "tokens_per_s": round(n_tokens / dt, 1)}
+            if eval_data is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                last_eval = eval_loss(model, eval_data, pad_id, 2 * config.batch_size, config.bf16)
+                row["eval_loss"] = round(last_eval, 6)
+            if step % config.log_every == 0 or "eval_loss" in row:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}",
+                            tok_s=f"{position['tokens'] / max(position['train_seconds'], 1e-9):.0f}")
+            if stop.requested or (config.save_every and step % config.save_every == 0 and step < total_steps):
+                metrics.flush()
+                last_checkpoint = str(save_checkpoint(out, model, optimizer, scheduler, position, config))
+            if stop.requested:
+                interrupted = True
+                break
+    bar.close()
+
+    if not interrupted:
+        if eval_data is not None:
+            last_eval = eval_loss(model, eval_data, pad_id, 2 * config.batch_size, config.bf16)
+            with open(metrics_path, "a") as metrics:
+                metrics.write(json.dumps({"step": position["step"], "eval_loss": round(last_eval, 6)}) + "\n")
+        _save_final(model, tokenizer, out, config)
+    from lorakit.plotting import plot_loss_curve
+
+    plot_loss_curve(metrics_path, out / "loss_curve.png")
+    tail = losses[-max(1, len(losses) // 10):]
+    seconds = position["train_seconds"]
+    result = TrainResult(
+        out=str(out), steps=position["step"], epochs=position["epoch"] + position["batch"] / max(len(plan), 1),
+        first_loss=losses[0] if losses else None, final_loss=sum(tail) / len(tail) if losses else None,
+        eval_loss=last_eval, tokens=position["tokens"], train_seconds=seconds,
+        tokens_per_s=position["tokens"] / max(seconds, 1e-9), trainable_params=trainable,
+        interrupted=interrupted, checkpoint=last_checkpoint)
+    if not interrupted:
+        atomic_save_json({"config": dataclasses.asdict(config), "result": dataclasses.asdict(result)},
+                         out / TRAIN_INFO)
+    return result
+
+
+def _save_final(model, tokenizer, out: Path, config: TrainConfig) -> None:
+    if config.full:
+        model.save_pretrained(out)  # a complete model directory, loadable as --base
+        tokenizer.save_pretrained(out)
+    else:
+        model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+            rows.append(json.loads(line))
+    return rows
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def read_train_info(adapter_dir: str | os.PathLike) -> Optional[dict]:
+    """The lorakit_train.json written next to an adapter, if any."""
+    path = Path(adapter_dir) / TRAIN_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
