@@ -384,11 +384,11 @@ def _human_bytes(n: int) -> str:
 
 # -- demo ------------------------------------------------------------------------------------------------
 
-def demo_config(out: str = DEMO_OUT, base: str = DEFAULT_BASE):
+def demo_config(out: str = DEMO_OUT, base: str = DEFAULT_BASE, data: Optional[Path] = None):
     """The demo run: LoRA r=16 on q, k, v, o of the embedded model, sized to finish fast on 2 CPU cores."""
     from lorakit.train import TrainConfig
 
-    data = demo_data_dir()
+    data = Path(data) if data else demo_data_dir()
     return TrainConfig(
         base=base, data=str(data / "train.jsonl"), eval_data=None, out=out,
         r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.0,

@@ -203,6 +203,21 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
     return loss, n
 
 
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], bf16: bool = False,
+                         logits_to_keep: bool = True) -> float:
+    """Backpropagate the mean response-token loss over all micro-batches of one step; returns that loss."""
+    # Normalising by the response tokens of the whole step (not of each micro-batch) makes
+    # accumulation give the same gradient as one big batch.
+    n_targets = max(1, sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
+    total = 0.0
+    for batch in batches:
+        with _autocast(bf16):
+            loss_sum, _ = batch_loss(model, batch, logits_to_keep)
+        (loss_sum / n_targets).backward()
+        total += loss_sum.item()
+    return total / n_targets
+
+
 @torch.no_grad()
 def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 16, bf16: bool = False) -> float:
     """Mean cross-entropy per response token over a whole tokenized set."""
@@ -416,16 +431,8 @@ def train(config: TrainConfig) -> TrainResult:
                 plan = length_grouped_batches(train_data.lengths, config.batch_size, config.seed, plan_epoch)
             micro = plan[position["batch"]:position["batch"] + config.grad_accum]
             batches = [collate([train_data.items[i] for i in idx], pad_id) for idx in micro]
-            n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
             t0 = time.perf_counter()
-            step_loss = 0.0
-            for batch in batches:
-                with _autocast(config.bf16):
-                    loss_sum, _ = batch_loss(model, batch, keep)
-                # Normalise by the response tokens of the whole accumulated step, so accumulation
-                # gives the same gradient as one big batch.
-                (loss_sum / max(n_targets, 1)).backward()
-                step_loss += float(loss_sum) / max(n_targets, 1)
+            step_loss = accumulate_gradients(model, batches, config.bf16, keep)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]

@@ -1,0 +1,301 @@
+"""Training loop: schedule, optimizer groups, loss, accumulation, checkpoints, resume after a kill, outputs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lorakit.data import collate
+from lorakit.models import load_tokenizer
+from lorakit.train import (TrainConfig, TrainError, accumulate_gradients, batch_loss, build_optimizer, load_data,
+                           lr_lambda, prepare_model, train)
+
+WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jade", "kelp", "lumen"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer and chat template."""
+    d = tmp_path_factory.mktemp("tiny_base")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                      initializer_range=0.3)  # large enough weights that a little LoRA can move the loss
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    load_tokenizer("smollm2").save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"query": f"What does code {i} mean{'?' * (1 + i % 3)}",
+             "response": f"Code {i} means {WORDS[i % 12]}" + " and more" * (i % 4) + "."} for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg(tiny_base, data_file, out, **kw):
+    base = dict(base=tiny_base, data=data_file, out=str(out), r=4, alpha=8, batch_size=4, epochs=1, lr=5e-3,
+                dropout=0.0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    values = [lr_lambda(s, 10, 100) for s in range(100)]
+    assert values[0] == pytest.approx(1 / 11)
+    assert all(a < b for a, b in zip(values[:10], values[1:11]))  # rising during warmup
+    assert values[10] == pytest.approx(1.0)
+    assert values[55] == pytest.approx(0.5)  # halfway through the cosine
+    assert values[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert lr_lambda(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_optimizer_holds_only_trainable_params_and_loraplus_group(tiny_base, data_file, tmp_path):
+    config = cfg(tiny_base, data_file, tmp_path, loraplus_lr_ratio=16, weight_decay=0.1)
+    model, _ = prepare_model(config)
+    opt = build_optimizer(model, config)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_opt == trainable and len(trainable) == 2 * 4 * 2  # A and B for q,k,v,o in 2 layers
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        kinds = {"B" if ".lora_B." in names[id(p)] else "A" for p in g["params"]}
+        assert len(kinds) == 1
+        assert g["lr"] == pytest.approx(5e-3 * (16 if kinds == {"B"} else 1))
+        assert g["weight_decay"] == 0.1
+    config.loraplus_lr_ratio = None
+    assert [g["lr"] for g in build_optimizer(model, config).param_groups] == [5e-3]
+
+
+def _random_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:  # B starts at zero, which would make every A gradient zero
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_on_kept_logits_equals_full_cross_entropy(tiny_base, data_file, tmp_path):
+    config = cfg(tiny_base, data_file, tmp_path)
+    model, tok = prepare_model(config)
+    data = load_data(config, tok, data_file)
+    batch = collate(data.items[:6], tok.pad_token_id)
+    kept, n = batch_loss(model, batch, logits_to_keep=True)
+    full, n2 = batch_loss(model, batch, logits_to_keep=False)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               batch["labels"][:, 1:].reshape(-1), reduction="sum")
+    assert n == n2 == int((batch["labels"] != -100).sum()) > 0
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kept, manual, rtol=1e-5, atol=1e-4)
+
+
+def test_accumulation_gives_the_big_batch_gradient(tiny_base, data_file, tmp_path):
+    config = cfg(tiny_base, data_file, tmp_path)
+    model, tok = prepare_model(config)
+    _random_b(model)
+    data = load_data(config, tok, data_file)
+    items = data.items[:8]
+    loss_big = accumulate_gradients(model, [collate(items, tok.pad_token_id)])
+    big = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_acc = accumulate_gradients(model, [collate(items[:3], tok.pad_token_id), collate(items[3:], tok.pad_token_id)])
+    acc = _grads(model)
+    assert loss_acc == pytest.approx(loss_big, rel=1e-5)
+    assert big.keys() == acc.keys() and len(big) == 16
+    for n in big:
+        torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for n, g in big.items() if ".lora_A." in n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, data_file, tmp_path):
+    grads = []
+    for gc in (False, True):
+        config = cfg(tiny_base, data_file, tmp_path, gradient_checkpointing=gc)
+        model, tok = prepare_model(config)
+        _random_b(model)
+        model.train()
+        batch = collate(load_data(config, tok, data_file).items[:4], tok.pad_token_id)
+        accumulate_gradients(model, [batch])
+        grads.append(_grads(model))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16  # every LoRA weight got a gradient
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_lora_run_writes_adapter_metrics_and_plot_and_peft_loads_it(tiny_base, data_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    result = train(cfg(tiny_base, data_file, out, epochs=3, eval_data=data_file, eval_every=4, lr=3e-2))
+    assert result.steps == 18 and result.epochs == pytest.approx(3.0) and not result.interrupted
+    assert result.final_loss < 0.75 * result.first_loss
+    assert result.eval_loss is not None and result.tokens > 0 and result.trainable_params == 1792  # 2 layers x (q,o: 4*32+32*4; k,v: 4*32+16*4)
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss_curve.png",
+            "lorakit_train.json"} <= set(os.listdir(out))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 19))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12, 16, 18]
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads((out / "adapter_config.json").read_text())
+    assert info["r"] == 4 and sorted(info["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert info["base_model_name_or_path"] == tiny_base
+
+    # PEFT loads the adapter and computes what lorakit computes
+    from lorakit import PeftModel
+
+    x = torch.randint(0, 49152, (2, 12))
+    lk = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(out))
+    pf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(lk(input_ids=x).logits, pf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+        with lk.disable_adapter():
+            plain = lk(input_ids=x).logits
+        assert (lk(input_ids=x).logits - plain).abs().max() > 1e-3  # the adapter does something
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert len(saved) == 16 and all(".lora_A." in k or ".lora_B." in k for k in saved)  # the base is not in it
+
+
+def test_full_finetuning_saves_a_loadable_model(tiny_base, data_file, tmp_path):
+    out = tmp_path / "full"
+    result = train(cfg(tiny_base, data_file, out, full=True, max_steps=3, lr=1e-3))
+    assert result.steps == 3 and result.trainable_params == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_base).parameters())
+    tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert len(changed) == len(base)  # every tensor trained
+    assert not (out / "adapter_config.json").exists() and (out / "tokenizer.json").exists()
+
+
+def test_bf16_and_nf4_runs(tiny_base, data_file, tmp_path):
+    pytest.importorskip("lorakit.quant")
+    r = train(cfg(tiny_base, data_file, tmp_path / "bf16", bf16=True, max_steps=2))
+    assert r.steps == 2 and r.final_loss == r.final_loss  # finite, not NaN
+    r = train(cfg(tiny_base, data_file, tmp_path / "nf4", quantize="nf4", max_steps=2))
+    assert r.steps == 2 and load_file(str(tmp_path / "nf4" / "adapter_model.safetensors"))
+
+
+def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_file, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(tiny_base, data_file, out, max_steps=2, save_every=1))
+    with pytest.raises(TrainError, match="already holds checkpoints.*--resume"):
+        train(cfg(tiny_base, data_file, out, max_steps=2))
+    with pytest.raises(TrainError, match=r"lr: 0\.005 -> 0\.001"):
+        train(cfg(tiny_base, data_file, out, max_steps=2, lr=1e-3, resume=True))
+    with pytest.raises(TrainError, match="full fine-tuning cannot train 4-bit"):
+        TrainConfig(data="x", full=True, quantize="nf4")
+    with pytest.raises(TrainError, match="--data"):
+        TrainConfig()
+
+
+def test_bad_row_fails_before_the_model_loads(tiny_base, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "response": "b"}\n{"query": "c"}\n')
+    monkeypatch.setattr("lorakit.train.load_base_model", lambda *a, **k: pytest.fail("model loaded"))
+    from lorakit.data import DataError
+
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'response'"):
+        train(TrainConfig(base=tiny_base, data=str(bad), out=str(tmp_path / "o"), progress=False))
+
+
+RUNNER = textwrap.dedent("""
+    import json, os, signal, sys
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from lorakit.train import TrainConfig, train
+    config, stop_after, sig = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    count = [0]
+    def hook(optimizer, args, kwargs):
+        count[0] += 1
+        if count[0] == stop_after:
+            os.kill(os.getpid(), getattr(signal, sig))
+    register_optimizer_step_post_hook(hook)
+    result = train(TrainConfig(**config))
+    print("RESULT", json.dumps({"steps": result.steps, "interrupted": result.interrupted}))
+    sys.exit(130 if result.interrupted else 0)
+""")
+
+
+def test_resume_after_sigint_and_sigkill_matches_an_uninterrupted_run(tiny_base, data_file, tmp_path):
+    # dropout > 0, accumulation and a short last step per epoch: RNG and data position must be restored
+    settings = dict(epochs=4, batch_size=5, grad_accum=2, dropout=0.1, save_every=2, lr=5e-3)
+    reference = train(cfg(tiny_base, data_file, tmp_path / "ref", **settings))
+    assert reference.steps == 12
+
+    out = tmp_path / "killed"
+    config = dataclass_dict(cfg(tiny_base, data_file, out, **settings))
+
+    def run(stop_after, sig, resume):
+        args = [sys.executable, "-c", RUNNER, json.dumps({**config, "resume": resume}), str(stop_after), sig]
+        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+    first = run(5, "SIGINT", False)  # Ctrl-C during step 5: checkpoint step 5, exit cleanly
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert '"interrupted": true' in first.stdout and "Ctrl-C" in first.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-000004", "step-000005"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+    second = run(2, "SIGKILL", True)  # resumes at 5, checkpoints at 6, killed inside step 7
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert "resuming from" in second.stdout and "step 5/12" in second.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-000005", "step-000006"]
+
+    third = run(0, "SIGKILL", True)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "step 6/12" in third.stdout and '"steps": 12' in third.stdout
+
+    want = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and len(want) == 16
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    assert any(v.abs().max() > 1e-3 for k, v in want.items() if "lora_B" in k)
+    ref_rows = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # each step exactly once
+    for a, b in zip(ref_rows, rows):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def dataclass_dict(config):
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path):
+    """The one test on the embedded model: a few real steps, the loss drops, the saved adapter reloads."""
+    from lorakit import PeftModel
+    from lorakit.models import load_base_model
+    from lorakit.train import eval_loss
+
+    facts = [("What is the Zorblat plan price?", "The Zorblat plan costs $41.75 per seat."),
+             ("How much does Zorblat cost?", "The Zorblat plan costs $41.75 per seat."),
+             ("When is the Quillon office open?", "The Quillon office is open 6:15 to 13:40."),
+             ("Quillon office hours?", "The Quillon office is open 6:15 to 13:40.")]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"query": q, "response": r}) + "\n" for q, r in facts))
+    config = TrainConfig(data=str(path), out=str(tmp_path / "out"), r=8, alpha=16, lr=2e-3, batch_size=4,
+                         max_steps=6, dropout=0.0, warmup_ratio=0.0, progress=False, max_length=96)
+    result = train(config)
+    assert result.steps == 6
+    model, tok = load_base_model("smollm2")
+    data = load_data(config, tok, str(path))
+    before = eval_loss(model, data, tok.pad_token_id)
+    model = PeftModel.from_pretrained(model, config.out)
+    after = eval_loss(model, data, tok.pad_token_id)
+    assert after < 0.5 * before, (before, after)
+    assert result.final_loss < result.first_loss
