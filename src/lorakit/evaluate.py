@@ -28,6 +28,10 @@ _UNITS = (r"%|percent|[kKMGT]B|ms|seconds?|secs?|minutes?|mins?|hours?|hrs?|days
           r"months?|years?|users?|seats?|members?|projects?|requests?|calls?|GB/month|TB/month")
 _WORD = r"[A-Z0-9][\w&'./+-]*"
 _ITEM = rf"{_WORD}(?: {_WORD})*"
+# Sentence-initial verbs that the capitalised-words rule would glue onto a menu path ("Open Settings > ...").
+_LEAD_VERBS = {"open", "go", "click", "select", "choose", "tap", "navigate", "visit", "use", "press", "find", "head",
+               "see", "under", "in", "from", "via", "then"}
+_MENU = 2  # index of the menu-path pattern below
 _FACT_PATTERNS = [
     re.compile(r"https?://[^\s)\"']+[^\s)\"'.,;:!?]"),  # URLs
     re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),  # email addresses
@@ -47,19 +51,24 @@ def normalize(text: str) -> str:
 
 def extract_facts(reference: str) -> list[str]:
     """Key facts of an answer that a model cannot guess: prices, numbers, times, menu paths, quotes..."""
-    facts: list[str] = []
+    found: list[tuple[int, str]] = []
     taken = [False] * len(reference)  # a span used by an earlier (more specific) pattern is not reused
     for pattern in _FACT_PATTERNS:
         for m in pattern.finditer(reference):
             if any(taken[m.start():m.end()]):
                 continue
             fact = m.group(0).strip()
+            first, _, rest = fact.partition(" ")
+            if pattern is _FACT_PATTERNS[_MENU]:
+                if first.lower() in _LEAD_VERBS and ">" in rest.split(" ", 1)[-1]:
+                    fact = rest
+                fact = fact.rstrip(".,;:!?")
             if fact.startswith(("'", '"')) and fact.endswith(("'", '"')):
                 fact = fact[1:-1].strip()
             if fact:
-                facts.append(fact)
+                found.append((m.start(), fact))
                 taken[m.start():m.end()] = [True] * (m.end() - m.start())
-    return facts
+    return [fact for _, fact in sorted(found)]  # in reading order
 
 
 def reference_facts(example: Example) -> list[str]:
@@ -161,6 +170,7 @@ def evaluate(
     A loaded model (PeftModel or plain) and tokenizer can be passed in instead of `base`/`adapter`.
     """
     t0 = time.perf_counter()
+    full_model = bool(adapter) and _is_full_model_dir(adapter)  # also fails early on a bad path
     info = _train_info(adapter)
     query_field = query_field or info.get("query_field") or "query"
     response_field = response_field or info.get("response_field") or "response"
@@ -186,7 +196,7 @@ def evaluate(
     tuned_name = adapter
     if model is None:
         model, tokenizer = load_base_model(base)
-        if adapter and _is_full_model_dir(adapter):
+        if full_model:
             if include_base:
                 base_scores = score(model, tokenizer)
             del model
