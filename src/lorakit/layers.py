@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .fast import lora_linear
 
 BASE_ADAPTER = "__base__"  # the row-adapter name that means "no adapter"
 
@@ -231,6 +232,17 @@ class LoraLinear(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
+        active = self.active_adapters
+        if len(active) == 1 and not self.merged_adapters and not args and not kwargs:
+            # Fast path (lorakit.fast): one plain adapter on a Linear/Conv1D, base and LoRA in one kernel chain.
+            name, base = active[0], self.base_layer
+            if name in self.r and not self.use_dora[name] and (self.fan_in_fan_out or type(base) is nn.Linear) \
+                    and not (base._forward_hooks or base._forward_pre_hooks):
+                A, B, W = self.lora_A[name].weight, self.lora_B[name].weight, base.weight
+                if x.dtype == A.dtype == W.dtype or torch.is_autocast_enabled(x.device.type):
+                    drop = self.lora_dropout[name]
+                    p = drop.p if drop.training and type(drop) is nn.Dropout else 0.0
+                    return lora_linear(x, W, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

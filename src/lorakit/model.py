@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
 from .errors import AdapterLoadError, AdapterNotFoundError
+from .fast import causal_lm_loss_forward
 from .inject import resolve_modules_to_save, resolve_targets, wrap_module_to_save, wrap_target
 from .io_utils import atomic_save_json, atomic_save_safetensors
 from .layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_quantized_linear
@@ -273,7 +274,13 @@ class PeftModel(nn.Module):
     # -- running ------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         with self.base_model.row_adapters(adapter_names):
-            return self.base_model.model(*args, **kwargs)
+            model = self.base_model.model
+            if not args and kwargs.get("labels") is not None and self.__dict__.get("fused_loss", True):
+                # Training call of a known causal LM: chunked loss, no full logits (see lorakit.fast).
+                outputs = causal_lm_loss_forward(model, kwargs)
+                if outputs is not None:
+                    return outputs
+            return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         with self.base_model.row_adapters(adapter_names):

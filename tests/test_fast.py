@@ -1,0 +1,322 @@
+"""lorakit.fast: the LoRA-linear autograd function and the fused causal-LM loss equal the plain path."""
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.fast import fused_linear_cross_entropy, lora_linear
+from lorakit.layers import LoraLinear
+
+ATOL = 1e-5
+
+
+def reference(x, weight, bias, a, b, scaling, p, fan_in_fan_out=False):
+    """The plain composition PEFT uses: base + B(A(dropout(x))) * scaling."""
+    base = x @ weight + bias if fan_in_fan_out else F.linear(x, weight, bias)
+    x_lora = F.dropout(x, p, training=True) if p > 0 else x
+    return base + F.linear(F.linear(x_lora, a), b) * scaling
+
+
+def leaves(*tensors, grad_flags):
+    return [t.detach().clone().requires_grad_(g) if t is not None else None for t, g in zip(tensors, grad_flags)]
+
+
+CASES = [  # (in, out, r, batch shape, bias, dropout, fan_in_fan_out, weight trainable)
+    (16, 24, 4, (5,), True, 0.0, False, False),
+    (16, 24, 4, (2, 7), False, 0.0, False, False),
+    (33, 17, 1, (3, 4), True, 0.3, False, False),
+    (64, 64, 16, (2, 9), False, 0.1, False, True),
+    (20, 48, 8, (11,), True, 0.5, True, False),
+    (20, 12, 3, (2, 3), True, 0.0, True, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_linear_matches_reference(case):
+    d_in, d_out, r, lead, with_bias, p, fan_in_fan_out, train_w = case
+    torch.manual_seed(sum(lead) + r)
+    shape = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
+    x0, w0, a0, b0 = torch.randn(*lead, d_in), torch.randn(shape), torch.randn(r, d_in), torch.randn(d_out, r)
+    bias0 = torch.randn(d_out) if with_bias else None
+    grad_out = torch.randn(*lead, d_out)
+    results = []
+    for fn in (lora_linear, reference):
+        x, w, bias, a, b = leaves(x0, w0, bias0, a0, b0, grad_flags=(True, train_w, with_bias, True, True))
+        torch.manual_seed(123)  # same dropout mask for both
+        out = fn(x, w, bias, a, b, 0.7, p, fan_in_fan_out)
+        out.backward(grad_out)
+        results.append((out, [t.grad if t is not None else None for t in (x, w, bias, a, b)]))
+    (ours, our_grads), (ref, ref_grads) = results
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
+    for name, g1, g2 in zip("x w bias A B".split(), our_grads, ref_grads):
+        assert (g1 is None) == (g2 is None), name
+        if g1 is not None:
+            assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5), name
+
+
+def test_lora_linear_without_autograd_matches_reference():
+    torch.manual_seed(0)
+    x, w, bias, a, b = torch.randn(2, 5, 16), torch.randn(8, 16), torch.randn(8), torch.randn(4, 16), torch.randn(8, 4)
+    with torch.no_grad():
+        ours = lora_linear(x, w, bias, a, b, 2.0)
+        assert ours.grad_fn is None
+    assert torch.allclose(ours, reference(x, w, bias, a, b, 2.0, 0.0), atol=ATOL)
+
+
+def test_lora_linear_bf16_autocast_is_close():
+    torch.manual_seed(0)
+    x0, w0, a0, b0 = torch.randn(64, 32), torch.randn(48, 32) / 6, torch.randn(8, 32) / 6, torch.randn(48, 8) / 3
+    outs, grads = [], []
+    for fn in (lora_linear, reference):
+        x, w, a, b = leaves(x0, w0, a0, b0, grad_flags=(True, False, True, True))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x, w, None, a, b, 2.0, 0.0)
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).sum().backward()
+        outs.append(out.float())
+        grads.append((x.grad, a.grad, b.grad))
+        assert a.grad.dtype == torch.float32  # gradients arrive in the parameters' own dtype
+    assert torch.allclose(outs[0], outs[1], rtol=3e-2, atol=3e-2)
+    for g1, g2 in zip(*grads):
+        assert (g1 - g2).norm() / g2.norm() < 3e-2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lora_layer_takes_fast_path_and_matches_reference(dropout, with_bias):
+    torch.manual_seed(1)
+    layer = LoraLinear(nn.Linear(24, 40, bias=with_bias))
+    layer.add_adapter("default", r=6, alpha=12, scaling=2.0, dropout=dropout, init=False, use_dora=False)
+    layer.active_adapters = ["default"]
+    layer.base_layer.requires_grad_(False)
+    if with_bias:  # bias="lora_only"/"all": the base bias trains
+        layer.base_layer.bias.requires_grad_(True)
+    layer.train()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    torch.manual_seed(9)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    out.pow(2).sum().backward()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    ours = [x.grad.clone()] + [p.grad.clone() for p in params]
+    x.grad = None
+    layer.zero_grad()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.manual_seed(9)
+    ref = reference(x, layer.base_layer.weight, layer.base_layer.bias, A, B, 2.0, dropout)
+    assert torch.allclose(out, ref, atol=ATOL)
+    ref.pow(2).sum().backward()
+    for g1, g2 in zip(ours, [x.grad] + [p.grad for p in params]):
+        assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5)
+
+
+# -- fused loss ----------------------------------------------------------------------------------------
+
+def padded_batch():
+    """Right padding, a masked prompt, and a row with no label at all."""
+    ids = token_batch(batch=4, seq=16, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, 11:] = 0
+    mask[2, 6:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[1, :9] = -100  # prompt
+    labels[3, :] = -100   # nothing to learn in this row
+    ids[mask == 0] = 0
+    return ids, mask, labels
+
+
+def lora_llama(**extra):
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False,
+                  task_type="CAUSAL_LM")
+    config.update(extra)
+    return get_peft_model(tiny_llama(), LoraConfig(**config)).train()
+
+
+def loss_and_grads(model, fused: bool, **kwargs):
+    model.fused_loss = fused
+    model.zero_grad()
+    out = model(**kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_dropout": 0.2}, {"modules_to_save": ["lm_head"]}, {"use_dora": True}])
+def test_fused_loss_equals_transformers_loss_and_gradients(extra):
+    model = lora_llama(**extra)
+    ids, mask, labels = padded_batch()
+    torch.manual_seed(5)
+    fused, fused_grads = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, labels=labels)
+    torch.manual_seed(5)
+    plain, plain_grads = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels)
+    assert type(fused).__name__ == "FusedCausalLMOutput" and type(plain).__name__ == "CausalLMOutputWithPast"
+    assert "logits" not in fused.keys()  # not computed unless read
+    assert abs(fused.loss.item() - plain.loss.item()) < ATOL
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in fused_grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=ATOL), name
+    if not extra.get("lora_dropout"):  # read on demand, the logits are transformers' logits
+        assert torch.allclose(fused.logits, plain.logits, atol=ATOL)
+        assert torch.allclose(fused["logits"], plain["logits"], atol=ATOL)
+
+
+def test_fused_loss_with_num_items_in_batch_shift_labels_and_ignore_index():
+    model = lora_llama()
+    ids, mask, labels = padded_batch()
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    shift[shift == -100] = -1
+    for kwargs in ({"labels": labels, "num_items_in_batch": torch.tensor(57)},
+                   {"labels": labels, "num_items_in_batch": 40},
+                   {"labels": labels, "shift_labels": shift, "ignore_index": -1}):
+        fused, fg = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, **kwargs)
+        plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, **kwargs)
+        assert type(fused).__name__ == "FusedCausalLMOutput"
+        assert abs(fused.loss.item() - plain.loss.item()) < ATOL, kwargs
+        for name in fg:
+            assert torch.allclose(fg[name], pg[name], atol=ATOL), name
+
+
+def test_fused_loss_when_no_token_has_a_label():
+    model = lora_llama()
+    ids, mask, _ = padded_batch()
+    labels = torch.full_like(ids, -100)
+    fused = model(input_ids=ids, attention_mask=mask, labels=labels)
+    model.fused_loss = False
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.isnan(plain.loss) and torch.isnan(fused.loss)  # transformers' mean over nothing
+    model.fused_loss = True
+    summed = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=4)
+    assert summed.loss.item() == 0.0
+    summed.loss.backward()  # and the graph is still usable
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3 * VOCAB, 5 * VOCAB, 10**9])
+def test_fused_linear_cross_entropy_chunks(chunk_elements):
+    torch.manual_seed(2)
+    hidden0, weight0, bias0 = torch.randn(4, 9, 32), torch.randn(VOCAB, 32) / 4, torch.randn(VOCAB)
+    targets = torch.randint(0, VOCAB, (4, 9))
+    targets[1] = -100             # a whole chunk of ignored rows for small chunks
+    targets[2, 3:7] = -100
+    results = []
+    for fused in (True, False):
+        hidden, weight, bias = (t.clone().requires_grad_(True) for t in (hidden0, weight0, bias0))
+        if fused:
+            loss = fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_elements=chunk_elements)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight, bias).reshape(-1, VOCAB), targets.reshape(-1))
+        (loss * 3).backward()  # a non-unit upstream gradient
+        results.append((loss, hidden.grad, weight.grad, bias.grad))
+    for ours, ref in zip(*results):
+        assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
+    assert not results[0][1][1].any()  # ignored rows get no gradient
+
+
+def test_fused_linear_cross_entropy_bf16_is_close():
+    torch.manual_seed(2)
+    hidden0, weight0 = torch.randn(30, 32, dtype=torch.bfloat16), (torch.randn(VOCAB, 32) / 4).bfloat16()
+    targets = torch.randint(0, VOCAB, (30,))
+    out = []
+    for fused in (True, False):
+        hidden = hidden0.clone().requires_grad_(True)
+        if fused:
+            loss = fused_linear_cross_entropy(hidden, weight0, None, targets, chunk_elements=7 * VOCAB)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight0).float(), targets)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        out.append((loss, hidden.grad.float()))
+    assert abs(out[0][0].item() - out[1][0].item()) < 1e-3
+    assert (out[0][1] - out[1][1]).norm() / out[1][1].norm() < 2e-2
+
+
+def test_ordinary_path_when_logits_are_expected():
+    model = lora_llama()
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():  # evaluation: logits returned as usual
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
+        assert "logits" in model(input_ids=ids, attention_mask=mask, labels=labels).keys()
+    model.eval()
+    assert "logits" in model(input_ids=ids, attention_mask=mask, labels=labels).keys()
+    model.train()
+    inner = model.get_base_model()
+    inner.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean() * 0 + 42.0
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)  # a custom loss function is honoured
+    assert out.loss.item() == 42.0 and "logits" in out.keys()
+    del inner._loss_function
+    assert "logits" in model(input_ids=ids, attention_mask=mask).keys()
+    gpt2 = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"])).train()
+    assert "logits" in gpt2(input_ids=ids, labels=labels).keys()  # not a recognised model: plain path
+
+
+def test_multiple_active_adapters_and_mixed_batches_train_like_the_plain_path():
+    model = lora_llama()
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False))
+    model.set_adapter(["default", "other"])
+    model.base_model.set_requires_grad("other")
+    ids, mask, labels = padded_batch()
+    for kwargs in ({}, {"adapter_names": ["default", "other", None, "other"]}):
+        fused, fg = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+        plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+        assert abs(fused.loss.item() - plain.loss.item()) < ATOL
+        for name in fg:
+            assert torch.allclose(fg[name], pg[name], atol=ATOL), name
+
+
+def test_merged_and_disabled_adapters_still_give_the_right_loss():
+    model = lora_llama()
+    ids, mask, labels = padded_batch()
+    model.fused_loss = False
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with model.disable_adapter():
+            expected_base = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    model.fused_loss = True
+    with model.disable_adapter():
+        assert abs(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() - expected_base.item()) < ATOL
+    model.base_model.merge_adapter()
+    assert abs(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() - expected.item()) < ATOL
+
+
+def test_training_steps_equal_peft():
+    """A few AdamW steps through the ordinary call: lorakit's fast path and PEFT give the same losses."""
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False,
+                  task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs)).train()
+    ours = get_peft_model(tiny_llama(), LoraConfig(**kwargs)).train()
+    ours.load_state_dict(theirs.state_dict())
+    ids, mask, labels = padded_batch()
+    losses = []
+    for model in (ours, theirs):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        run = []
+        for _ in range(4):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0][0] > losses[0][-1]  # it learns
+    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
+
+
+def test_trainable_head_gets_the_same_gradient_through_the_fused_loss():
+    """modules_to_save=["lm_head"]: the head's weight gradient is formed inside the fused loss."""
+    results = []
+    for fused in (True, False):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                        init_lora_weights=False)).train()
+        ids, mask, labels = padded_batch()
+        out, grads = loss_and_grads(model, fused, input_ids=ids, attention_mask=mask, labels=labels)
+        results.append(grads)
+    assert any("modules_to_save" in n for n in results[0])
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], atol=ATOL), name
