@@ -1,0 +1,121 @@
+"""The shipped demo dataset: its shape, its train/eval split, and that the generator reproduces it."""
+
+import importlib.util
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "src" / "lorakit" / "demo_data"
+KEYS = ["query", "response", "intent", "facts"]
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+def _rows(name):
+    with open(DATA / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": _rows("train.jsonl"), "eval": _rows("eval.jsonl")}
+
+
+def test_rows_have_the_four_keys_in_order_and_non_empty_values(splits):
+    for name, rows in splits.items():
+        assert rows, name
+        for row in rows:
+            assert list(row) == KEYS, (name, row)
+            assert all(isinstance(row[k], str) and row[k].strip() for k in ("query", "response", "intent"))
+            assert isinstance(row["facts"], list) and row["facts"]
+            assert all(isinstance(f, str) and f.strip() for f in row["facts"])
+
+
+def test_every_fact_is_a_substring_of_its_response(splits):
+    for rows in splits.values():
+        for row in rows:
+            for fact in row["facts"]:
+                assert fact in row["response"], (row["intent"], fact)
+
+
+def test_intents_queries_and_split_sizes(splits):
+    queries = defaultdict(set)
+    eval_count = defaultdict(int)
+    for name, rows in splits.items():
+        for row in rows:
+            queries[row["intent"]].add(gen.normalize(row["query"]))
+            eval_count[row["intent"]] += name == "eval"
+    assert len(queries) >= 20
+    for intent, qs in queries.items():
+        assert len(qs) >= 30, intent
+        assert eval_count[intent] == 5, intent
+    assert len(splits["eval"]) <= 150
+
+
+def test_one_canonical_answer_per_intent_in_both_splits(splits):
+    answers = defaultdict(set)
+    for rows in splits.values():
+        for row in rows:
+            answers[row["intent"]].add((row["response"], tuple(row["facts"])))
+    assert all(len(a) == 1 for a in answers.values()), {k: v for k, v in answers.items() if len(v) > 1}
+    for response, _ in (next(iter(a)) for a in answers.values()):
+        assert len(response.split()) <= 45, response
+
+
+def test_no_eval_query_appears_in_train(splits):
+    train = {gen.normalize(r["query"]) for r in splits["train"]}
+    leaked = [r["query"] for r in splits["eval"] if gen.normalize(r["query"]) in train]
+    assert leaked == []
+    assert len(train) == len(splits["train"])  # and train itself has no duplicates
+
+
+def test_eval_queries_come_from_held_out_phrasings(splits):
+    train_phrasings = {gen.normalize(p) for i in gen.INTENTS for p in i.train}
+    for row in splits["eval"]:
+        q = gen.normalize(row["query"])
+        assert not any(p in q for p in train_phrasings), row["query"]
+
+
+def test_normalize_ignores_case_spacing_and_punctuation():
+    assert gen.normalize("  How do I  reset my PASSWORD? ") == gen.normalize("how do i reset my password")
+    assert gen.normalize("reset password") != gen.normalize("reset passwords")
+
+
+def test_regeneration_is_byte_identical_to_the_shipped_files():
+    files = gen.render_files()
+    assert files == {name: (DATA / name).read_bytes() for name in files}
+    assert gen.render_files() == files  # and stable from one call to the next
+
+
+def test_train_is_shuffled_not_grouped(splits):
+    intents = [r["intent"] for r in splits["train"]]
+    runs = sum(a != b for a, b in zip(intents, intents[1:]))
+    assert runs > len(intents) // 2  # grouped rows would change intent only 25 times
+
+
+def test_check_mode_detects_a_stale_file(tmp_path, capsys):
+    assert gen.main(["--out-dir", str(tmp_path)]) == 0
+    assert gen.main(["--out-dir", str(tmp_path), "--check"]) == 0
+    path = tmp_path / "eval.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"Tidewren", b"Tidewran", 1))
+    assert gen.main(["--out-dir", str(tmp_path), "--check"]) == 1
+    assert "eval.jsonl is missing or out of date" in capsys.readouterr().err
+
+
+def test_a_fact_missing_from_its_response_is_rejected():
+    bad = gen.Intent("x", "Open Settings > Billing.", ("Settings > Plans", "Billing"), ("a?",), ("b?",))
+    with pytest.raises(ValueError, match="'Settings > Plans' is not a substring"):
+        gen.check_intent(bad)
