@@ -23,6 +23,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     for i, name in enumerate(["a", "b", "c"]):
         save_random_adapter(base, root / name, seed=i + 1)
+    # Different rank and targets, and a DoRA adapter (which the concat kernel leaves to the generic path).
+    save_random_adapter(base, root / "d", seed=4, r=4, targets=["q_proj", "v_proj"])
+    save_random_adapter(base, root / "dora", seed=5, use_dora=True)
     return tok, base, root
 
 
@@ -71,13 +74,17 @@ def submit_together(engine, jobs, params_fn):
     return seqs, events
 
 
-def test_mixed_batch_greedy_equals_offline_generate(setup):
+@pytest.mark.parametrize("kernel,adapters", [
+    ("concat", ["a", "b", None, "c", "a", "d"]),
+    ("gather", ["a", "b", None, "c", "a", "d"]),
+    ("concat", ["a", "b", None, "c", "dora", "d"]),  # DoRA in the batch: generic path for those steps
+])
+def test_mixed_batch_greedy_equals_offline_generate(setup, kernel, adapters):
     tok, base, root = setup
-    engine = make_engine(setup)
+    engine = make_engine(setup, mixed_kernel=kernel)
     calls = record_batches(engine)
     try:
-        adapters = ["a", "b", None, "c", "a"]
-        jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS, adapters)]
+        jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS + ["Zebra crossing"], adapters)]
         _, events = submit_together(engine, jobs, lambda: SamplingParams(max_tokens=20, temperature=0))
         results = collect(events)
     finally:
@@ -89,9 +96,9 @@ def test_mixed_batch_greedy_equals_offline_generate(setup):
         assert finish == ("stop" if expected[-1] == tok.eos_token_id else "length")
     # The adapters really shared forwards: decode steps ran with all four adapter choices in one batch.
     decode_steps = [names for names, q_len in calls if q_len == 1]
-    assert any(set(names) == {"a", "b", None, "c"} and len(names) == 5 for names in decode_steps)
+    assert any(set(names) == set(adapters) and len(names) == 6 for names in decode_steps)
     # And the adapters differ from each other and from the base (otherwise the check above is vacuous).
-    assert len({tuple(r[1]) for r in results[:4]}) == 4
+    assert len({tuple(r[1]) for r in results}) == len(results)
 
 
 def test_continuous_batching_join_and_leave(setup):

@@ -63,11 +63,13 @@ def save_base(model, tokenizer, directory: Path) -> Path:
     return directory
 
 
-def save_random_adapter(base, directory: Path, seed: int, r: int = 8, alpha: float = 1.0) -> Path:
+def save_random_adapter(base, directory: Path, seed: int, r: int = 8, alpha: float = 1.0, targets=TARGETS,
+                        use_dora: bool = False) -> Path:
     """A random (non-zero) adapter: init_lora_weights=False makes A and B both random."""
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS,
-                                                           init_lora_weights=False))
+    config = LoraConfig(r=r, lora_alpha=alpha * r / 8, target_modules=list(targets), init_lora_weights=False,
+                        use_dora=use_dora)
+    model = get_peft_model(copy.deepcopy(base), config)
     model.save_pretrained(directory)
     return directory
 

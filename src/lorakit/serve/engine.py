@@ -58,10 +58,15 @@ class EngineConfig:
     # When every row of a step uses the same adapter, run the plain single-adapter forward (set_adapter)
     # instead of the gathered mixed-adapter one; same math, fewer ops.
     uniform_fast_path: bool = True
+    # Mixed-adapter steps: "concat" (serve.mixed_lora: concatenated A/B per adapter set and a row mask)
+    # or "gather" (lorakit's generic forward(adapter_names=...), which gathers weights per row).
+    mixed_kernel: str = "concat"
 
     def __post_init__(self):
         if self.scheduling not in SCHEDULING_MODES:
             raise ValueError(f"scheduling must be one of {SCHEDULING_MODES}, got {self.scheduling!r}.")
+        if self.mixed_kernel not in ("concat", "gather"):
+            raise ValueError(f"mixed_kernel must be 'concat' or 'gather', got {self.mixed_kernel!r}.")
         if self.max_batch_size < 1:
             raise ValueError("--max-batch-size must be at least 1.")
         if self.max_model_len < 2:
@@ -237,6 +242,7 @@ class Engine:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._active: Optional[str] = None  # adapter selected by set_adapter for the fast path
+        self._mixed = None  # MixedLora, once the model has adapters
         self.steps = 0
         self.batch_rows = 0  # sum over steps of the batch size (mean batch = batch_rows / steps)
         self.error: Optional[BaseException] = None
@@ -274,11 +280,20 @@ class Engine:
             self.model = wrapped.eval()
         self.model.load_adapter(str(path), adapter_name=name)
         self.model.eval()
-        self._active = None
+        self._adapters_reloaded()
 
     def _unload_adapter(self, name: str) -> None:
         self.model.delete_adapter(name)
+        self._adapters_reloaded()
+
+    def _adapters_reloaded(self) -> None:
+        from .mixed_lora import MixedLora
+
         self._active = None
+        if self._mixed is None:
+            self._mixed = MixedLora(self.model)
+        else:
+            self._mixed.refresh()
 
     def _adapters_changed(self, registry: AdapterRegistry) -> None:
         if self.metrics is not None:
@@ -469,11 +484,18 @@ class Engine:
         """One model call, row i with adapter names[i]."""
         if not self._is_peft():
             return self.model(**kwargs)
-        if self.config.uniform_fast_path and len(set(names)) == 1 and names[0] is not None:
+        distinct = set(names)
+        if distinct == {None}:
+            with self.model.disable_adapter():
+                return self.model(**kwargs)
+        if self.config.uniform_fast_path and len(distinct) == 1:
             if self._active != names[0]:
                 self.model.set_adapter(names[0])
                 self._active = names[0]
             return self.model(**kwargs)
+        if self.config.mixed_kernel == "concat" and self._mixed.supports(distinct):
+            with self._mixed.rows(names):
+                return self.model(**kwargs)
         return self.model(adapter_names=names, **kwargs)
 
     def _prefill(self, seq: Sequence) -> None:
