@@ -97,6 +97,8 @@ def test_mixed_batch_greedy_equals_offline_generate(setup, kernel, adapters):
     # The adapters really shared forwards: decode steps ran with all four adapter choices in one batch.
     decode_steps = [names for names, q_len in calls if q_len == 1]
     assert any(set(names) == set(adapters) and len(names) == 6 for names in decode_steps)
+    # The six prompts (different lengths) were prefilled together in one left-padded forward.
+    assert [names for names, q_len in calls if q_len > 1] == [adapters]
     # And the adapters differ from each other and from the base (otherwise the check above is vacuous).
     assert len({tuple(r[1]) for r in results}) == len(results)
 

@@ -58,6 +58,8 @@ class EngineConfig:
     # When every row of a step uses the same adapter, run the plain single-adapter forward (set_adapter)
     # instead of the gathered mixed-adapter one; same math, fewer ops.
     uniform_fast_path: bool = True
+    # New prompts admitted together are prefilled in one forward, up to this many (padded) tokens.
+    max_prefill_tokens: int = 4096
     # Mixed-adapter steps: "concat" (serve.mixed_lora: concatenated A/B per adapter set and a row mask)
     # or "gather" (lorakit's generic forward(adapter_names=...), which gathers weights per row).
     mixed_kernel: str = "concat"
@@ -184,6 +186,23 @@ def _cache_layers(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(cache.key_cache), list(cache.value_cache)
 
 
+def _left_padded(seqs: list[Sequence], width: int, pad_id: int, device) -> dict:
+    """Model inputs for prompts of different lengths: left padding, each row's own positions from 0, and
+    a causal mask that hides the padding (a pad query sees only itself, so no softmax row is empty)."""
+    n = len(seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    starts = torch.tensor([width - len(s.prompt_ids) for s in seqs])
+    for i, seq in enumerate(seqs):
+        ids[i, starts[i]:] = torch.tensor(seq.prompt_ids)
+    arange = torch.arange(width)
+    positions = (arange[None, :] - starts[:, None]).clamp(min=0)
+    real = arange[None, :] >= starts[:, None]  # [n, key]
+    causal = arange[:, None] >= arange[None, :]  # [query, key]
+    mask = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool)[None])
+    return {"input_ids": ids.to(device), "position_ids": positions.to(device),
+            "attention_mask": mask[:, None].to(device)}
+
+
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """One token per row: argmax for temperature 0, else top-p sampling with the row's own generator."""
     logits = logits.float()
@@ -230,6 +249,8 @@ class Engine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._hf_config = hf.config
         self.eos_ids = self._eos_ids(hf, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
         self.registry = AdapterRegistry(base_name, list(adapter_dirs), config.max_adapters,
                                         load=self._load_adapter, unload=self._unload_adapter,
                                         on_change=self._adapters_changed)
@@ -443,14 +464,19 @@ class Engine:
             self._remove_row(i)
 
     def _admit(self) -> None:
-        if not self.waiting or len(self.running) >= self.config.max_batch_size:
+        free = self.config.max_batch_size - len(self.running)
+        if not self.waiting or free <= 0:
             return
         group = self._admissible_adapter()
+        chosen, padded = [], 0
         for seq in list(self.waiting):
-            if len(self.running) >= self.config.max_batch_size:
+            if len(chosen) >= free:
                 break
             if self.config.scheduling == "per-adapter" and seq.adapter != group:
                 continue
+            width = max([len(seq.prompt_ids)] + [len(s.prompt_ids) for s in chosen])
+            if chosen and width * (len(chosen) + 1) > self.config.max_prefill_tokens:
+                break  # the rest is prefilled in a later iteration
             if seq.adapter is not None and not seq.pinned:
                 try:
                     seq.pinned = self.registry.acquire(seq.adapter)
@@ -461,7 +487,9 @@ class Engine:
                 if not seq.pinned:
                     continue  # every adapter slot is busy; retry after some sequence finishes
             self.waiting.remove(seq)
-            self._prefill(seq)
+            chosen.append(seq)
+        if chosen:
+            self._prefill(chosen)
         self._update_gauges()
 
     def _admissible_adapter(self) -> Optional[str]:
@@ -498,33 +526,46 @@ class Engine:
                 return self.model(**kwargs)
         return self.model(adapter_names=names, **kwargs)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward over the new prompts (left-padded when several), K/V copied into their slots."""
         from transformers import DynamicCache
 
+        lens = [len(s.prompt_ids) for s in seqs]
+        n, width = len(seqs), max(lens)
         try:
             cache = DynamicCache(config=self._hf_config)
-            ids = torch.tensor([seq.prompt_ids], device=self.device)
-            out = self._forward([seq.adapter], input_ids=ids, use_cache=True, logits_to_keep=1,
-                                **{self._cache_kw: cache})
+            kwargs = {"use_cache": True, "logits_to_keep": 1, self._cache_kw: cache}
+            if n == 1:  # exactly what offline generate() runs
+                kwargs["input_ids"] = torch.tensor([seqs[0].prompt_ids], device=self.device)
+            else:
+                kwargs.update(_left_padded(seqs, width, self.pad_id, self.device))
+            out = self._forward([s.adapter for s in seqs], **kwargs)
             keys, values = _cache_layers(cache)
             if self.slots is None:
                 _, heads, _, dim = keys[0].shape
                 self.slots = SlotCache(len(keys), heads, dim, self.config.max_batch_size,
                                        self.config.max_model_len, keys[0].dtype, self.device)
-            slot = len(self.running)
-            self.slots.write(slot, [k[0] for k in keys], [v[0] for v in values])
-            token = sample_next(out.logits[:, -1, :], [seq])[0]
+            for i, length in enumerate(lens):
+                self.slots.write(len(self.running) + i, [k[i, :, width - length:] for k in keys],
+                                 [v[i, :, width - length:] for v in values])
+            tokens = sample_next(out.logits[:, -1, :], seqs)
         except Exception as exc:
             log.exception("prefill failed")
-            self._finish(seq, "error", error=exc)
+            for seq in seqs:
+                self._finish(seq, "error", error=exc)
             return
-        seq.cache_len = len(seq.prompt_ids)
-        seq.first_token_at = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.first_token(seq.adapter or self.base_name, seq.first_token_at - seq.arrival)
-        self.running.append(seq)
-        if self._advance(seq, token):
-            self._remove_row(len(self.running) - 1)
+        now = time.monotonic()
+        self.running.extend(seqs)
+        done = []
+        for seq, token in zip(seqs, tokens):
+            seq.cache_len = len(seq.prompt_ids)
+            seq.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(seq.adapter or self.base_name, now - seq.arrival)
+            if self._advance(seq, token):
+                done.append(self.running.index(seq))
+        for i in sorted(done, reverse=True):
+            self._remove_row(i)
 
     def _step(self) -> None:
         seqs = self.running
