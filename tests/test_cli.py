@@ -15,6 +15,15 @@ from lorakit.models import load_tokenizer
 SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and a waiting OpenMP team is slow on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_cli_base")
@@ -172,3 +181,17 @@ def test_errors_are_one_line_with_exit_status_2(tiny_base, tmp_path, capsys):
     assert "has no adapter_config.json" in capsys.readouterr().err
     assert main(["eval", "--base", tiny_base, "--adapter", str(tmp_path / "missing"), "--data", str(bad)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_demo_command_on_a_tiny_base(tiny_base, tmp_path):
+    """The demo's wiring (train on the shipped data, score, report); the real run is `make demo`."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    stdout = _run_main(["demo", "--base", tiny_base, "--out", str(out), "--max-steps", "2", "--eval-limit", "3"])
+    assert "fine-tune" in stdout and "r=16 on q_proj,k_proj,v_proj,o_proj" in stdout
+    assert "trained 2 steps" in stdout and "3 held-out questions" in stdout
+    assert f"adapter saved to {out.resolve()}" in stdout
+    assert stdout.strip().splitlines()[-1].startswith("eval on 3 rows")
+    assert not (out / "stale.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "eval.json").read_text())["n"] == 3

@@ -63,6 +63,16 @@ def test_multi_turn_trains_on_every_assistant_turn(tok, tmp_path):
     assert [m["role"] for m in ex.prompt] == ["user", "assistant", "user"]
 
 
+def test_tokenizer_without_chat_template_is_refused(tok):
+    import copy
+
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_example(plain, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    assert tok.chat_template  # the copy did not change the original
+
+
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [
         {"query": "a", "response": "b"}, {"query": "c", "response": "d"}, {"query": "e", "answer": "f"}])

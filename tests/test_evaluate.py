@@ -14,6 +14,15 @@ from lorakit.generation import generate, left_pad, stop_token_ids
 from lorakit.models import load_base_model, load_tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and a waiting OpenMP team is slow on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_eval_base")

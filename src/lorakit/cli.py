@@ -415,6 +415,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = demo_config(args.out, args.base)
     if args.epochs:
         config.epochs = args.epochs
+    config.max_steps = args.max_steps
     out = Path(config.out)
     if out.exists():
         shutil.rmtree(out)  # the demo always starts fresh
@@ -424,15 +425,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         smollm2_dir()  # converts the embedded model on the first run
     result = train(config)
     print(result.summary(), flush=True)
-    report = evaluate(base=config.base, adapter=config.out, data=str(demo_data_dir() / "eval.jsonl"),
-                      batch_size=args.eval_batch_size, json_out=str(out / "eval.json"))
-    print()
+    eval_file = demo_data_dir() / "eval.jsonl"
+    report = evaluate(base=config.base, adapter=config.out, data=str(eval_file),
+                      batch_size=args.eval_batch_size, json_out=str(out / "eval.json"), limit=args.eval_limit)
+    print(f"\n{report.n} held-out questions ({eval_file.name}; none of them appears in the training data):")
     print(report.table())
-    print()
-    print(f"adapter saved to {out.resolve()}  (answers: {out / 'eval.json'}, loss curve: {out / 'loss_curve.png'})")
-    print(f"try it:  lorakit generate --adapter {out} \"{report.rows[0]['query']}\"")
-    print(f"{report.summary()}; total {time.perf_counter() - t0:.0f}s")
+    examples = [r for r in report.rows if r["tuned_correct"] and not r["base_correct"]][:2]
+    for row in examples:
+        print(f"\nQ: {row['query']}")
+        print(f"  base:    {_clip(row['base_answer'])}")
+        print(f"  adapter: {_clip(row['tuned_answer'])}")
+    print(f"\nadapter saved to {out.resolve()}")
+    print(f"  scores and every answer: {out / 'eval.json'}; loss curve: {out / 'loss_curve.png'}")
+    if examples:
+        print(f"  try it: lorakit generate --adapter {out} \"{examples[0]['query']}\"")
+    print(f"{report.summary()}; demo total {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+def _clip(text: str, width: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # -- wiring ----------------------------------------------------------------------------------------------
@@ -491,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=DEFAULT_BASE, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=32, help="generation batch size")
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help=argparse.SUPPRESS)  # quick checks
+    p.add_argument("--eval-limit", dest="eval_limit", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
     return parser
 

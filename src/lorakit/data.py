@@ -174,6 +174,9 @@ def render_segments(tokenizer, messages: Sequence[dict[str, str]]) -> list[tuple
     A target is the reply text plus the end-of-turn marker (e.g. `<|im_end|>`): the model must learn
     to stop. Whitespace the template puts after that marker belongs to the prompt side.
     """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template, so (query, response) pairs cannot be rendered as a "
+                        "conversation; use an instruct/chat model as --base, or set tokenizer.chat_template")
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
