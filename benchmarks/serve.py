@@ -152,14 +152,22 @@ def main() -> None:
             for scenario in order:
                 engine.config.scheduling = "per-adapter" if scenario == "per_adapter" else "mixed"
                 jobs = list(zip([names[0]] * args.requests if scenario == "single" else adapters, chosen))
-                steps, rows = engine.steps, engine.batch_rows
+                before = (engine.steps, engine.batch_rows, engine.decode_seconds, engine.prefill_seconds,
+                          engine.prefills)
                 result = asyncio.run(run_load(server.url, jobs, args.clients, args.max_tokens, key))
-                result["mean_batch_size"] = (engine.batch_rows - rows) / max(1, engine.steps - steps)
+                steps, rows, decode_s, prefill_s, prefills = (a - b for a, b in zip(
+                    (engine.steps, engine.batch_rows, engine.decode_seconds, engine.prefill_seconds,
+                     engine.prefills), before))
+                result["mean_batch_size"] = rows / max(1, steps)
+                result["decode_ms_per_step"] = 1000 * decode_s / max(1, steps)
+                result["prefill_seconds"] = prefill_s
+                result["prefill_forwards"] = prefills
                 result["distinct_adapters"] = len({m for m, _ in jobs})
                 results[scenario].append(result)
                 print(f"run {run} {scenario:12s} {result['tokens_per_s']:7.1f} tok/s  "
                       f"p50 {result['p50_latency_s']:.2f}s  p95 {result['p95_latency_s']:.2f}s  "
-                      f"batch {result['mean_batch_size']:.2f}", file=sys.stderr, flush=True)
+                      f"batch {result['mean_batch_size']:.2f}  step {result['decode_ms_per_step']:.0f} ms  "
+                      f"prefill {prefill_s:.1f}s/{prefills}", file=sys.stderr, flush=True)
     finally:
         server.stop()
         tmp.cleanup()
@@ -168,7 +176,7 @@ def main() -> None:
         return statistics.median(r[key_] for r in results[scenario])
 
     summary = {s: {k: round(median(s, k), 3) for k in ("tokens_per_s", "p50_latency_s", "p95_latency_s",
-                                                         "mean_batch_size")} for s in scenarios}
+                                                         "mean_batch_size", "decode_ms_per_step")} for s in scenarios}
     report = {
         "benchmark": "serve",
         "setup": {"base": args.base, "adapters": len(names), "adapter_source": args.adapter_dir or "random r=16 q,k,v,o",

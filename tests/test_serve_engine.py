@@ -287,3 +287,30 @@ def test_lru_eviction_reloads_adapters_with_the_same_outputs(setup):
     finally:
         engine.stop()
     assert again == first["a"] == offline_ids(base, tok, p, root / "a", max_new_tokens=10)
+
+
+def test_prefix_cache_reuses_shared_prompt_prefixes(setup):
+    tok, base, root = setup
+    engine = make_engine(setup)
+    calls = record_batches(engine)
+    system = "System: you are a careful assistant for Tidewren customers.\nUser: "
+    prompts = [system + q for q in ("Where is my parcel?", "Cancel my order", "Hi")]
+    try:
+        first = engine.generate(tok(prompts[0])["input_ids"], "a", SamplingParams(max_tokens=12, temperature=0))
+        assert engine.prefix.hits == 0
+        # Two new prompts with the same system prefix for adapter a (hits, different reuse lengths), one for
+        # adapter b (no hit: K/V depend on the adapter), prefilled together.
+        jobs = [(tok(prompts[1])["input_ids"], "a"), (tok(prompts[2])["input_ids"], "b"),
+                (tok(prompts[2])["input_ids"], "a"), (tok(prompts[0])["input_ids"], "a")]
+        _, events = submit_together(engine, jobs, lambda: SamplingParams(max_tokens=12, temperature=0))
+        results = collect(events)
+        assert engine.prefix.hits == 3
+        # One prefill forward; its width is b's whole prompt (the rows of a only feed their new suffixes).
+        assert [q_len for names, q_len in calls if q_len > 1][1:] == [len(tok(prompts[2])["input_ids"])]
+        engine.call(lambda: engine.registry.remove("a")).result(30)
+        assert all(key[0] != "a" for key in engine.prefix.entries)
+    finally:
+        engine.stop()
+    assert results[3][1] == first[1]
+    for (prompt_ids, adapter), (_, ids, _) in zip(jobs, results):
+        assert ids == offline_ids(base, tok, prompt_ids, root / adapter, max_new_tokens=12)

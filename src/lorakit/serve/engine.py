@@ -60,6 +60,8 @@ class EngineConfig:
     uniform_fast_path: bool = True
     # New prompts admitted together are prefilled in one forward, up to this many (padded) tokens.
     max_prefill_tokens: int = 4096
+    # Token budget of the prefix cache (K/V of recent prompts reused by prompts that start the same way).
+    prefix_cache_tokens: int = 4096
     # Mixed-adapter steps: "concat" (serve.mixed_lora: concatenated A/B per adapter set and a row mask)
     # or "gather" (lorakit's generic forward(adapter_names=...), which gathers weights per row).
     mixed_kernel: str = "concat"
@@ -186,21 +188,75 @@ def _cache_layers(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(cache.key_cache), list(cache.value_cache)
 
 
-def _left_padded(seqs: list[Sequence], width: int, pad_id: int, device) -> dict:
-    """Model inputs for prompts of different lengths: left padding, each row's own positions from 0, and
-    a causal mask that hides the padding (a pad query sees only itself, so no softmax row is empty)."""
-    n = len(seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    starts = torch.tensor([width - len(s.prompt_ids) for s in seqs])
-    for i, seq in enumerate(seqs):
-        ids[i, starts[i]:] = torch.tensor(seq.prompt_ids)
-    arange = torch.arange(width)
-    positions = (arange[None, :] - starts[:, None]).clamp(min=0)
-    real = arange[None, :] >= starts[:, None]  # [n, key]
-    causal = arange[:, None] >= arange[None, :]  # [query, key]
-    mask = causal[None] & (real[:, None, :] | torch.eye(width, dtype=torch.bool)[None])
-    return {"input_ids": ids.to(device), "position_ids": positions.to(device),
-            "attention_mask": mask[:, None].to(device)}
+def _padded_inputs(suffixes: list[list[int]], past: list[int], pad_id: int, device) -> dict:
+    """Inputs for one prefill of several prompts: row i has `past[i]` tokens already in the cache (left-padded
+    to max(past)) and feeds `suffixes[i]` (left-padded to the longest). Each row gets its own positions and a
+    mask over [past | suffix] that hides both paddings; a pad query sees only itself (no empty softmax row)."""
+    n, P, S = len(suffixes), max(past), max(len(x) for x in suffixes)
+    ids = torch.full((n, S), pad_id, dtype=torch.long)
+    for i, suffix in enumerate(suffixes):
+        ids[i, S - len(suffix):] = torch.tensor(suffix)
+    p = torch.tensor(past)
+    start = torch.tensor([S - len(x) for x in suffixes])  # first real suffix column
+    q = torch.arange(S)
+    real_q = q[None, :] >= start[:, None]  # [n, S]
+    positions = torch.where(real_q, p[:, None] + q[None, :] - start[:, None], torch.zeros_like(real_q, dtype=torch.long))
+    past_ok = torch.arange(P)[None, :] >= (P - p)[:, None]  # [n, P]
+    own = (q[None, None, :] <= q[None, :, None]) & (q[None, None, :] >= start[:, None, None])  # [n, S, S]
+    own = (own & real_q[:, :, None]) | (torch.eye(S, dtype=torch.bool)[None] & ~real_q[:, :, None])
+    mask = torch.cat([past_ok[:, None, :] & real_q[:, :, None], own], dim=-1)
+    return {"input_ids": ids.to(device), "position_ids": positions.to(device), "attention_mask": mask[:, None].to(device)}
+
+
+class PrefixCache:
+    """K/V of recent prompts, per adapter. A new prompt reuses the longest token prefix it shares with a
+    stored one (causal attention: a prefix's K/V do not depend on what follows), e.g. the system prompt the
+    chat template puts in front of every conversation. LRU, bounded by stored tokens."""
+
+    MIN_REUSE = 4  # shorter common prefixes are not worth the bookkeeping
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.entries: collections.OrderedDict = collections.OrderedDict()  # (adapter, ids) -> (keys, values)
+        self.tokens = 0
+        self.hits = self.reused_tokens = 0
+
+    def lookup(self, adapter: Optional[str], ids: list[int]) -> tuple[int, Optional[tuple]]:
+        """(length, (keys, values)) of the longest stored prefix of `ids` (at most len(ids) - 1 tokens)."""
+        best, found, limit = 0, None, len(ids) - 1
+        for key in reversed(self.entries):
+            if key[0] != adapter:
+                continue
+            stored = key[1]
+            n = 0
+            for a, b in zip(stored, ids[:limit]):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, found = n, key
+        if found is None or best < self.MIN_REUSE:
+            return 0, None
+        self.entries.move_to_end(found)
+        self.hits += 1
+        self.reused_tokens += best
+        keys, values = self.entries[found]
+        return best, ([k[:, :best] for k in keys], [v[:, :best] for v in values])
+
+    def store(self, adapter: Optional[str], ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]):
+        key = (adapter, tuple(ids))
+        if key in self.entries or len(ids) > self.max_tokens:
+            return
+        self.entries[key] = ([k.clone() for k in keys], [v.clone() for v in values])
+        self.tokens += len(ids)
+        while self.tokens > self.max_tokens:
+            (_, old), _ = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+    def drop(self, adapter: Optional[str]) -> None:
+        for key in [k for k in self.entries if k[0] == adapter]:
+            del self.entries[key]
+            self.tokens -= len(key[1])
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -264,8 +320,11 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._active: Optional[str] = None  # adapter selected by set_adapter for the fast path
         self._mixed = None  # MixedLora, once the model has adapters
+        self.prefix = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens > 0 else None
         self.steps = 0
         self.batch_rows = 0  # sum over steps of the batch size (mean batch = batch_rows / steps)
+        self.decode_seconds = self.prefill_seconds = 0.0
+        self.prefills = 0  # prefill forwards (several prompts may share one)
         self.error: Optional[BaseException] = None
 
     # -- setup helpers --------------------------------------------------------------------------------
@@ -305,6 +364,8 @@ class Engine:
 
     def _unload_adapter(self, name: str) -> None:
         self.model.delete_adapter(name)
+        if self.prefix is not None:  # a later adapter of the same name may have other weights
+            self.prefix.drop(name)
         self._adapters_reloaded()
 
     def _adapters_reloaded(self) -> None:
@@ -382,6 +443,7 @@ class Engine:
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps,
                 "mean_batch_size": self.batch_rows / self.steps if self.steps else 0.0,
+                "prefix_cache_hits": self.prefix.hits if self.prefix else 0,
                 "resident_adapters": self.registry.resident()}
 
     # -- engine thread ----------------------------------------------------------------------------------
@@ -527,33 +589,45 @@ class Engine:
         return self.model(adapter_names=names, **kwargs)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """One forward over the new prompts (left-padded when several), K/V copied into their slots."""
+        """One forward over the new prompts, K/V copied into their slots. Prompts that share a prefix with a
+        recent prompt of the same adapter (PrefixCache) only compute the rest; several prompts are padded."""
         from transformers import DynamicCache
 
-        lens = [len(s.prompt_ids) for s in seqs]
-        n, width = len(seqs), max(lens)
+        started = time.perf_counter()
         try:
+            hits = [self.prefix.lookup(s.adapter, s.prompt_ids) if self.prefix else (0, None) for s in seqs]
+            past = [length for length, _ in hits]
+            suffixes = [s.prompt_ids[length:] for s, (length, _) in zip(seqs, hits)]
+            P, S = max(past), max(len(x) for x in suffixes)
             cache = DynamicCache(config=self._hf_config)
             kwargs = {"use_cache": True, "logits_to_keep": 1, self._cache_kw: cache}
-            if n == 1:  # exactly what offline generate() runs
+            if len(seqs) == 1 and P == 0:  # exactly what offline generate() runs
                 kwargs["input_ids"] = torch.tensor([seqs[0].prompt_ids], device=self.device)
             else:
-                kwargs.update(_left_padded(seqs, width, self.pad_id, self.device))
+                kwargs.update(_padded_inputs(suffixes, past, self.pad_id, self.device))
+                if P:
+                    self._fill_past(cache, hits, P)
             out = self._forward([s.adapter for s in seqs], **kwargs)
             keys, values = _cache_layers(cache)
             if self.slots is None:
                 _, heads, _, dim = keys[0].shape
                 self.slots = SlotCache(len(keys), heads, dim, self.config.max_batch_size,
                                        self.config.max_model_len, keys[0].dtype, self.device)
-            for i, length in enumerate(lens):
-                self.slots.write(len(self.running) + i, [k[i, :, width - length:] for k in keys],
-                                 [v[i, :, width - length:] for v in values])
+            for i, seq in enumerate(seqs):
+                slot = len(self.running) + i
+                rows = lambda t: torch.cat([t[i, :, P - past[i]: P], t[i, :, P + S - len(suffixes[i]):]], dim=1)
+                row_keys, row_values = [rows(k) for k in keys], [rows(v) for v in values]
+                self.slots.write(slot, row_keys, row_values)
+                if self.prefix is not None:
+                    self.prefix.store(seq.adapter, seq.prompt_ids, row_keys, row_values)
             tokens = sample_next(out.logits[:, -1, :], seqs)
         except Exception as exc:
             log.exception("prefill failed")
             for seq in seqs:
                 self._finish(seq, "error", error=exc)
             return
+        self.prefills += 1
+        self.prefill_seconds += time.perf_counter() - started
         now = time.monotonic()
         self.running.extend(seqs)
         done = []
@@ -567,10 +641,26 @@ class Engine:
         for i in sorted(done, reverse=True):
             self._remove_row(i)
 
+    @staticmethod
+    def _fill_past(cache, hits, P: int) -> None:
+        """Put the reused prefixes (left-padded to P) into a fresh transformers cache, layer by layer."""
+        n = len(hits)
+        sample = next(kv for length, kv in hits if length)
+        for layer in range(len(sample[0])):
+            ref = sample[0][layer]
+            k = ref.new_zeros(n, ref.shape[0], P, ref.shape[2])
+            v = torch.zeros_like(k)
+            for i, (length, kv) in enumerate(hits):
+                if length:
+                    k[i, :, P - length:] = kv[0][layer]
+                    v[i, :, P - length:] = kv[1][layer]
+            cache.update(k, v, layer)
+
     def _step(self) -> None:
         seqs = self.running
         n = len(seqs)
         positions = torch.tensor([s.cache_len for s in seqs], device=self.device)
+        started = time.perf_counter()
         try:
             self.slots.begin_step(positions)
             kv_len = int(positions.max()) + 1
@@ -588,6 +678,7 @@ class Engine:
             return
         self.steps += 1
         self.batch_rows += n
+        self.decode_seconds += time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.step(n)
         finished = []

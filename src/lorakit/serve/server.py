@@ -35,6 +35,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together in one forward (default 8)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + completion tokens per request (default: min(2048, the model's limit))")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                        help="token budget for reusing the K/V of recent prompts' shared prefixes, e.g. the "
+                             "chat template's system prompt (0 disables; default 4096)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the base weights")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /playground "
@@ -73,7 +76,8 @@ def build_server(args: argparse.Namespace):
     max_len = args.max_model_len or min(2048, limit)
     metrics = ServerMetrics(args.max_batch_size)
     config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_len,
-                          max_adapters=args.max_adapters, scheduling=args.scheduling)
+                          max_adapters=args.max_adapters, scheduling=args.scheduling,
+                          prefix_cache_tokens=args.prefix_cache_tokens)
     engine = Engine(model, tokenizer, config, base_name=args.served_model_name or args.base,
                     adapter_dirs=args.adapter_dir, metrics=metrics)
     engine.configure_adapters(adapters)
