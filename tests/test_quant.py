@@ -175,6 +175,22 @@ def test_compute_dtype_bf16():
     assert torch.allclose(layer.dequantize().float(), w32, atol=1e-2)
 
 
+def test_dtype_cast_changes_compute_dtype_not_constants():
+    torch.manual_seed(5)
+    layer = NF4Linear.from_linear(nn.Linear(64, 48))
+    w32 = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert layer.absmax_scale.dtype == torch.float32 and layer.absmax_mean.dtype == torch.float32
+    assert layer.packed.dtype == torch.uint8 and layer.absmax_q.dtype == torch.int8
+    assert layer.dequantize().dtype == torch.bfloat16
+    assert torch.allclose(layer.dequantize().float(), w32, rtol=1e-2, atol=1e-3)
+    assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    layer.float()
+    assert layer.compute_dtype == torch.float32
+    assert torch.equal(layer.dequantize(), w32)  # nothing was lost on the way
+
+
 def test_state_dict_roundtrip():
     torch.manual_seed(3)
     layer = NF4Linear.from_linear(nn.Linear(100, 30))  # 3000 values: not a multiple of 64

@@ -202,6 +202,19 @@ class NF4Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .bfloat16() would also cast the fp32 double-quantization constants
+        # (silently losing absmax precision). Treat a dtype cast like nn.Linear does, as a change of the
+        # compute dtype, and keep the constants fp32 on whatever device they moved to.
+        new_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device)).dtype
+        consts = {k: self._buffers[k] for k in ("absmax_scale", "absmax_mean")}
+        super()._apply(fn, recurse)
+        self.compute_dtype = new_dtype
+        for k, v in consts.items():
+            if self._buffers[k].dtype != torch.float32:
+                self._buffers[k] = v.to(self._buffers[k].device)
+        return self
+
     def dequantize(self) -> torch.Tensor:
         """The full [out_features, in_features] weight in compute_dtype (a new tensor, not cached)."""
         return dequantize_nf4(self.packed, self.absmax_q, self.absmax_scale, self.absmax_mean,
