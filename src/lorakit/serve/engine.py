@@ -326,6 +326,8 @@ class Engine:
         self.decode_seconds = self.prefill_seconds = 0.0
         self.prefills = 0  # prefill forwards (several prompts may share one)
         self.error: Optional[BaseException] = None
+        if self._is_peft():  # a model that already carries adapters
+            self._adapters_reloaded()
 
     # -- setup helpers --------------------------------------------------------------------------------
     def _hf_model(self):
@@ -530,7 +532,7 @@ class Engine:
         if not self.waiting or free <= 0:
             return
         group = self._admissible_adapter()
-        chosen, padded = [], 0
+        chosen: list[Sequence] = []
         for seq in list(self.waiting):
             if len(chosen) >= free:
                 break
@@ -583,7 +585,7 @@ class Engine:
                 self.model.set_adapter(names[0])
                 self._active = names[0]
             return self.model(**kwargs)
-        if self.config.mixed_kernel == "concat" and self._mixed.supports(distinct):
+        if self.config.mixed_kernel == "concat" and self._mixed is not None and self._mixed.supports(distinct):
             with self._mixed.rows(names):
                 return self.model(**kwargs)
         return self.model(adapter_names=names, **kwargs)
