@@ -578,7 +578,7 @@ class Engine:
             return self.model(**kwargs)
         distinct = set(names)
         if distinct == {None}:
-            with self.model.disable_adapter():
+            with self._mixed.base_only() if self._mixed is not None else self.model.disable_adapter():
                 return self.model(**kwargs)
         if self.config.uniform_fast_path and len(distinct) == 1:
             if self._active != names[0]:
