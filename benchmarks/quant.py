@@ -242,8 +242,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--text-file", type=Path, help="also measure perplexity/KL on this plain-text file")
     ap.add_argument("--text-tokens", type=int, default=2048, help="at most this many tokens of --text-file")
     ap.add_argument("--skip-train", action="store_true", help="skip the LoRA training-step comparison")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: torch's). 1 gives clean CPU times on a shared machine, where "
+                         "a descheduled worker thread makes the other spin")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     result: dict = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                             "cpu": platform.processor() or platform.machine(), "device": "cpu"}}
