@@ -13,8 +13,9 @@ agree step by step. Peak memory is measured per variant in a separate child proc
 that variant: peak RSS (getrusage) on CPU, the allocator's peak on CUDA.
 
 Variants: lorakit, peft, forward (no_grad forward with labels), full (full fine-tuning), and ablations:
-lorakit_plain_loss (fused loss off), lorakit_plain_linear (LoRA linear as plain autograd ops),
-lorakit_plain (both off), lorakit_bf16 (bf16 autocast), peft_bf16.
+lorakit_plain_loss (fused-loss path off, which also leaves the MLPs alone), lorakit_no_swiglu (fused loss
+on, MLPs alone), lorakit_plain_linear (LoRA linear as plain autograd ops), lorakit_plain (all off: the
+plain composition, like PEFT), lorakit_bf16 and peft_bf16 (bf16 autocast).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+import lorakit.fast
 import lorakit.layers
 from lorakit import LoraConfig, get_peft_model
 
 DEFAULT_VARIANTS = "lorakit,peft,forward,full"
-LORAKIT_VARIANTS = ("lorakit", "lorakit_plain_loss", "lorakit_plain_linear", "lorakit_plain", "lorakit_bf16")
+LORAKIT_VARIANTS = ("lorakit", "lorakit_plain_loss", "lorakit_plain_linear", "lorakit_plain", "lorakit_no_swiglu",
+                    "lorakit_bf16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pad-fraction", type=float, default=0.0,
                    help="SFT-like batch: mask this fraction of each row as prompt (-100) and right-pad rows "
                         "to different lengths (0: every token is a label)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one variant's peak memory
     args = p.parse_args(argv)
@@ -136,14 +140,15 @@ def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, f
 
 
 @contextlib.contextmanager
-def linear_impl(plain: bool):
-    fast = lorakit.layers.lora_linear
-    if plain:
+def ablation(plain_linear: bool, swiglu: bool):
+    fast, fuse = lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU
+    if plain_linear:
         lorakit.layers.lora_linear = plain_lora_linear
+    lorakit.fast.FUSE_SWIGLU = swiglu
     try:
         yield
     finally:
-        lorakit.layers.lora_linear = fast
+        lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU = fast, fuse
 
 
 # -- variants -----------------------------------------------------------------------------------------
@@ -155,6 +160,7 @@ class Variant:
         self.name, self.args = name, args
         self.plain_linear = name in ("lorakit_plain_linear", "lorakit_plain")
         self.autocast = name.endswith("_bf16") and args.dtype == "float32"
+        self.swiglu = name != "lorakit_no_swiglu"
         model = copy.deepcopy(base) if copy_base else base
         self.optimizer = None
         if name in LORAKIT_VARIANTS:
@@ -191,7 +197,7 @@ class Variant:
         if self.name == "forward":
             with torch.no_grad():
                 return float(self.model(**batch).loss)
-        with linear_impl(self.plain_linear), autocast:
+        with ablation(self.plain_linear, self.swiglu), autocast:
             loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()
@@ -239,10 +245,24 @@ def child_main(args) -> None:
     sync(args.device)
     result = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "peak_rss_before_steps_mb": round(before_rss / 1024, 1)}
+    hwm = vm_hwm_mb()
+    if hwm is not None:  # Linux: the peak of this process's own address space
+        result["vm_hwm_mb"] = hwm
     if cuda:
         result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_allocated_before_steps_mb"] = round(before / 2**20, 1)
     print(json.dumps(result))
+
+
+def vm_hwm_mb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
 
 
 def measure_memory(args, name: str) -> dict:
@@ -250,7 +270,7 @@ def measure_memory(args, name: str) -> dict:
             "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
             "--alpha", str(args.alpha), "--targets", args.targets, "--dtype", args.dtype,
             "--device", args.device, "--memory-steps", str(args.memory_steps),
-            "--pad-fraction", str(args.pad_fraction)]
+            "--pad-fraction", str(args.pad_fraction), "--threads", str(args.threads)]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child for {name} failed:\n{proc.stderr[-3000:]}")
@@ -261,26 +281,33 @@ def measure_memory(args, name: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child_main(args)
         return {}
+    # Memory first, while this process is small: getrusage's peak RSS carries over into exec'd children.
+    memory = {name: measure_memory(args, name) for name in args.variants} if args.memory_steps > 0 else None
     torch.manual_seed(0)
     base = load_base(args)
     batch = make_batch(args, base.config.vocab_size)
     state = lorakit_adapter_state(base, args)
     variants = [Variant(name, base, args, state) for name in args.variants]
     times = {v.name: [] for v in variants}
+    cpu_times = {v.name: [] for v in variants}
     losses = {v.name: [] for v in variants}
     for round_ in range(args.warmup + args.steps):
         for v in variants:
             sync(args.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = v.step(batch)
             sync(args.device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             losses[v.name].append(loss)
             if round_ >= args.warmup:
                 times[v.name].append(elapsed)
+                cpu_times[v.name].append(cpu)
+            print(f"round {round_} {v.name}: {elapsed:.3f} s, loss {loss:.6f}", file=sys.stderr, flush=True)
     tokens = int(batch["attention_mask"].sum())
     step_s = {k: statistics.median(t) for k, t in times.items()}
     result = {
@@ -292,6 +319,9 @@ def main(argv=None) -> dict:
         "tokens_per_s": {k: round(tokens / s, 1) for k, s in step_s.items()},
         "step_s_median": {k: round(s, 4) for k, s in step_s.items()},
         "step_s_all": {k: [round(x, 4) for x in t] for k, t in times.items()},
+        # CPU seconds of this process per step (all threads): less sensitive than wall time to other
+        # jobs on a shared machine, though spinning worker threads count too.
+        "cpu_s_median": {k: round(statistics.median(t), 4) for k, t in cpu_times.items()},
         "ratios": {},
         "loss": {k: [round(x, 6) for x in v] for k, v in losses.items()},
     }
@@ -304,8 +334,7 @@ def main(argv=None) -> dict:
             if k.startswith("lorakit") and not k.endswith("bf16"):
                 diff = max(abs(a - b) for a, b in zip(losses[k], losses["peft"]))
                 result["loss"][f"max_abs_diff_{k}_vs_peft"] = float(f"{diff:.3g}")
-    if args.memory_steps > 0:
-        memory = {name: measure_memory(args, name) for name in args.variants}
+    if memory is not None:
         key = "cuda_peak_allocated_mb" if args.device.startswith("cuda") else "peak_rss_mb"
         result["peak_memory"] = memory
         if "peft" in memory:

@@ -59,13 +59,17 @@ def test_lora_linear_matches_reference(case):
             assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5), name
 
 
-def test_lora_linear_without_autograd_matches_reference():
+@pytest.mark.parametrize("lead", [(2, 5), (1, 1), (1,), ()])  # prefill, one decoded token, 2D, 1D
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_lora_linear_without_autograd_matches_reference(lead, fan_in_fan_out):
     torch.manual_seed(0)
-    x, w, bias, a, b = torch.randn(2, 5, 16), torch.randn(8, 16), torch.randn(8), torch.randn(4, 16), torch.randn(8, 4)
+    x, bias, a, b = torch.randn(*lead, 16), torch.randn(8), torch.randn(4, 16), torch.randn(8, 4)
+    w = torch.randn(16, 8) if fan_in_fan_out else torch.randn(8, 16)
     with torch.no_grad():
-        ours = lora_linear(x, w, bias, a, b, 2.0)
+        ours = lora_linear(x, w, bias, a, b, 2.0, fan_in_fan_out=fan_in_fan_out)
         assert ours.grad_fn is None
-    assert torch.allclose(ours, reference(x, w, bias, a, b, 2.0, 0.0), atol=ATOL)
+    assert ours.shape == (*lead, 8)
+    assert torch.allclose(ours, reference(x, w, bias, a, b, 2.0, 0.0, fan_in_fan_out), atol=ATOL)
 
 
 def test_lora_linear_bf16_autocast_is_close():
@@ -320,3 +324,47 @@ def test_trainable_head_gets_the_same_gradient_through_the_fused_loss():
     assert any("modules_to_save" in n for n in results[0])
     for name in results[0]:
         assert torch.allclose(results[0][name], results[1][name], atol=ATOL), name
+
+
+def test_silu_mul_is_exactly_the_composition():
+    from lorakit.fast import silu_mul
+
+    torch.manual_seed(4)
+    gate0, up0, grad = torch.randn(3, 7, 20), torch.randn(3, 7, 20), torch.randn(3, 7, 20)
+    results = []
+    for fused in (True, False):
+        gate, up = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
+        out = silu_mul(gate, up) if fused else F.silu(gate) * up
+        out.backward(grad)
+        results.append((out, gate.grad, up.grad))
+    assert type(results[0][0].grad_fn).__name__ == "SiluMulFunctionBackward"
+    for ours, ref in zip(*results):
+        assert torch.equal(ours, ref)
+
+
+def test_mlps_are_patched_only_during_the_fused_forward():
+    model = lora_llama(target_modules=["q_proj", "up_proj"])  # a LoRA layer inside the MLP too
+    mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+    seen = []
+    hook = mlps[0].register_forward_hook(lambda m, i, o: seen.append("forward" in m.__dict__))
+    ids, mask, labels = padded_batch()
+    fused, fg = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, labels=labels)
+    plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels)
+    hook.remove()
+    assert seen == [True, False]
+    assert all("forward" not in m.__dict__ for m in mlps)
+    assert abs(fused.loss.item() - plain.loss.item()) < ATOL
+    for name in fg:
+        assert torch.allclose(fg[name], pg[name], atol=ATOL), name
+
+
+def test_fused_loss_under_gradient_checkpointing():
+    model = lora_llama()
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, labels = padded_batch()
+    fused, fg = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, labels=labels)
+    plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels)
+    assert type(fused).__name__ == "FusedCausalLMOutput"
+    assert abs(fused.loss.item() - plain.loss.item()) < ATOL
+    for name in fg:
+        assert torch.allclose(fg[name], pg[name], atol=ATOL), name

@@ -12,11 +12,14 @@ Two pieces, both used automatically by `get_peft_model`'s model:
   exist in full and no logit is computed for a token whose label is -100. The loss equals
   transformers' ForCausalLMLoss (shifted labels, ignore_index, mean or sum / num_items_in_batch).
   The returned output computes `logits` from the final hidden states only if they are read.
-  Set `peft_model.fused_loss = False` to always take the ordinary path.
+  During that forward, SiLU-gated MLPs compute silu(gate) * up as one autograd node that keeps two
+  tensors instead of three (`swiglu_mlps`). Set `peft_model.fused_loss = False` to always take the
+  ordinary path.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -103,17 +106,81 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                     or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
-    with torch.no_grad():
-        x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-        if fan_in_fan_out:
-            out = torch.matmul(x, weight)
-            if bias is not None:
-                out.add_(bias)
-        else:
-            out = F.linear(x, weight, bias)
-        xa = F.linear(x_lora, lora_a)
-        out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.t(), alpha=scaling)
-        return out
+    # No autograd graph: nothing requires grad, so these in-place ops record nothing.
+    if fan_in_fan_out:
+        out = torch.matmul(x, weight)
+        if bias is not None:
+            out.add_(bias)
+    else:
+        out = F.linear(x, weight, bias)
+    x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    if out.numel() == out.shape[-1]:  # one token (decoding): matrix-vector kernels
+        out.view(-1).addmv_(lora_b, lora_a.mv(x_lora.reshape(-1)), alpha=scaling)
+    else:
+        x2 = x_lora.reshape(-1, x_lora.shape[-1])
+        out.view(-1, out.shape[-1]).addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scaling)
+    return out
+
+
+# -- SwiGLU MLP: silu(gate) * up saving two tensors instead of three ----------------------------------
+
+class SiluMulFunction(torch.autograd.Function):
+    """silu(gate) * up. Saves gate and up only; silu(gate) is recomputed in the backward (autograd's
+    composition also keeps silu(gate), one more [tokens x intermediate] tensor per layer)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SiluMulFunction.apply(gate, up)
+    return F.silu(gate) * up
+
+
+# Set to False to leave MLPs alone in the fused-loss forward (used by benchmarks/train_step.py's ablation).
+FUSE_SWIGLU = True
+# transformers MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "OlmoMLP", "Olmo2MLP",
+                         "GemmaMLP"})
+
+
+def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    gate_proj, up_proj, down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    return lambda x: down_proj(silu_mul(gate_proj(x), up_proj(x)))
+
+
+@contextlib.contextmanager
+def swiglu_mlps(decoder: nn.Module):
+    """Within the block, the decoder's SiLU-gated MLPs use `silu_mul` (same math, one tensor less saved).
+
+    Only for the forward it wraps; the modules are unchanged afterwards. Skipped under gradient
+    checkpointing, whose recomputation must save exactly what the first forward saved.
+    """
+    patched = []
+    layers = getattr(decoder, "layers", None)
+    if FUSE_SWIGLU and isinstance(layers, nn.ModuleList) and not getattr(decoder, "gradient_checkpointing", False):
+        for layer in layers:
+            mlp = getattr(layer, "mlp", None)
+            if type(mlp).__name__ in SWIGLU_MLPS and "forward" not in mlp.__dict__ \
+                    and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
+                mlp.forward = _swiglu_forward(mlp)
+                patched.append(mlp)
+    try:
+        yield
+    finally:
+        for mlp in patched:
+            del mlp.forward
 
 
 # -- fused output head + cross-entropy -------------------------------------------------------------
@@ -287,7 +354,8 @@ def causal_lm_loss_forward(model: nn.Module, kwargs: dict) -> Optional[Any]:
     kwargs = dict(kwargs)
     labels = kwargs.pop("labels")
     loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
-    outputs = decoder(**kwargs)
+    with swiglu_mlps(decoder):
+        outputs = decoder(**kwargs)
     hidden = outputs.last_hidden_state
     ignore_index = loss_kwargs.get("ignore_index", IGNORE_INDEX)
     targets = loss_kwargs.get("shift_labels")

@@ -234,15 +234,20 @@ class LoraLinear(LoraLayer):
             return self._mixed_forward(x, *args, **kwargs)
         active = self.active_adapters
         if len(active) == 1 and not self.merged_adapters and not args and not kwargs:
-            # Fast path (lorakit.fast): one plain adapter on a Linear/Conv1D, base and LoRA in one kernel chain.
-            name, base = active[0], self.base_layer
-            if name in self.r and not self.use_dora[name] and (self.fan_in_fan_out or type(base) is nn.Linear) \
+            # Fast path (lorakit.fast): one plain adapter on a Linear/Conv1D. Submodules and parameters are
+            # read from the _modules/_parameters dicts: nn.Module.__getattr__ would cost more than the
+            # LoRA matmuls themselves when decoding one token.
+            name, modules = active[0], self._modules
+            base, lora_a = modules["base_layer"], modules["lora_A"]._modules.get(name)
+            if lora_a is not None and not self.use_dora[name] and (self.fan_in_fan_out or type(base) is nn.Linear) \
                     and not (base._forward_hooks or base._forward_pre_hooks):
-                A, B, W = self.lora_A[name].weight, self.lora_B[name].weight, base.weight
+                A, W = lora_a._parameters["weight"], base._parameters["weight"]
                 if x.dtype == A.dtype == W.dtype or torch.is_autocast_enabled(x.device.type):
-                    drop = self.lora_dropout[name]
+                    B = modules["lora_B"]._modules[name]._parameters["weight"]
+                    drop = modules["lora_dropout"]._modules[name]
                     p = drop.p if drop.training and type(drop) is nn.Dropout else 0.0
-                    return lora_linear(x, W, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
+                    return lora_linear(x, W, base._parameters.get("bias"), A, B, self.scaling[name], p,
+                                       self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

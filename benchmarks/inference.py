@@ -1,0 +1,138 @@
+"""Decoding latency at batch 1: base model vs lorakit (adapter active, not merged) vs merged vs PEFT. JSON.
+
+    python benchmarks/inference.py                    # SmolLM2-135M fp32, r=16 on q,k,v,o
+    python benchmarks/inference.py --model tiny --tokens 16 --rounds 3
+
+Each variant is a copy of the same base; lorakit and PEFT carry the same adapter weights (B random, so the
+adapter changes the output). One round = for every variant in turn: prefill the prompt, then decode
+--tokens tokens one at a time with the KV cache, timing each single-token forward. Variants alternate
+round by round; the JSON gives the median per-token latency of each and the ratios to the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from lorakit import LoraConfig, get_peft_model
+
+from train_step import load_base, randomize_b  # noqa: E402  (benchmarks/ is the script's directory)
+
+VARIANTS = ("base", "lorakit", "lorakit_merged", "peft")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), 'tiny', or a local model dir")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per round and variant")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    args.seq_len, args.variants = args.prompt_len, list(VARIANTS)
+    return args
+
+
+def build(args):
+    base = load_base(args)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    config = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","), task_type="CAUSAL_LM")
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    randomize_b(ours)
+    state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    merged = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    merged.load_state_dict(state, strict=False)
+    merged = merged.merge_and_unload()
+    import peft
+
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    theirs.load_state_dict(state, strict=False)
+    models = {"base": base, "lorakit": ours, "lorakit_merged": merged, "peft": theirs}
+    return {k: m.eval() for k, m in models.items()}
+
+
+class Decoder:
+    """Greedy decoding with the KV cache, one token per call, so variants can alternate token by token."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self.model = model
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True)
+        self.cache_key = "cache" if "cache" in out.keys() else "past_key_values"
+        self.cache = out[self.cache_key]
+        self.next_id = out.logits[:, -1:].argmax(-1)
+        self.ids = [self.next_id]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        out = self.model(input_ids=self.next_id, use_cache=True, **{self.cache_key: self.cache})
+        self.cache = out[self.cache_key]
+        self.next_id = out.logits[:, -1:].argmax(-1)
+        self.ids.append(self.next_id)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = build(args)
+    vocab = models["base"].config.vocab_size
+    prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(5)).to(args.device)
+    times = {k: [] for k in models}
+    generated = {}
+    for round_ in range(args.warmup + args.rounds):
+        decoders = {name: Decoder(model, prompt) for name, model in models.items()}
+        for _ in range(args.tokens):
+            for name, decoder in decoders.items():  # alternate token by token
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                decoder.step()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if round_ >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+        generated = {name: torch.cat(d.ids, 1) for name, d in decoders.items()}
+    per_token = {k: statistics.median(t) for k, t in times.items()}
+    with torch.no_grad():  # the merged model computes what the unmerged adapter computes
+        logits = {k: models[k](input_ids=prompt).logits for k in ("base", "lorakit", "lorakit_merged", "peft")}
+    result = {
+        "config": {"model": args.model, "rank": args.rank, "targets": args.targets, "dtype": args.dtype,
+                   "device": args.device, "prompt_len": args.prompt_len, "tokens": args.tokens,
+                   "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "per_token_ms_median": {k: round(1e3 * v, 3) for k, v in per_token.items()},
+        "ratio_to_base": {k: round(v / per_token["base"], 3) for k, v in per_token.items() if k != "base"},
+        "ratio_lorakit_over_peft": round(per_token["lorakit"] / per_token["peft"], 3),
+        "checks": {
+            "max_abs_logit_diff_lorakit_vs_peft": float(f"{(logits['lorakit'] - logits['peft']).abs().max():.3g}"),
+            "max_abs_logit_diff_merged_vs_unmerged":
+                float(f"{(logits['lorakit_merged'] - logits['lorakit']).abs().max():.3g}"),
+            "max_abs_logit_diff_adapter_vs_base": float(f"{(logits['lorakit'] - logits['base']).abs().max():.3g}"),
+            "same_greedy_tokens_lorakit_peft": bool(torch.equal(generated["lorakit"], generated["peft"])),
+            "merged_model_type": type(models["lorakit_merged"]).__name__,
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
