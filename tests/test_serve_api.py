@@ -221,6 +221,9 @@ def test_seed_reproducible_n_choices_and_length(env):
     ('{"model": "a", "prompt": [1, 2, 99999]}', 400, "prompt", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "frequency_penalty": 0.5}', 400, "frequency_penalty", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "n": 17}', 400, "n", None),
+    ('{"model": "a", "prompt": ["x", "y", "z", "w", "v"], "n": 16}', 400, "prompt", "invalid_value"),
+    ('{"model": "a", "prompt": "' + "x" * (9 << 20) + '"}', 413, None, "body_too_large"),
 ])
 def test_completion_errors(env, body, status, param, code):
     r = env["http"].post("/v1/completions", content=body, headers={"Content-Type": "application/json"})

@@ -29,6 +29,8 @@ log = logging.getLogger("lorakit.serve")
 
 OPEN_PATHS = ("/health", "/playground")  # no API key needed (the page holds no data; it asks for the key)
 MAX_STOP = 4
+MAX_BODY_BYTES = 8 << 20
+MAX_SEQUENCES_PER_REQUEST = 64  # prompts x n
 
 
 def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = None) -> FastAPI:
@@ -151,7 +153,15 @@ class _Guard:
 
 
 async def _json(request: Request) -> Any:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES >> 20} MiB.", code="body_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES >> 20} MiB.",
+                           code="body_too_large")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -313,6 +323,10 @@ class _API:
         prompts = self._prompts(req)
         params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt")
         jobs = [(ids, p) for ids in prompts for p in params]
+        if len(jobs) > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError(400, f"This request asks for {len(jobs)} completions (prompts x n); the limit is "
+                           f"{MAX_SEQUENCES_PER_REQUEST}. Split it into several requests.", param="prompt",
+                           code="invalid_value")
         return await self._run(request, req, adapter, jobs, chat=False)
 
     async def chat(self, request: Request):
