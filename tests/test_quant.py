@@ -301,3 +301,39 @@ def test_cuda_matches_cpu():
     assert x.grad.is_cuda
     bf = NF4Linear.from_linear(lin.cuda(), compute_dtype=torch.bfloat16)
     assert bf(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_recomputes_through_nf4():
+    torch.manual_seed(6)
+    layer = NF4Linear.from_linear(nn.Linear(32, 32))
+    x = torch.randn(3, 32, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lambda t: layer(torch.relu(layer(t))), x, use_reentrant=False)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    layer(torch.relu(layer(x2))).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+
+
+def test_lora_trains_on_nf4_base():
+    from lorakit import LoraConfig, get_peft_model
+
+    model = quantize_model(tiny_llama())
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():  # B starts at zero: the adapter is a no-op
+        assert torch.allclose(peft(input_ids=ids).logits, base_logits, atol=1e-6)
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(5):
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(isinstance(m, NF4Linear) for n, m in peft.named_modules() if n.endswith("q_proj.base_layer"))

@@ -64,7 +64,7 @@ def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         carrier = _PAIR_CARRIER.get(table.element_size())
         if carrier is not None:
             table = table.view(carrier).view(-1)
-        table = _TABLE_CACHE[key] = table
+        _TABLE_CACHE[key] = table
     return table
 
 
@@ -119,7 +119,8 @@ def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     absmax = _dequantize_absmax(absmax_q, absmax_scale, absmax_mean, n_blocks)
     safe = torch.where(absmax != 0, absmax, torch.ones_like(absmax))
     normed = torch.where(absmax[:, None] != 0, blocks / safe[:, None], torch.zeros_like(blocks))
-    idx = torch.bucketize(normed, _NF4_MIDPOINTS.to(normed.device)).to(torch.uint8).view(-1)[:n]
+    idx = torch.bucketize(normed, _NF4_MIDPOINTS.to(normed.device), out_int32=True)
+    idx = idx.to(torch.uint8).view(-1)[:n]
     if n % 2:
         idx = F.pad(idx, (0, 1), value=_ZERO_INDEX)
     packed = (idx[0::2] << 4) | idx[1::2]
