@@ -245,6 +245,8 @@ def test_quantize_model_skip_and_errors():
     assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
     with pytest.raises(ValueError, match=r"Unknown quantization method 'int3'.*nf4"):
         quantize_model(tiny_llama(), method="int3")
+    with pytest.raises(TypeError, match="from_linear"):
+        quantize_model(nn.Linear(4, 4))
 
 
 def test_quantize_model_leaves_lora_matrices():

@@ -279,6 +279,9 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip_modules: Sequence
                          f"{', '.join(QUANT_METHODS)}.")
     if isinstance(skip_modules, str):
         skip_modules = (skip_modules,)
+    if type(model) is nn.Linear:
+        raise TypeError("quantize_model replaces submodules in place and cannot replace the model itself; "
+                        "use NF4Linear.from_linear(linear) for a single layer.")
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and not _matches(name, skip_modules) and not _is_adapter_weight(name)]
     for name, linear in targets:
