@@ -143,8 +143,11 @@ def main() -> None:
     scenarios = ["mixed", "per_adapter", "single"]
     results: dict[str, list[dict]] = {s: [] for s in scenarios}
     try:
-        # Warm-up: every adapter loaded and every code path run once.
-        asyncio.run(run_load(server.url, [(n, prompts[0]) for n in names], args.clients, 4, key))
+        # Warm-up (not timed): every adapter loaded, each scenario's code paths and buffers exercised once.
+        warm = zipf_choices(names, 2 * args.clients, args.zipf, random.Random(args.seed + 1))
+        for scheduling, models in (("mixed", names + warm), ("per-adapter", warm), ("mixed", [names[0]] * 8)):
+            engine.config.scheduling = scheduling
+            asyncio.run(run_load(server.url, [(m, rng.choice(prompts)) for m in models], args.clients, 8, key))
         for run in range(args.runs):
             chosen = [rng.choice(prompts) for _ in range(args.requests)]
             adapters = zipf_choices(names, args.requests, args.zipf, rng)

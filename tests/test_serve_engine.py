@@ -333,3 +333,23 @@ def test_bfloat16_base_serves_mixed_batches(setup):
     fp32 = [offline_ids(base, tok, ids, root / a if a else None, max_new_tokens=6) for ids, a in jobs]
     same = sum(x == y for (_, ids, _), ref in zip(results, fp32) for x, y in zip(ids, ref))
     assert same >= 20, same  # 24 here; a few bf16 flips are tolerated
+
+
+def test_prefix_cache_limits():
+    from lorakit.serve.engine import PrefixCache
+
+    cache = PrefixCache(max_tokens=100)
+    kv = lambda n: ([torch.zeros(2, n, 4)], [torch.zeros(2, n, 4)])
+    cache.store("rare", list(range(10)), *kv(10))
+    for i in range(PrefixCache.PER_ADAPTER + 3):  # a busy adapter only ever replaces its own entries
+        cache.store("busy", [i] + list(range(1, 9)), *kv(9))
+    assert sum(k[0] == "busy" for k in cache.entries) == PrefixCache.PER_ADAPTER
+    length, (keys, _) = cache.lookup("rare", list(range(6)) + [99, 98])
+    assert length == 6 and keys[0].shape == (2, 6, 4)
+    assert cache.lookup("busy", [0, 1, 2])[0] == 0  # its oldest entries were replaced
+    assert cache.lookup("busy", [5, 1, 2, 3, 4, 5])[0] == 5  # at most len - 1: one token is always computed
+    assert cache.lookup("other", list(range(10)))[0] == 0  # K/V are per adapter
+    cache.store("x", list(range(50, 95)), *kv(45))  # over the token budget: least recently used go first
+    assert cache.tokens <= 100 and ("x", tuple(range(50, 95))) in cache.entries
+    cache.drop("x")
+    assert all(k[0] != "x" for k in cache.entries)

@@ -79,11 +79,12 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": api.model_cards()}
+        # Registry reads wait while the engine thread loads an adapter: keep them off the event loop.
+        return {"object": "list", "data": await asyncio.to_thread(api.model_cards)}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        for card in api.model_cards():
+        for card in await asyncio.to_thread(api.model_cards):
             if card["id"] == model_id:
                 return card
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
@@ -319,7 +320,7 @@ class _API:
         if req.suffix:
             raise APIError(400, "'suffix' is not supported by lorakit serve.", param="suffix",
                            code="unsupported_parameter")
-        adapter = self.adapter_for(req.model)
+        adapter = await asyncio.to_thread(self.adapter_for, req.model)
         prompts = self._prompts(req)
         params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt")
         jobs = [(ids, p) for ids in prompts for p in params]
@@ -337,7 +338,7 @@ class _API:
         if req.tools:
             raise APIError(400, "Tool calling is not supported by lorakit serve.", param="tools",
                            code="unsupported_parameter")
-        adapter = self.adapter_for(req.model)
+        adapter = await asyncio.to_thread(self.adapter_for, req.model)
         ids = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._params(req, [len(ids)], max_tokens, "messages")

@@ -214,6 +214,7 @@ class PrefixCache:
     chat template puts in front of every conversation. LRU, bounded by stored tokens."""
 
     MIN_REUSE = 4  # shorter common prefixes are not worth the bookkeeping
+    PER_ADAPTER = 8  # entries kept per adapter, so busy adapters cannot push out the rare ones' prefixes
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
@@ -247,16 +248,21 @@ class PrefixCache:
         key = (adapter, tuple(ids))
         if key in self.entries or len(ids) > self.max_tokens:
             return
+        own = [k for k in self.entries if k[0] == adapter]
+        if len(own) >= self.PER_ADAPTER:
+            self._evict(own[0])  # this adapter's least recently used entry
         self.entries[key] = ([k.clone() for k in keys], [v.clone() for v in values])
         self.tokens += len(ids)
         while self.tokens > self.max_tokens:
-            (_, old), _ = self.entries.popitem(last=False)
-            self.tokens -= len(old)
+            self._evict(next(iter(self.entries)))
+
+    def _evict(self, key) -> None:
+        del self.entries[key]
+        self.tokens -= len(key[1])
 
     def drop(self, adapter: Optional[str]) -> None:
         for key in [k for k in self.entries if k[0] == adapter]:
-            del self.entries[key]
-            self.tokens -= len(key[1])
+            self._evict(key)
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
