@@ -20,7 +20,6 @@ import contextlib
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 class MixedLora:
@@ -98,9 +97,10 @@ class MixedLora:
                 here = [n for n in used if n in layer.r]
                 if not here:
                     continue
-                A = torch.cat([layer.lora_A[n].weight for n in here])
-                B = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in here], dim=1)
-                plan[id(layer)] = (tuple((n, layer.r[n]) for n in here), A, B)
+                # Stored transposed ([in, R] and [R, out]) for plain row-major matmuls.
+                A_t = torch.cat([layer.lora_A[n].weight for n in here]).t().contiguous()
+                B_t = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in here], dim=1).t().contiguous()
+                plan[id(layer)] = (tuple((n, layer.r[n]) for n in here), A_t, B_t)
         self._plans[used] = plan
         while len(self._plans) > self.max_cached_sets:
             self._plans.popitem(last=False)
@@ -113,11 +113,14 @@ class MixedLora:
         entry = step.get(id(layer))
         if entry is None:
             return None
-        A, B, mask = entry
+        A_t, B_t, mask = entry
         x = inputs[0]
-        h = F.linear(x.to(A.dtype), A)
-        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
-        return output + F.linear(h, B).to(output.dtype)
+        h = x.reshape(-1, x.shape[-1]).to(A_t.dtype) @ A_t  # [rows * tokens, R]
+        h.view(mask.shape[0], -1, h.shape[-1]).mul_(mask[:, None, :])
+        if output.dtype == B_t.dtype and output.is_contiguous():  # the base output is ours: add in place
+            output.view(-1, output.shape[-1]).addmm_(h, B_t)
+            return output
+        return output + (h @ B_t).view(output.shape).to(output.dtype)
 
 
 def _row_mask(layout: tuple, names: Sequence[Optional[str]], dtype, device) -> torch.Tensor:
