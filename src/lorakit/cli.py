@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval ------------------------------------------------------------------------------------------------
 
 EVAL_FIELDS = ("base", "adapter", "data", "query_field", "response_field", "system_prompt", "batch_size",
-               "max_new_tokens", "exact_match", "include_base", "limit", "json_out")
+               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -151,6 +151,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="score whole-answer equality instead of key facts")
     p.add_argument("--no-base", dest="include_base", action="store_false", default=S, help="skip the base model")
     p.add_argument("--limit", type=int, default=S, help="score only the first N rows")
+    p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for generation and perplexity")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -391,9 +392,11 @@ def demo_config(out: str = DEMO_OUT, base: str = DEFAULT_BASE, data: Optional[Pa
     data = Path(data) if data else demo_data_dir()
     return TrainConfig(
         base=base, data=str(data / "train.jsonl"), eval_data=None, out=out,
-        r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.0,
+        r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.05,
+        # 2 epochs at a high LoRA learning rate is what fits the 15-minute budget on 2 CPU cores;
+        # bf16 autocast is ~1.5x faster than fp32 there (AVX512-BF16), the adapter is saved in fp32.
         epochs=2, lr=1e-3, batch_size=8, warmup_ratio=0.05, max_length=256, seed=0,
-        system_prompt=None, bf16=False,
+        system_prompt=None, bf16=True,
     )
 
 
@@ -427,7 +430,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(result.summary(), flush=True)
     eval_file = demo_data_dir() / "eval.jsonl"
     report = evaluate(base=config.base, adapter=config.out, data=str(eval_file),
-                      batch_size=args.eval_batch_size, json_out=str(out / "eval.json"), limit=args.eval_limit)
+                      batch_size=args.eval_batch_size, json_out=str(out / "eval.json"), limit=args.eval_limit,
+                      bf16=config.bf16)
     print(f"\n{report.n} held-out questions ({eval_file.name}; none of them appears in the training data):")
     print(report.table())
     examples = [r for r in report.rows if r["tuned_correct"] and not r["base_correct"]][:2]

@@ -1,0 +1,22 @@
+"""The Python API behind `lorakit train` and `lorakit eval`, as a notebook would use it.
+
+    python examples/train_and_eval.py            # about as long as `make demo`
+"""
+
+from lorakit.evaluate import evaluate
+from lorakit.train import TrainConfig, train
+
+config = TrainConfig(
+    base="smollm2",  # the embedded SmolLM2-135M-Instruct; or a local model directory / hub id
+    data="src/lorakit/demo_data/train.jsonl",
+    out="runs/example-adapter",
+    r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.0,
+    epochs=1, lr=1e-3, batch_size=8, max_length=256, bf16=True,
+)
+result = train(config)
+print(result.summary())
+
+report = evaluate(base="smollm2", adapter=config.out, data="src/lorakit/demo_data/eval.jsonl",
+                  batch_size=32, json_out="runs/example-adapter/eval.json")
+print(report.table())
+print(report.summary())
