@@ -60,19 +60,28 @@ def test_intents_queries_and_split_sizes(splits):
             eval_count[row["intent"]] += name == "eval"
     assert len(queries) >= 20
     for intent, qs in queries.items():
-        assert len(qs) >= 30, intent
-        assert eval_count[intent] == 5, intent
-    assert len(splits["eval"]) <= 150
+        assert len(qs) >= 35, intent
+        assert eval_count[intent] >= 5, intent
+    assert len(splits["train"]) == 35 * len(queries)  # the demo's training-time budget assumes this size
+    assert len(splits["eval"]) == 5 * len(queries)
 
 
-def test_one_canonical_answer_per_intent_in_both_splits(splits):
-    answers = defaultdict(set)
-    for rows in splits.values():
-        for row in rows:
-            answers[row["intent"]].add((row["response"], tuple(row["facts"])))
-    assert all(len(a) == 1 for a in answers.values()), {k: v for k, v in answers.items() if len(v) > 1}
-    for response, _ in (next(iter(a)) for a in answers.values()):
-        assert len(response.split()) <= 45, response
+def test_every_intent_has_at_least_30_distinct_train_phrasings(splits):
+    by_intent = {i.name: i for i in gen.INTENTS}
+    bare = defaultdict(set)  # train queries that are a phrasing as written, not greeting-wrapped
+    for row in splits["train"]:
+        if row["query"] in by_intent[row["intent"]].phrasings:
+            bare[row["intent"]].add(gen.normalize(row["query"]))
+    assert set(bare) == set(by_intent)
+    for intent, train_part in ((name, gen.build_splits()[name][0]) for name in by_intent):
+        assert len(bare[intent]) >= 30, intent
+        assert bare[intent] == {gen.normalize(p) for p in train_part}, intent  # each train phrasing used
+
+
+def test_phrasings_are_distinct_within_and_across_intents():
+    keys = [gen.normalize(p) for i in gen.INTENTS for p in i.phrasings]
+    assert len(keys) == len(set(keys))
+    assert all(len(i.phrasings) >= 36 for i in gen.INTENTS)
 
 
 def test_no_eval_query_appears_in_train(splits):
@@ -82,11 +91,31 @@ def test_no_eval_query_appears_in_train(splits):
     assert len(train) == len(splits["train"])  # and train itself has no duplicates
 
 
-def test_eval_queries_come_from_held_out_phrasings(splits):
-    train_phrasings = {gen.normalize(p) for i in gen.INTENTS for p in i.train}
+def test_eval_queries_are_distinct_held_out_phrasings_never_trained_on(splits):
+    parts = gen.build_splits()
+    train_phrasings = {gen.normalize(p) for train, _ in parts.values() for p in train}
+    eval_phrasings = defaultdict(list)
     for row in splits["eval"]:
+        _, held_out = parts[row["intent"]]
         q = gen.normalize(row["query"])
-        assert not any(p in q for p in train_phrasings), row["query"]
+        matches = [p for p in held_out if gen.normalize(p) in q]
+        assert matches, row["query"]  # built from one of this intent's held-out phrasings
+        assert not any(gen.normalize(p) in train_phrasings for p in matches), row["query"]
+        assert q not in train_phrasings, row["query"]
+        eval_phrasings[row["intent"]].append(gen.normalize(matches[0]))
+    for intent, used in eval_phrasings.items():
+        assert len(used) == len(set(used)) >= 5, intent
+
+
+def test_split_is_seeded_not_hand_picked():
+    a, b = gen.build_splits(), gen.build_splits()
+    assert a == b
+    other = gen.build_splits(seed=gen.SEED + 1)
+    assert any(set(a[n][1]) != set(other[n][1]) for n in a)  # a different seed holds out other phrasings
+    for intent in gen.INTENTS:
+        train, held_out = a[intent.name]
+        assert len(held_out) == 6 and len(train) >= 30
+        assert sorted(train + held_out) == sorted(intent.phrasings)
 
 
 def test_normalize_ignores_case_spacing_and_punctuation():
@@ -116,6 +145,20 @@ def test_check_mode_detects_a_stale_file(tmp_path, capsys):
 
 
 def test_a_fact_missing_from_its_response_is_rejected():
-    bad = gen.Intent("x", "Open Settings > Billing.", ("Settings > Plans", "Billing"), ("a?",), ("b?",))
+    bad = gen.Intent("x", "Open Settings > Billing.", ("Settings > Plans", "Billing"), ("a?", "b?"))
     with pytest.raises(ValueError, match="'Settings > Plans' is not a substring"):
         gen.check_intent(bad)
+
+
+def test_too_few_or_duplicate_phrasings_are_rejected():
+    few = gen.Intent("x", "Open Settings > Billing.", ("Settings > Billing", "Open"), ("a?", "b?"))
+    with pytest.raises(ValueError, match="x: has 2 phrasings, needs 36"):
+        gen.check_intent(few)
+    dup = gen.Intent("x", "Open Settings > Billing.", ("Settings > Billing", "Open"),
+                     tuple(f"question {n}?" for n in range(40)) + ("Question 3",))
+    with pytest.raises(ValueError, match="same after normalisation"):
+        gen.check_intent(dup)
+    first = gen.INTENTS[0]
+    clash = gen.Intent("y", first.response, first.facts, (first.phrasings[5].upper(),))
+    with pytest.raises(ValueError, match="duplicates one of opening_hours"):
+        gen.check_phrasings_are_unique([first, clash])
