@@ -6,33 +6,24 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lorakit import PeftModel
 from lorakit.cli import CliError, build_parser, main, train_config_from_args
-from lorakit.models import load_tokenizer
+from tiny_models import save_tiny_chat_base, single_thread
 
 SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models gain nothing from a second thread, and a waiting OpenMP team is slow on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_cli_base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, initializer_range=0.3)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    load_tokenizer("smollm2").save_pretrained(d)
-    return str(d)
+    return save_tiny_chat_base(tmp_path_factory.mktemp("tiny_cli_base"))
 
 
 @pytest.fixture(scope="module")

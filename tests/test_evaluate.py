@@ -5,33 +5,24 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.data import load_examples, tokenize_examples
 from lorakit.evaluate import evaluate, extract_facts, is_correct, normalize
 from lorakit.generation import generate, left_pad, stop_token_ids
-from lorakit.models import load_base_model, load_tokenizer
+from lorakit.models import load_base_model
+from tiny_models import save_tiny_chat_base, single_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models gain nothing from a second thread, and a waiting OpenMP team is slow on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_eval_base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, initializer_range=0.3)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    load_tokenizer("smollm2").save_pretrained(d)
-    return str(d)
+    return save_tiny_chat_base(tmp_path_factory.mktemp("tiny_eval_base"))
 
 
 @pytest.fixture(scope="module")

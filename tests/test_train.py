@@ -10,12 +10,12 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lorakit.data import collate
-from lorakit.models import load_tokenizer
 from lorakit.train import (TrainConfig, TrainError, accumulate_gradients, batch_loss, build_optimizer, load_data,
                            lr_lambda, prepare_model, train)
+from tiny_models import save_tiny_chat_base, single_thread
 
 WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jade", "kelp", "lumen"]
 
@@ -26,23 +26,13 @@ def _one_thread(request):
     if "smollm2" in request.node.name:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer and chat template."""
-    d = tmp_path_factory.mktemp("tiny_base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
-                      initializer_range=0.3)  # large enough weights that a little LoRA can move the loss
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    load_tokenizer("smollm2").save_pretrained(d)
-    return str(d)
+    return save_tiny_chat_base(tmp_path_factory.mktemp("tiny_base"))
 
 
 @pytest.fixture(scope="module")

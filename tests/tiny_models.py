@@ -1,5 +1,7 @@
 """Tiny random models shared by the core tests (no downloads, built from configs)."""
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -48,3 +50,30 @@ def token_batch(batch: int = 3, seq: int = 10, seed: int = 1) -> torch.Tensor:
 def outputs(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     out = model(input_ids=ids, **kwargs)
     return out.logits if hasattr(out, "logits") else out
+
+
+def save_tiny_chat_base(directory) -> str:
+    """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer and chat template, saved to `directory`.
+
+    The weights are large (initializer_range=0.3) so that a little LoRA visibly moves the loss.
+    """
+    from lorakit.models import load_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                         initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    load_tokenizer("smollm2").save_pretrained(directory)
+    return str(directory)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models gain nothing from a second thread, and a waiting OpenMP team is slow on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
