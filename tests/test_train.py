@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorakit.data import collate
+from lorakit.fast import takes_fused_loss
 from lorakit.train import (TrainConfig, TrainError, accumulate_gradients, batch_loss, build_optimizer, load_data,
                            lr_lambda, prepare_model, train)
 from tiny_models import save_tiny_chat_base, single_thread
@@ -91,19 +92,36 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_loss_on_kept_logits_equals_full_cross_entropy(tiny_base, data_file, tmp_path):
+def test_fused_kept_and_full_logits_losses_and_gradients_agree(tiny_base, data_file, tmp_path):
     config = cfg(tiny_base, data_file, tmp_path)
     model, tok = prepare_model(config)
+    _random_b(model)
     data = load_data(config, tok, data_file)
     batch = collate(data.items[:6], tok.pad_token_id)
-    kept, n = batch_loss(model, batch, logits_to_keep=True)
-    full, n2 = batch_loss(model, batch, logits_to_keep=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    model.train()
+    assert takes_fused_loss(model, inputs)  # a training step uses the fused head + loss
+    results = {}
+    for path, fused, keep in (("fused", True, True), ("kept", False, True), ("full", False, False)):
+        model.fused_loss = fused
+        loss, n = batch_loss(model, batch, logits_to_keep=keep)
+        loss.backward()
+        results[path] = (loss.detach(), n, _grads(model))
+        model.zero_grad(set_to_none=True)
+    model.fused_loss = True
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                batch["labels"][:, 1:].reshape(-1), reduction="sum")
-    assert n == n2 == int((batch["labels"] != -100).sum()) > 0
-    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(kept, manual, rtol=1e-5, atol=1e-4)
+    fused_loss, n, fused_grads = results["fused"]
+    assert n == int((batch["labels"] != -100).sum()) > 0
+    torch.testing.assert_close(fused_loss, manual, rtol=1e-5, atol=1e-4)
+    for path in ("kept", "full"):
+        loss, n2, grads = results[path]
+        assert n2 == n
+        torch.testing.assert_close(loss, fused_loss, rtol=1e-5, atol=1e-4)
+        assert grads.keys() == fused_grads.keys() and len(grads) == 16
+        for name in grads:
+            torch.testing.assert_close(grads[name], fused_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_accumulation_gives_the_big_batch_gradient(tiny_base, data_file, tmp_path):
@@ -185,8 +203,18 @@ def test_full_finetuning_saves_a_loadable_model(tiny_base, data_file, tmp_path):
 
 def test_bf16_and_nf4_runs(tiny_base, data_file, tmp_path):
     pytest.importorskip("lorakit.quant")
-    r = train(cfg(tiny_base, data_file, tmp_path / "bf16", bf16=True, max_steps=2))
+    r = train(cfg(tiny_base, data_file, tmp_path / "bf16", bf16=True, max_steps=2, attention="eager"))
     assert r.steps == 2 and r.final_loss == r.final_loss  # finite, not NaN
+    saved = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    # The frozen base is held in bf16 (autocast would cast it on every call); LoRA weights stay float32.
+    model, _ = prepare_model(cfg(tiny_base, data_file, tmp_path / "x", bf16=True, attention="eager"))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert model.get_base_model().config._attn_implementation == "eager"
+    with pytest.raises(TrainError, match="attention must be"):
+        cfg(tiny_base, data_file, tmp_path / "y", attention="flash")
     r = train(cfg(tiny_base, data_file, tmp_path / "nf4", quantize="nf4", max_steps=2))
     assert r.steps == 2 and load_file(str(tmp_path / "nf4" / "adapter_model.safetensors"))
 

@@ -198,12 +198,13 @@ def evaluate(
     base_scores = tuned_scores = None
     tuned_name = adapter
     if model is None:
-        model, tokenizer = load_base_model(base)
+        dtype = torch.bfloat16 if bf16 else torch.float32  # under bf16 autocast the matmuls run in bf16 anyway
+        model, tokenizer = load_base_model(base, dtype=dtype)
         if full_model:
             if include_base:
                 base_scores = score(model, tokenizer)
             del model
-            model, tokenizer = load_base_model(adapter)
+            model, tokenizer = load_base_model(adapter, dtype=dtype)
             tuned_scores = score(model, tokenizer)
         elif adapter:
             from lorakit import PeftModel

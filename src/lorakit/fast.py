@@ -342,6 +342,13 @@ def fused_loss_applies(model: nn.Module, kwargs: dict) -> bool:
     return all(k in DECODER_KWARGS or k in LOSS_KWARGS or k == "labels" for k in kwargs)
 
 
+def takes_fused_loss(peft_model: nn.Module, kwargs: dict) -> bool:
+    """Whether `peft_model(**kwargs)` (a lorakit PeftModel) will compute its loss on the fused path."""
+    inner = peft_model.get_base_model()
+    return (peft_model.__dict__.get("fused_loss", True) and fused_loss_applies(inner, kwargs)
+            and _head(inner) is not None and isinstance(getattr(inner, "model", None), nn.Module))
+
+
 def causal_lm_loss_forward(model: nn.Module, kwargs: dict) -> Optional[Any]:
     """Run `model(**kwargs)` with the fused loss; None if this model or call is not one it handles."""
     global _OUTPUT_CLASS

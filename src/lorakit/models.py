@@ -126,14 +126,19 @@ def load_base_model(
     name_or_path: str = DEFAULT_BASE,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    attention: str | None = None,
 ):
-    """Load a causal LM and its tokenizer: "smollm2" (embedded default), a local directory or a hub id."""
+    """Load a causal LM and its tokenizer: "smollm2" (embedded default), a local directory or a hub id.
+
+    `attention` picks transformers' attn_implementation ("eager", "sdpa", ...); None keeps its default.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_base(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
+    extra = {"attn_implementation": attention} if attention else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_not_found_message(name_or_path, e)) from e
     # Adapters record this as base_model_name_or_path, so keep the name the user gave.

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
+from lorakit.fast import takes_fused_loss
+from lorakit.model import PeftModel
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import atomic_save_json, atomic_save_safetensors, atomic_write
 from lorakit.models import DEFAULT_BASE, load_base_model
@@ -39,7 +41,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "epochs", "max_steps", "lr",
                      "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
-                     "max_length", "too_long", "full", "quantize")
+                     "max_length", "too_long", "full", "quantize", "attention")
 
 
 class TrainError(LoraKitError, ValueError):
@@ -71,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    attention: Optional[str] = None  # transformers attn_implementation ("eager", "sdpa"); None: its default
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices learn at lr * ratio
     # bookkeeping
     eval_every: int = 0  # steps between eval-loss measurements (0: only at the end)
@@ -107,6 +110,7 @@ class TrainConfig:
             (not (self.full and self.quantize), "full fine-tuning cannot train 4-bit weights; drop quantize"),
             (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio must be positive"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.attention in (None, "eager", "sdpa"), f"attention must be 'eager' or 'sdpa', got {self.attention!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -187,6 +191,12 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
     labels = batch["labels"]
     targets = labels != IGNORE_INDEX
     n = int(targets.sum())
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if n and isinstance(model, PeftModel) and takes_fused_loss(model, {**inputs, "labels": labels}):
+        # The fused head + cross-entropy (lorakit.fast): no logit is formed for a prompt token, and
+        # none is kept for the backward. Its loss is the sum over targets / num_items_in_batch.
+        loss = model(**inputs, labels=labels, num_items_in_batch=n).loss
+        return loss * n, n
     start = 0
     kwargs = {}
     if logits_to_keep and n:
@@ -194,8 +204,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
         # prompt positions that no label looks at.
         start = max(0, int(targets.any(0).nonzero()[0]) - 1)
         kwargs["logits_to_keep"] = labels.shape[1] - start
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **kwargs).logits
+    logits = model(**inputs, **kwargs).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, start + 1:]
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
@@ -345,7 +354,12 @@ def prepare_model(config: TrainConfig):
     """Load the base, optionally quantize it, and make the parameters that should train trainable."""
     from lorakit import LoraConfig, get_peft_model
 
-    model, tokenizer = load_base_model(config.base, dtype=torch.float32)
+    # A frozen base needs no float32 master weights: under bf16 autocast every matmul runs in bf16
+    # anyway, and bf16 weights spare autocast re-casting each one on every call. LoRA weights (and a
+    # fully trained model) stay float32.
+    frozen_bf16 = config.bf16 and not config.full and not config.quantize
+    model, tokenizer = load_base_model(config.base, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
+                                       attention=config.attention)
     if config.quantize:
         from lorakit.quant import quantize_model
 
