@@ -8,7 +8,8 @@ Sections:
                 tokens, plus dequantize() vs the forward matmul; alternating runs, medians
   train_step    a LoRA (r=16, all 7 projections) training step on the NF4 base vs the fp32 base: tokens/s
   logits        relative error, KL(fp32 || nf4) per token and top-1 agreement on a few chat prompts
-  perplexity    held-out perplexity on response tokens of the eval set, fp32 vs NF4 (if the file exists);
+  perplexity    held-out perplexity on response tokens of the eval set, fp32 vs NF4 (if the file exists),
+                and vs bitsandbytes' NF4 of the same weights when bitsandbytes is installed;
                 with --text-file, also perplexity/KL on plain text
 Timings report wall-clock medians (*_ms) and process-CPU medians (*_cpu_ms, robust to other jobs on a
 shared machine); ratios are given for both.
@@ -207,6 +208,26 @@ def response_nll(model, examples: list[tuple[list[int], int]]) -> tuple[float, i
     return total, count
 
 
+def bitsandbytes_nf4(base: nn.Module) -> nn.Module | None:
+    """A copy of `base` whose Linears (not the head) bitsandbytes rounded to NF4, or None without it.
+
+    bitsandbytes is the reference QLoRA implementation (an optional extra here, not a dependency): the
+    same block size and double quantization, so its perplexity tells what NF4 itself costs this model.
+    """
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception:
+        return None
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and not name.endswith("lm_head"):
+                q, state = bnbf.quantize_4bit(module.weight.data, blocksize=64, quant_type="nf4",
+                                              compress_statistics=True)
+                module.weight.data = bnbf.dequantize_4bit(q, state).to(module.weight.dtype)
+    return model
+
+
 def perplexity(base, qbase, tokenizer, path: Path, limit: int) -> dict:
     examples = []
     with open(path) as f:
@@ -224,9 +245,17 @@ def perplexity(base, qbase, tokenizer, path: Path, limit: int) -> dict:
     nll32, n = response_nll(base, examples)
     nll4, _ = response_nll(qbase, examples)
     ppl32, ppl4 = math.exp(nll32 / n), math.exp(nll4 / n)
-    return {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-            "examples": len(examples), "response_tokens": n, "fp32": round(ppl32, 4), "nf4": round(ppl4, 4),
-            "relative_increase": round(ppl4 / ppl32 - 1, 4)}
+    result = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+              "examples": len(examples), "response_tokens": n, "fp32": round(ppl32, 4), "nf4": round(ppl4, 4),
+              "relative_increase": round(ppl4 / ppl32 - 1, 4)}
+    reference = bitsandbytes_nf4(base)
+    if reference is None:
+        result["nf4_bitsandbytes"] = "not installed (pip install bitsandbytes to compare with the reference)"
+    else:
+        ppl_ref = math.exp(response_nll(reference, examples)[0] / n)
+        result["nf4_bitsandbytes"] = round(ppl_ref, 4)
+        result["relative_increase_bitsandbytes"] = round(ppl_ref / ppl32 - 1, 4)
+    return result
 
 
 def log(msg: str) -> None:

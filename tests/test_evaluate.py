@@ -157,3 +157,28 @@ def test_accuracy_counts_rows_whose_facts_all_appear(tiny_base, eval_file, monke
     assert exact.base.correct == 1 and exact.metric == "exact match"
     limited = evaluate(base=tiny_base, data=eval_file, limit=2, progress=False)
     assert limited.n == 2 and limited.base.correct == 2
+
+
+def test_nf4_base_scores_with_the_weights_qlora_trains_on(tiny_base, adapter_dir, eval_file):
+    from lorakit import PeftModel
+    from lorakit.quant import NF4Linear, quantize_model
+
+    report = evaluate(base=tiny_base, adapter=adapter_dir, data=eval_file, batch_size=5, quantize="nf4",
+                      progress=False)
+    assert report.quantize == "nf4" and report.to_dict()["quantize"] == "nf4"
+    assert "nf4 base" in report.table()
+    # The reference: the 4-bit layers themselves (dequantizing on every call), with the adapter on top.
+    model, tok = load_base_model(tiny_base)
+    model = PeftModel.from_pretrained(quantize_model(model, "nf4"), adapter_dir)
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 14
+    data = tokenize_examples(tok, load_examples(eval_file), max_length=1024)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for item in data.items:
+            logits = model(input_ids=torch.tensor([item["input_ids"]])).logits[0]
+            labels = torch.tensor(item["labels"])
+            nll += torch.nn.functional.cross_entropy(logits[:-1], labels[1:], reduction="sum").item()
+            n += int((labels[1:] != -100).sum())
+    assert report.tuned.perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
+    plain = evaluate(base=tiny_base, adapter=adapter_dir, data=eval_file, batch_size=5, progress=False)
+    assert plain.quantize is None and plain.tuned.perplexity != pytest.approx(report.tuned.perplexity, rel=1e-4)

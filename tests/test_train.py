@@ -219,6 +219,24 @@ def test_bf16_and_nf4_runs(tiny_base, data_file, tmp_path):
     assert r.steps == 2 and load_file(str(tmp_path / "nf4" / "adapter_model.safetensors"))
 
 
+def test_qlora_in_bf16_and_its_eval_uses_the_nf4_base(tiny_base, data_file, tmp_path):
+    from lorakit.evaluate import evaluate
+    from lorakit.quant import NF4Linear
+
+    config = cfg(tiny_base, data_file, tmp_path / "q", quantize="nf4", bf16=True, max_steps=2)
+    model, _ = prepare_model(config)
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(nf4) == 14  # every Linear but the output head
+    # quantized from the float32 weights, dequantized straight to bf16, double-quantization constants fp32
+    assert all(m.compute_dtype == torch.bfloat16 and m.absmax_scale.dtype == torch.float32 for m in nf4)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    r = train(config)
+    assert r.steps == 2 and r.final_loss == r.final_loss
+    report = evaluate(base=tiny_base, adapter=str(tmp_path / "q"), data=data_file, limit=2, batch_size=2,
+                      max_new_tokens=4, progress=False)
+    assert report.quantize == "nf4"  # taken from lorakit_train.json, like the prompt format
+
+
 def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_file, tmp_path):
     out = tmp_path / "run"
     train(cfg(tiny_base, data_file, out, max_steps=2, save_every=1))

@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval ------------------------------------------------------------------------------------------------
 
 EVAL_FIELDS = ("base", "adapter", "data", "query_field", "response_field", "system_prompt", "batch_size",
-               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16")
+               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16", "quantize")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -154,6 +154,8 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-base", dest="include_base", action="store_false", default=S, help="skip the base model")
     p.add_argument("--limit", type=int, default=S, help="score only the first N rows")
     p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for generation and perplexity")
+    p.add_argument("--quantize", choices=["nf4"], default=S,
+                   help="score on the NF4-rounded base (default: what the adapter was trained on)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -423,10 +425,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.epochs:
         config.epochs = args.epochs
     config.max_steps = args.max_steps
+    config.quantize = args.quantize
     out = Path(config.out)
     if out.exists():
         shutil.rmtree(out)  # the demo always starts fresh
-    print(f"lorakit demo: fine-tune {config.base} with LoRA (r={config.r} on {','.join(config.targets)}) on "
+    method = "QLoRA (NF4 base)" if config.quantize else "LoRA"
+    print(f"lorakit demo: fine-tune {config.base} with {method} (r={config.r} on {','.join(config.targets)}) on "
           f"{config.data}, then score base vs adapter on {demo_data_dir() / 'eval.jsonl'}", flush=True)
     if config.base == DEFAULT_BASE:
         smollm2_dir()  # converts the embedded model on the first run
@@ -512,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=DEFAULT_BASE, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=32, help="generation batch size")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: train on a 4-bit NF4 base")
     p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help=argparse.SUPPRESS)  # quick checks
     p.add_argument("--eval-limit", dest="eval_limit", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)

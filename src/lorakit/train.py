@@ -357,13 +357,15 @@ def prepare_model(config: TrainConfig):
     # A frozen base needs no float32 master weights: under bf16 autocast every matmul runs in bf16
     # anyway, and bf16 weights spare autocast re-casting each one on every call. LoRA weights (and a
     # fully trained model) stay float32.
-    frozen_bf16 = config.bf16 and not config.full and not config.quantize
-    model, tokenizer = load_base_model(config.base, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
-                                       attention=config.attention)
+    frozen_bf16 = config.bf16 and not config.full
+    dtype = torch.bfloat16 if frozen_bf16 and not config.quantize else torch.float32
+    model, tokenizer = load_base_model(config.base, dtype=dtype, attention=config.attention)
     if config.quantize:
         from lorakit.quant import quantize_model
 
-        model = quantize_model(model, config.quantize)
+        model = quantize_model(model, config.quantize)  # from the float32 weights
+        if frozen_bf16:
+            model.to(torch.bfloat16)  # NF4 layers then dequantize straight to bf16; their constants stay fp32
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised randomly
     if config.full:
         model.requires_grad_(True)
