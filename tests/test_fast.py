@@ -8,6 +8,7 @@ from tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
+import lorakit.fast
 from lorakit.fast import fused_linear_cross_entropy, lora_linear
 from lorakit.layers import LoraLinear
 
@@ -219,6 +220,32 @@ def test_fused_linear_cross_entropy_chunks(chunk_elements):
     for ours, ref in zip(*results):
         assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
     assert not results[0][1][1].any()  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 40 * 300, 10**9])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_head_loss_online_softmax_over_vocab_slices(chunk_elements, with_bias, monkeypatch):
+    # A frozen head takes the vocabulary-sliced path; several row blocks and uneven last slices too.
+    monkeypatch.setattr(lorakit.fast, "ROW_BLOCK", 16)
+    torch.manual_seed(3)
+    vocab = 1000
+    hidden0, weight = torch.randn(40, 32) * 2, torch.randn(vocab, 32) / 2
+    bias = torch.randn(vocab) if with_bias else None
+    targets = torch.randint(0, vocab, (40,))
+    targets[5:9] = -100
+    results = []
+    for fused in (True, False):
+        hidden = hidden0.clone().requires_grad_(True)
+        if fused:
+            loss = fused_linear_cross_entropy(hidden, weight, bias, targets, chunk_elements=chunk_elements)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+        (loss * 3).backward()
+        results.append((loss, hidden.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no gradient wanted at all: the loss alone
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden0, weight, bias, targets), results[1][0])
 
 
 def test_fused_linear_cross_entropy_bf16_is_close():

@@ -9,7 +9,9 @@ Two pieces, both used automatically by `get_peft_model`'s model:
 - `causal_lm_loss_forward`: when a recognised causal LM is called with `labels` while training, the
   decoder runs, then `fused_linear_cross_entropy` runs the output head over the labelled tokens in
   chunks, computing the loss and its gradient chunk by chunk, so the [tokens x vocab] logits never
-  exist in full and no logit is computed for a token whose label is -100. The loss equals
+  exist in full and no logit is computed for a token whose label is -100. A frozen head is swept in
+  vocabulary slices with an online softmax, so every matmul spans all rows (small row chunks made
+  the matmuls slow); a trainable head goes row chunk by row chunk, which also yields grad_W. The loss equals
   transformers' ForCausalLMLoss (shifted labels, ignore_index, mean or sum / num_items_in_batch).
   The returned output computes `logits` from the final hidden states only if they are read.
   During that forward, SiLU-gated MLPs compute silu(gate) * up as one autograd node that keeps two
@@ -31,6 +33,8 @@ IGNORE_INDEX = -100
 # Logits held at once by the fused loss, in elements (4M floats = 16 MiB: one chunk stays in cache
 # and below glibc's mmap threshold, so its buffer is reused instead of page-faulted per chunk).
 CHUNK_ELEMENTS = 1 << 22
+# Rows per block of the frozen-head loss: its [rows x hidden] accumulators stay small.
+ROW_BLOCK = 4096
 
 
 # -- LoRA linear ---------------------------------------------------------------------------------------
@@ -194,40 +198,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+                targets: torch.Tensor, chunk_elements: int) -> torch.Tensor:
         need_h, need_w, need_bias = ctx.needs_input_grad[:3]
-        n, vocab = hidden.shape[0], weight.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-        buffer = hidden.new_empty(min(chunk_rows, n), vocab)
-        for start in range(0, n, chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            t = targets[start:start + chunk_rows]
-            logits = buffer[:h.shape[0]]
-            if bias is not None:
-                torch.addmm(bias, h, weight.t(), out=logits)
-            else:
-                torch.mm(h, weight.t(), out=logits)
-            z = logits.float()  # the loss is taken in float32, as transformers does
-            target_logit = z.gather(1, t[:, None]).squeeze(1)
-            zmax = z.amax(1, keepdim=True)
-            z.sub_(zmax).exp_()
-            sumexp = z.sum(1)
-            total += (zmax.squeeze(1) + sumexp.log() - target_logit).sum()
-            if not (need_h or need_w or need_bias):
-                continue
-            z.div_(sumexp[:, None])  # softmax
-            z[torch.arange(h.shape[0], device=z.device), t] -= 1
-            dlogits = z.to(hidden.dtype)
-            if need_h:
-                torch.mm(dlogits, weight, out=grad_h[start:start + chunk_rows])
-            if need_w:
-                grad_w.addmm_(dlogits.t().float(), h.float())
-            if need_bias:
-                grad_bias += z.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_bias)
+        if need_w or need_bias:
+            total, grads = _ce_row_chunks(hidden, weight, bias, targets, chunk_elements, need_h, need_w, need_bias)
+        else:
+            total, grad_h = _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements, need_h)
+            grads = (grad_h, None, None)
+        ctx.save_for_backward(*grads)
         ctx.weight_dtype = weight.dtype
         return total
 
@@ -242,6 +220,81 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_total).to(ctx.weight_dtype)
         return grad_h, grad_w, grad_bias, None, None
+
+
+def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h: bool):
+    """Loss and grad_h (head frozen), one pass over vocabulary slices with an online softmax.
+
+    Every matmul spans all rows (efficient shapes, unlike small row chunks). With m the running max
+    and s the running sum of exp(logit - m), grad_h = sum_v softmax_v W_v - W_target accumulates as
+    acc = acc * exp(m_old - m_new) + exp(z - m_new) @ W_slice, divided by s at the end.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    for r0 in range(0, n, ROW_BLOCK):
+        h = hidden[r0:r0 + ROW_BLOCK]
+        t = targets[r0:r0 + ROW_BLOCK]
+        rows = h.shape[0]
+        w_target = weight.index_select(0, t)
+        target_logit = (h.float() * w_target.float()).sum(1)
+        if bias is not None:
+            target_logit += bias.index_select(0, t).float()
+        m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=h.device)
+        sumexp = torch.zeros(rows, dtype=torch.float32, device=h.device)
+        acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        step = max(256, chunk_elements // rows)
+        for v0 in range(0, vocab, step):
+            w = weight[v0:v0 + step]
+            logits = torch.addmm(bias[v0:v0 + step], h, w.t()) if bias is not None else h @ w.t()
+            z = logits.float()  # the loss is taken in float32, as transformers does
+            m_new = torch.maximum(m, z.amax(1))
+            rescale = (m - m_new).exp_()
+            z.sub_(m_new[:, None]).exp_()
+            sumexp.mul_(rescale).add_(z.sum(1))
+            if need_h:
+                acc.mul_(rescale[:, None]).add_(z.to(w.dtype) @ w)
+            m = m_new
+        total += (m + sumexp.log() - target_logit).sum()
+        if need_h:
+            grad_h[r0:r0 + rows] = acc.div_(sumexp[:, None]).sub_(w_target.float())
+    return total, grad_h
+
+
+def _ce_row_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h: bool, need_w: bool,
+                   need_bias: bool):
+    """Loss and grads for a trainable head: rows in chunks, each chunk's softmax complete at once."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk_rows = max(1, chunk_elements // vocab)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
+    buffer = hidden.new_empty(min(chunk_rows, n), vocab)
+    for start in range(0, n, chunk_rows):
+        h = hidden[start:start + chunk_rows]
+        t = targets[start:start + chunk_rows]
+        logits = buffer[:h.shape[0]]
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
+        z = logits.float()
+        target_logit = z.gather(1, t[:, None]).squeeze(1)
+        zmax = z.amax(1, keepdim=True)
+        z.sub_(zmax).exp_()
+        sumexp = z.sum(1)
+        total += (zmax.squeeze(1) + sumexp.log() - target_logit).sum()
+        z.div_(sumexp[:, None])  # softmax
+        z[torch.arange(h.shape[0], device=z.device), t] -= 1
+        dlogits = z.to(hidden.dtype)
+        if need_h:
+            torch.mm(dlogits, weight, out=grad_h[start:start + chunk_rows])
+        if need_w:
+            grad_w.addmm_(dlogits.t().float(), h.float())
+        if need_bias:
+            grad_bias += z.sum(0)
+    return total, (grad_h, grad_w, grad_bias)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -261,11 +314,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
     keep = (targets != ignore_index).nonzero().squeeze(1)
     if keep.shape[0] != targets.shape[0]:
         hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
-    chunk_rows = max(1, chunk_elements // weight.shape[0])
     if hidden.shape[0] == 0:  # nothing to predict: transformers' mean gives nan, a sum gives 0
         total = (hidden.sum() * weight.sum()).float() * 0
     else:
-        total = LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, chunk_rows)
+        total = LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, chunk_elements)
     if num_items_in_batch is None:
         return total / keep.shape[0]
     if torch.is_tensor(num_items_in_batch):
