@@ -215,6 +215,17 @@ def test_bf16_and_nf4_runs(tiny_base, data_file, tmp_path):
     assert model.get_base_model().config._attn_implementation == "eager"
     with pytest.raises(TrainError, match="attention must be"):
         cfg(tiny_base, data_file, tmp_path / "y", attention="flash")
+
+
+def test_device_choice(tiny_base, data_file, tmp_path):
+    model, _ = prepare_model(cfg(tiny_base, data_file, tmp_path, device="auto"))
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {p.device.type for p in model.parameters()} == {want}
+    with pytest.raises(TrainError, match="unknown device 'tpu0'"):
+        cfg(tiny_base, data_file, tmp_path, device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="sees no CUDA GPU; use --device cpu"):
+            cfg(tiny_base, data_file, tmp_path, device="cuda")
     r = train(cfg(tiny_base, data_file, tmp_path / "nf4", quantize="nf4", max_steps=2))
     assert r.steps == 2 and load_file(str(tmp_path / "nf4" / "adapter_model.safetensors"))
 

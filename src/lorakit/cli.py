@@ -96,6 +96,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="LoRA+: lr of the B matrices = lr * ratio")
     g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
+    g.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
     g.add_argument("--attention", choices=["eager", "sdpa"], default=S,
                    help="attention kernel (default: transformers' choice, sdpa); eager is faster for short rows on CPU")
     g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=S,
@@ -133,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval ------------------------------------------------------------------------------------------------
 
 EVAL_FIELDS = ("base", "adapter", "data", "query_field", "response_field", "system_prompt", "batch_size",
-               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16", "quantize")
+               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16", "quantize", "device")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -156,6 +157,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for generation and perplexity")
     p.add_argument("--quantize", choices=["nf4"], default=S,
                    help="score on the NF4-rounded base (default: what the adapter was trained on)")
+    p.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

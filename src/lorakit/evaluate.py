@@ -21,7 +21,7 @@ import torch
 from lorakit.data import Example, load_examples, tokenize_examples
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import atomic_save_json
-from lorakit.models import DEFAULT_BASE, load_base_model
+from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
 
 _QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "→": ">", "›": ">"})
 _UNITS = (r"%|percent|[kKMGT]B|ms|seconds?|secs?|minutes?|mins?|hours?|hrs?|days?|business days?|weeks?|"
@@ -137,9 +137,9 @@ class EvalReport:
 def _score(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
            exact_match: bool, max_length: int, progress: bool, bf16: bool = False) -> Scores:
     from lorakit.generation import generate
-    from lorakit.train import _autocast, eval_loss
+    from lorakit.train import _autocast, _device, eval_loss
 
-    with _autocast(bf16):
+    with _autocast(bf16, _device(model).type):
         answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
                            batch_size=batch_size, progress=progress)
     correct = sum(is_correct(a, e.reference, reference_facts(e), exact_match) for a, e in zip(answers, examples))
@@ -165,6 +165,7 @@ def evaluate(
     progress: bool = True,
     bf16: bool = False,
     quantize: Optional[str] = None,
+    device: str = "auto",
     model=None,
     tokenizer=None,
 ) -> EvalReport:
@@ -203,14 +204,15 @@ def evaluate(
     tuned_name = adapter
     if model is None:
         dtype = torch.bfloat16 if bf16 else torch.float32  # under bf16 autocast the matmuls run in bf16 anyway
-        model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype)
+        device = resolve_device(device)
+        model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device)
         if quantize:
             model = _quantized_base(model, quantize, dtype)
         if full_model:
             if include_base:
                 base_scores = score(model, tokenizer)
             del model
-            model, tokenizer = load_base_model(adapter, dtype=dtype)
+            model, tokenizer = load_base_model(adapter, dtype=dtype, device=device)
             tuned_scores = score(model, tokenizer)
         elif adapter:
             from lorakit import PeftModel

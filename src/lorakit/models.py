@@ -122,6 +122,20 @@ def load_tokenizer(name_or_path: str = DEFAULT_BASE):
     return tokenizer
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" is the first CUDA GPU when there is one, else the CPU; anything else is checked and kept."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N ({e})") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but this torch build sees no CUDA GPU; "
+                             "use --device cpu (or auto)")
+    return resolved
+
+
 def load_base_model(
     name_or_path: str = DEFAULT_BASE,
     dtype: torch.dtype = torch.float32,

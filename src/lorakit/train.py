@@ -30,7 +30,7 @@ from lorakit.fast import takes_fused_loss
 from lorakit.model import PeftModel
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import atomic_save_json, atomic_save_safetensors, atomic_write
-from lorakit.models import DEFAULT_BASE, load_base_model
+from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CHECKPOINTS = "checkpoints"
@@ -74,6 +74,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     attention: Optional[str] = None  # transformers attn_implementation ("eager", "sdpa"); None: its default
+    device: str = "auto"  # "auto": the GPU if there is one, else the CPU; or "cpu", "cuda", "cuda:1"
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices learn at lr * ratio
     # bookkeeping
     eval_every: int = 0  # steps between eval-loss measurements (0: only at the end)
@@ -115,6 +116,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainError(message)
+        try:
+            resolve_device(self.device)
+        except LoraKitError as e:
+            raise TrainError(str(e)) from None
 
 
 @dataclass
@@ -188,6 +193,8 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
 
 def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = True) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over response tokens, and how many response tokens there are."""
+    device = _device(model)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = batch["labels"]
     targets = labels != IGNORE_INDEX
     n = int(targets.sum())
@@ -220,7 +227,7 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], bf16: bo
     n_targets = max(1, sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
     total = 0.0
     for batch in batches:
-        with _autocast(bf16):
+        with _autocast(bf16, _device(model).type):
             loss_sum, _ = batch_loss(model, batch, logits_to_keep)
         (loss_sum / n_targets).backward()
         total += loss_sum.item()
@@ -238,7 +245,7 @@ def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 1
     keep = _supports_logits_to_keep(model)
     for i in range(0, len(order), batch_size):
         batch = collate([data.items[j] for j in order[i:i + batch_size]], pad_token_id)
-        with _autocast(bf16):
+        with _autocast(bf16, _device(model).type):
             loss, n = batch_loss(model, batch, keep)
         total += float(loss)
         count += n
@@ -246,8 +253,12 @@ def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 1
     return total / max(count, 1)
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def _autocast(bf16: bool, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -262,11 +273,16 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():  # dropout masks on a GPU come from its own generator
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 
@@ -359,7 +375,8 @@ def prepare_model(config: TrainConfig):
     # fully trained model) stay float32.
     frozen_bf16 = config.bf16 and not config.full
     dtype = torch.bfloat16 if frozen_bf16 and not config.quantize else torch.float32
-    model, tokenizer = load_base_model(config.base, dtype=dtype, attention=config.attention)
+    model, tokenizer = load_base_model(config.base, dtype=dtype, device=resolve_device(config.device),
+                                       attention=config.attention)
     if config.quantize:
         from lorakit.quant import quantize_model
 
