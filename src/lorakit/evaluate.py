@@ -106,7 +106,8 @@ class EvalReport:
     quantize: Optional[str] = None  # the base's weights were NF4-rounded (QLoRA)
 
     def table(self) -> str:
-        cols = [(f"{self.quantize} base" if self.quantize else "base", self.base), ("adapter" if self.tuned_name else "", self.tuned)]
+        base_name = f"{self.quantize} base" if self.quantize else "base"
+        cols = [(base_name, self.base), ("adapter" if self.tuned_name else "", self.tuned)]
         cols = [(name, s) for name, s in cols if s is not None]
         label = f"answer accuracy ({self.metric})"
         width = max(len(label), 20)
@@ -130,8 +131,8 @@ class EvalReport:
                                            "perplexity": s.perplexity}
 
         return {"data": self.data, "n": self.n, "metric": self.metric, "adapter": self.tuned_name,
-                "max_new_tokens": self.max_new_tokens, "seconds": round(self.seconds, 2), "quantize": self.quantize,
-                "base": scores(self.base), "tuned": scores(self.tuned), "rows": self.rows}
+                "max_new_tokens": self.max_new_tokens, "seconds": round(self.seconds, 2),
+                "quantize": self.quantize, "base": scores(self.base), "tuned": scores(self.tuned), "rows": self.rows}
 
 
 def _score(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
-from lorakit.fast import takes_fused_loss
-from lorakit.model import PeftModel
 from lorakit.errors import LoraKitError
+from lorakit.fast import takes_fused_loss
 from lorakit.io_utils import atomic_save_json, atomic_save_safetensors, atomic_write
+from lorakit.model import PeftModel
 from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
