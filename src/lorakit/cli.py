@@ -403,7 +403,7 @@ def demo_config(out: str = DEMO_OUT, base: str = DEFAULT_BASE, data: Optional[Pa
         # steps) held out 91.5% where batches of 8 (228 steps) gave 81-88% for 10% less time. Measured there:
         # bf16 (autocast over a bf16 frozen base; the adapter stays fp32) is ~1.7x faster than fp32, eager
         # attention beats SDPA's CPU kernels on these ~80-token rows by ~13%, and dropout's random masks
-        # alone cost ~10% of a step while the held-out accuracy does not need them.
+        # alone cost ~10% of a step (held-out accuracy without them: 87.7%, with them: 86.2%).
         epochs=2, lr=3e-3, batch_size=4, warmup_ratio=0.05, max_length=256, seed=0,
         system_prompt=None, bf16=True, attention="eager",
     )
