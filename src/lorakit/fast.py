@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-# Logits held at once by the fused loss, in elements (4M floats = 16 MiB: one chunk stays in cache
-# and below glibc's mmap threshold, so its buffer is reused instead of page-faulted per chunk).
+# Logits held at once by the fused loss, in elements (4M floats = 16 MiB: a row chunk's buffer or a
+# vocabulary slice stays below glibc's mmap threshold, so freed memory is reused, not page-faulted anew).
 CHUNK_ELEMENTS = 1 << 22
 # Rows per block of the frozen-head loss: its [rows x hidden] accumulators stay small.
 ROW_BLOCK = 4096
