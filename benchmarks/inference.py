@@ -6,7 +6,8 @@
 Each variant is a copy of the same base; lorakit and PEFT carry the same adapter weights (B random, so the
 adapter changes the output). One round = for every variant in turn: prefill the prompt, then decode
 --tokens tokens one at a time with the KV cache, timing each single-token forward. Variants alternate
-round by round; the JSON gives the median per-token latency of each and the ratios to the base model.
+token by token, the order rotating so that no variant always follows the same one; the JSON gives the median
+per-token latency of each and the ratios to the base model.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ def main(argv=None) -> dict:
     generated = {}
     for round_ in range(args.warmup + args.rounds):
         decoders = {name: Decoder(model, prompt) for name, model in models.items()}
-        for _ in range(args.tokens):
-            for name, decoder in decoders.items():  # alternate token by token
+        names = list(decoders)
+        for token in range(args.tokens):
+            shift = (token + round_) % len(names)  # alternate token by token, rotating who goes first
+            for name in names[shift:] + names[:shift]:
+                decoder = decoders[name]
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 start = time.perf_counter()

@@ -113,3 +113,65 @@ def test_mixed_batch_unknown_adapter():
         outputs(mixed_model(), token_batch(batch=2), adapter_names=["a", "zz"])
 
 
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_cached_fast_route_follows_every_state_change():
+    """LoraLinear caches which forward path applies; each change of adapter state must be seen at once."""
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"],
+                                                   init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(r=3, lora_alpha=3, target_modules=["proj"], init_lora_weights=False))
+    layer = model.base_model.model.proj
+    W, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach().clone()
+
+    def expected(x, name=None):
+        out = x @ W.T + bias
+        if name is not None:
+            out = out + layer.scaling[name] * (x @ layer.lora_A[name].weight.T @ layer.lora_B[name].weight.T)
+        return out
+
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 12), torch.randn(2, 5, 12)):  # one decoded token, and a batch
+            assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)
+            model.set_adapter("b")
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
+            with model.disable_adapter():
+                assert torch.allclose(model(x), expected(x), atol=1e-6)
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
+            model.merge_adapter()
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-5)  # the adapter is not added twice
+            model.unmerge_adapter()
+            assert torch.allclose(layer.base_layer.weight, W, atol=1e-6)
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
+            old_b = layer.lora_B["b"].weight
+            layer.lora_B["b"].weight = torch.nn.Parameter(torch.randn_like(old_b))  # a new Parameter object
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
+            layer.lora_B["b"].weight = old_b
+            calls = []
+            handle = layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6) and calls == [1]
+            handle.remove()
+            model.set_adapter("default")
+
+    x = torch.randn(2, 5, 12)
+    model.train()
+    assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)  # no dropout configured
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.0)  # dropout added later, at first off ...
+    assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)
+    layer.lora_dropout["default"].p = 0.9  # ... then on
+    assert not torch.allclose(model(x), expected(x, "default"), atol=1e-3)
+    model.eval()
+    assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)
+    model.set_adapter("b")
+    model.delete_adapter("b")
+    assert model.active_adapters == ["default"]
+    assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)

@@ -18,6 +18,9 @@ from .errors import ConfigError
 from .fast import lora_linear
 
 BASE_ADAPTER = "__base__"  # the row-adapter name that means "no adapter"
+# Assigning any of these attributes of a LoraLayer may change which forward path applies.
+_ROUTE_INPUTS = frozenset({"active_adapters", "merged_adapters", "disable_adapters", "row_adapters", "base_layer",
+                           "lora_A", "lora_B", "lora_dropout", "use_dora"})
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -60,6 +63,16 @@ class LoraLayer(nn.Module):
         # Set by PeftModel for one call: the adapter of each batch row (mixed-adapter batch).
         self.row_adapters: Optional[list[Optional[str]]] = None
         self._dora_merge_factor: dict[str, torch.Tensor] = {}
+        self._fast_route = None  # cached by forward; None means "work it out again"
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _ROUTE_INPUTS:
+            self.__dict__["_fast_route"] = None
+
+    def _forget_fast_route(self) -> None:
+        """Call after changing adapters in place (adding, deleting, merging)."""
+        self.__dict__["_fast_route"] = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -104,13 +117,16 @@ class LoraLayer(nn.Module):
         for mapping in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_factor):
             mapping.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._forget_fast_route()
 
     def unmerge(self) -> None:
+        self._forget_fast_route()
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
 
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
+        self._forget_fast_route()
         for name in names:
             self._merge_one(name, safe_merge)
             self.merged_adapters.append(name)
@@ -132,6 +148,7 @@ class LoraLinear(LoraLayer):
     # -- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
                     init: bool | str, use_dora: bool) -> None:
+        self._forget_fast_route()
         weight = self._base_weight()
         dtype = weight.dtype if weight.dtype.is_floating_point and weight.element_size() >= 4 else torch.float32
         device = weight.device
@@ -226,28 +243,40 @@ class LoraLinear(LoraLayer):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        route = self._fast_route
+        if route is None:
+            route = self._fast_route = self._find_fast_route()
+        if route and not args and not kwargs:
+            # Fast path (lorakit.fast). When decoding one token, every attribute lookup here costs about as
+            # much as a LoRA matmul, hence the cached route and reads straight from _modules/_parameters.
+            name, base, a_modules, b_modules, dropout_modules = route
+            if not (base._forward_hooks or base._forward_pre_hooks):
+                base_params = base._parameters
+                W, A = base_params["weight"], a_modules[name]._parameters["weight"]
+                if x.dtype is A.dtype is W.dtype or torch.is_autocast_enabled(x.device.type):
+                    dropout = dropout_modules[name]
+                    p = dropout.p if dropout.training and type(dropout) is nn.Dropout else 0.0
+                    return lora_linear(x, W, base_params.get("bias"), A, b_modules[name]._parameters["weight"],
+                                       self.scaling[name], p, self.fan_in_fan_out)
+        return self._general_forward(x, *args, **kwargs)
+
+    def _find_fast_route(self) -> tuple | bool:
+        """What the fast path needs when one plain adapter runs on a Linear/Conv1D; False otherwise."""
+        active = self.active_adapters
+        if self.disable_adapters or self.row_adapters is not None or len(active) != 1 or self.merged_adapters:
+            return False
+        name, base = active[0], self.base_layer
+        if name not in self.lora_A or self.use_dora[name] or not (self.fan_in_fan_out or type(base) is nn.Linear):
+            return False
+        return name, base, self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules
+
+    def _general_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
-        active = self.active_adapters
-        if len(active) == 1 and not self.merged_adapters and not args and not kwargs:
-            # Fast path (lorakit.fast): one plain adapter on a Linear/Conv1D. Submodules and parameters are
-            # read from the _modules/_parameters dicts: nn.Module.__getattr__ would cost more than the
-            # LoRA matmuls themselves when decoding one token.
-            name, modules = active[0], self._modules
-            base, lora_a = modules["base_layer"], modules["lora_A"]._modules.get(name)
-            if lora_a is not None and not self.use_dora[name] and (self.fan_in_fan_out or type(base) is nn.Linear) \
-                    and not (base._forward_hooks or base._forward_pre_hooks):
-                A, W = lora_a._parameters["weight"], base._parameters["weight"]
-                if x.dtype == A.dtype == W.dtype or torch.is_autocast_enabled(x.device.type):
-                    B = modules["lora_B"]._modules[name]._parameters["weight"]
-                    drop = modules["lora_dropout"]._modules[name]
-                    p = drop.p if drop.training and type(drop) is nn.Dropout else 0.0
-                    return lora_linear(x, W, base._parameters.get("bias"), A, B, self.scaling[name], p,
-                                       self.fan_in_fan_out)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
