@@ -56,7 +56,8 @@ def mixed_model():
                                                      init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj"],
                                       init_lora_weights=False))
-    model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj", "embed_tokens"], use_dora=True,
+                                      init_lora_weights=False))
     with torch.no_grad():
         for mod in model.modules():
             if hasattr(mod, "lora_magnitude_vector") and "c" in mod.lora_magnitude_vector:

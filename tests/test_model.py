@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from tiny_models import outputs, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
+from tiny_models import outputs, tiny_gpt2, tiny_llama, tiny_mlp, tiny_scaled_embedding_mlp, token_batch
 from transformers import LlamaForCausalLM
 
 import lorakit
@@ -18,6 +18,8 @@ MODELS = {
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj"], ["lm_head"]),
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], ["lm_head"]),
     "mlp": (tiny_mlp, ["lin0", "lin1"], ["head"]),
+    "llama_embedding": (tiny_llama, ["embed_tokens", "q_proj", "v_proj"], ["lm_head"]),
+    "scaled_embedding": (tiny_scaled_embedding_mlp, ["emb", "lin0"], ["head"]),  # Gemma 3's embed_scale
 }
 VARIANTS = {
     "plain": {},
@@ -92,10 +94,11 @@ def test_targeting_options_match_peft(extra):
 
 
 # -- files ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["plain", "dora", "bias_lora_only", "modules_to_save"])
-def test_lorakit_adapter_loads_in_peft_and_back(tmp_path, variant):
-    theirs, ours = build_pair("gpt2" if "bias" in variant else "llama", VARIANTS[variant])
-    factory = tiny_gpt2 if "bias" in variant else tiny_llama
+@pytest.mark.parametrize("model_name,variant", [("llama", "plain"), ("llama", "dora"), ("gpt2", "bias_lora_only"),
+                                                ("llama", "modules_to_save"), ("llama_embedding", "dora")])
+def test_lorakit_adapter_loads_in_peft_and_back(tmp_path, model_name, variant):
+    theirs, ours = build_pair(model_name, VARIANTS[variant])
+    factory = MODELS[model_name][0]
     ids = token_batch()
     expected = outputs(ours, ids)
 
@@ -201,7 +204,8 @@ def test_disable_adapter_and_delete_adapter():
 
 # -- merging ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name,variant", [("llama", "plain"), ("llama", "dora"), ("gpt2", "plain"),
-                                                ("mlp", "modules_to_save")])
+                                                ("mlp", "modules_to_save"), ("llama_embedding", "dora"),
+                                                ("scaled_embedding", "plain"), ("scaled_embedding", "dora")])
 def test_merge_equals_unmerged_and_unmerge_restores(model_name, variant):
     _, ours = build_pair(model_name, VARIANTS[variant])
     ids = token_batch()
@@ -293,3 +297,20 @@ def test_lora_on_nf4_base_trains_and_merges(tmp_path):
     assert sum(isinstance(m, NF4Linear) for m in requantized.modules()) == 2 * 7
     reference = quantize_model(copy.deepcopy(merged), "nf4")
     assert torch.allclose(outputs(requantized, ids), outputs(reference, ids), atol=1e-6)
+
+
+def test_dora_on_nf4_base_equals_dora_on_the_dequantized_base():
+    from lorakit.quant import dequantize_model, quantize_model
+
+    quantized = quantize_model(tiny_llama(), "nf4")
+    plain = dequantize_model(copy.deepcopy(quantized))  # the same (rounded) weights, as nn.Linear
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    torch.manual_seed(3)
+    on_nf4 = get_peft_model(quantized, LoraConfig(**config))
+    on_plain = get_peft_model(plain, LoraConfig(**config))
+    on_plain.load_state_dict(on_nf4.state_dict(), strict=False)
+    ids = token_batch()
+    assert torch.allclose(outputs(on_nf4.eval(), ids), outputs(on_plain.eval(), ids), atol=ATOL)
+    with pytest.warns(UserWarning, match="dequantized to full precision"):
+        merged = on_nf4.merge_and_unload()
+    assert torch.allclose(outputs(merged, ids), outputs(on_plain, ids), atol=ATOL)

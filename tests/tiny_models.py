@@ -42,6 +42,21 @@ def tiny_mlp(seed: int = 0) -> MLP:
     return MLP().eval()
 
 
+class ScaledEmbeddingMLP(MLP):
+    """MLP whose embedding multiplies its output by embed_scale, as Gemma 3's does."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+        self.emb = Gemma3TextScaledWordEmbedding(VOCAB, 32, padding_idx=0, embed_scale=32 ** 0.5)
+
+
+def tiny_scaled_embedding_mlp(seed: int = 0) -> ScaledEmbeddingMLP:
+    torch.manual_seed(seed)
+    return ScaledEmbeddingMLP().eval()
+
+
 def token_batch(batch: int = 3, seq: int = 10, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)

@@ -345,7 +345,11 @@ class LoraLinear(LoraLayer):
 
 
 class LoraEmbedding(LoraLayer):
-    """LoRA around nn.Embedding: the update is a lookup into A^T followed by B."""
+    """LoRA around nn.Embedding: the update is a lookup into A^T followed by B.
+
+    Embeddings that scale their output (Gemma 3's `embed_scale`) scale the LoRA update too, as PEFT does,
+    so merged and unmerged agree. DoRA keeps one magnitude per embedding dimension (a column of the table).
+    """
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -355,14 +359,12 @@ class LoraEmbedding(LoraLayer):
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
                     init: bool | str, use_dora: bool) -> None:
-        if use_dora:
-            raise ConfigError("use_dora=True is supported on Linear and Conv1D layers, not on embeddings: "
-                              "remove the embedding from target_modules or set use_dora=False.")
         if init == "pissa":
             raise ConfigError("init_lora_weights='pissa' is supported on Linear layers only, not on embeddings.")
+        self._forget_fast_route()
         weight = self.base_layer.weight
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
-        self.use_dora[name] = False
+        self.use_dora[name] = use_dora
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         A = torch.randn(r, self.in_features, device=weight.device, dtype=weight.dtype)
         B = torch.randn(self.out_features, r, device=weight.device, dtype=weight.dtype)
@@ -372,10 +374,35 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(B)
         self.lora_embedding_A[name] = nn.Parameter(A)
         self.lora_embedding_B[name] = nn.Parameter(B)
+        if use_dora:
+            with torch.no_grad():
+                norm = self._column_norm(weight, name)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * (B @ A)^T, shaped like the embedding table [num_embeddings, dim]."""
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def _column_norm(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """Norms of the columns of W + delta (DoRA's normaliser), one per embedding dimension."""
+        return (weight + self.delta_weight(name).to(weight.dtype)).norm(p=2, dim=0)
+
+    def _dora_scale(self, name: str) -> torch.Tensor:
+        """m / ||W + delta||, with the norm detached as in the DoRA paper (4.3)."""
+        norm = self._column_norm(self.base_layer.weight.detach(), name).detach()
+        return self.lora_magnitude_vector[name].weight / norm
+
+    def _embed_scale(self) -> Optional[torch.Tensor]:
+        """The scalar the base embedding multiplies its output by (Gemma 3), or None."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return None
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale))
+        if scale.numel() != 1:
+            raise ConfigError(f"{type(self.base_layer).__name__}.embed_scale has shape {tuple(scale.shape)}; "
+                              "LoRA on an embedding supports a scalar embed_scale only.")
+        return scale
 
     def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -387,6 +414,10 @@ class LoraEmbedding(LoraLayer):
         with torch.no_grad():
             weight = self.base_layer.weight
             merged = weight + self.delta_weight(name).to(weight.dtype)
+            if self.use_dora[name]:
+                factor = self.lora_magnitude_vector[name].weight / self._column_norm(weight, name)
+                merged = merged * factor.to(weight.dtype)
+                self._dora_merge_factor[name] = factor.detach().clone()
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"safe_merge: merging adapter {name!r} would put NaN/inf into the embedding.")
             weight.copy_(merged)
@@ -394,6 +425,8 @@ class LoraEmbedding(LoraLayer):
     def _unmerge_one(self, name: str) -> None:
         with torch.no_grad():
             weight = self.base_layer.weight
+            if self.use_dora[name]:
+                weight.div_(self._dora_merge_factor.pop(name).to(weight.dtype))
             weight.sub_(self.delta_weight(name).to(weight.dtype))
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -404,20 +437,34 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(ids, *args, **kwargs)
         if self.merged:
             return result
+        embed_scale = self._embed_scale()
         if self.row_adapters is not None:
-            return result + self._mixed_delta(ids).to(result.dtype)
+            row_scale, delta = self._mixed_delta(ids)
+            if embed_scale is not None:
+                delta = delta * embed_scale.to(delta.dtype)
+            if row_scale is not None:
+                result = result * row_scale.to(result.dtype)
+            return result + delta.to(result.dtype)
         for name in self.active_adapters:
-            if name in self.r:
-                after_a = self._lookup(ids, self.lora_embedding_A[name].T)
-                result = result + (after_a @ self.lora_embedding_B[name].T * self.scaling[name]).to(result.dtype)
+            if name not in self.r:
+                continue
+            after_a = self._lookup(ids, self.lora_embedding_A[name].T)
+            delta = after_a @ self.lora_embedding_B[name].T * self.scaling[name]
+            if embed_scale is not None:
+                delta = delta * embed_scale.to(delta.dtype)
+            if self.use_dora[name]:
+                scale = self._dora_scale(name)
+                result, delta = result * scale.to(result.dtype), delta * scale.to(delta.dtype)
+            result = result + delta.to(result.dtype)
         return result
 
-    def _mixed_delta(self, ids: torch.Tensor) -> torch.Tensor:
+    def _mixed_delta(self, ids: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Each row's LoRA update, and each row's DoRA scale of the base output (None when no row uses DoRA)."""
         rows = self._row_groups(ids.shape[0])
         used = list(dict.fromkeys(n for n in rows if n is not None))
         weight = self.base_layer.weight
         if not used:
-            return weight.new_zeros(*ids.shape, self.out_features)
+            return None, weight.new_zeros(*ids.shape, self.out_features)
         r_max = max(self.r[n] for n in used)
         A = torch.stack([weight.new_zeros(self.in_features, r_max)] +
                         [F.pad(self.lora_embedding_A[n].T, (0, r_max - self.r[n])) for n in used])
@@ -427,7 +474,17 @@ class LoraEmbedding(LoraLayer):
         slot = torch.tensor([used.index(n) + 1 if n is not None else 0 for n in rows], device=ids.device)
         ids2 = ids.reshape(ids.shape[0], -1)
         after_a = A[slot[:, None], ids2]  # [batch, seq, r]
-        return torch.bmm(after_a, B[slot]).reshape(*ids.shape, self.out_features)
+        delta = torch.bmm(after_a, B[slot])
+        row_scale = None
+        if any(self.use_dora[n] for n in used):
+            scales = torch.ones(len(used) + 1, self.out_features, device=ids.device, dtype=delta.dtype)
+            for n in used:
+                if self.use_dora[n]:
+                    scales[used.index(n) + 1] = self._dora_scale(n)
+            row_scale = scales[slot][:, None, :]  # [batch, 1, dim]
+            delta = delta * row_scale
+            row_scale = row_scale.reshape(ids.shape[0], *([1] * (ids.dim() - 1)), self.out_features)
+        return row_scale, delta.reshape(*ids.shape, self.out_features)
 
 
 class ModulesToSaveWrapper(nn.Module):
