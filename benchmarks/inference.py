@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
@@ -22,7 +21,7 @@ import torch
 
 from lorakit import LoraConfig, get_peft_model
 
-from train_step import load_base, randomize_b  # noqa: E402  (benchmarks/ is the script's directory)
+from train_step import emit, load_base, randomize_b  # noqa: E402  (benchmarks/ is the script's directory)
 
 VARIANTS = ("base", "lorakit", "lorakit_merged", "peft")
 
@@ -129,12 +128,7 @@ def main(argv=None) -> dict:
             "merged_model_type": type(models["lorakit_merged"]).__name__,
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- model, batch -------------------------------------------------------------------------------------
+
+def emit(result: dict, out: str | None) -> None:
+    """Print the result as JSON, and write it to `out` too when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
 
 def load_base(args):
     dtype = getattr(torch, args.dtype)
@@ -340,12 +349,7 @@ def main(argv=None) -> dict:
         if "peft" in memory:
             ratios["peak_memory_over_peft"] = {k: round(m[key] / memory["peft"][key], 3)
                                                for k, m in memory.items() if k != "peft"}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

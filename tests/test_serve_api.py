@@ -220,6 +220,9 @@ def test_seed_reproducible_n_choices_and_length(env):
     ('{"model": "a", "prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "context_length_exceeded"),
     ('{"model": "a", "prompt": [1, 2, 99999]}', 400, "prompt", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "echo": true}', 400, "echo", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "suffix": "end"}', 400, "suffix", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "best_of": 3}', 400, "best_of", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "frequency_penalty": 0.5}', 400, "frequency_penalty", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "n": 17}', 400, "n", None),
     ('{"model": "a", "prompt": ["x", "y", "z", "w", "v"], "n": 16}', 400, "prompt", "invalid_value"),
@@ -237,6 +240,12 @@ def test_chat_errors_and_prompt_too_long(env):
                                                                                      "content": "x"}]}),
                  400, "messages.0.role")
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": []}), 400, "messages")
+    hello = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "tools": [tool]}),
+                 400, "tools", "unsupported_parameter", match="Tool calling")
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "logprobs": True}),
+                 400, "logprobs", "unsupported_parameter")
     long = "word " * 200  # 1000 tokens > --max-model-len 512
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user",
                                                                                      "content": long}]}),

@@ -169,6 +169,14 @@ async def _json(request: Request) -> Any:
         raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
 
 
+def _refuse_unsupported(**used: Any) -> None:
+    """A 400 naming the first OpenAI parameter that is set but that lorakit serve does not implement."""
+    for param, value in used.items():
+        if value:
+            what = "Tool calling is" if param == "tools" else f"'{param}' is"
+            raise APIError(400, f"{what} not supported by lorakit serve.", param=param, code="unsupported_parameter")
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -308,18 +316,8 @@ class _API:
     # -- endpoints ------------------------------------------------------------------------------------
     async def completions(self, request: Request):
         req = parse_body(CompletionRequest, await _json(request))
-        if req.echo:
-            raise APIError(400, "'echo' is not supported by lorakit serve.", param="echo",
-                           code="unsupported_parameter")
-        if req.logprobs:
-            raise APIError(400, "'logprobs' is not supported by lorakit serve.", param="logprobs",
-                           code="unsupported_parameter")
-        if req.best_of is not None and req.best_of != (req.n or 1):
-            raise APIError(400, "'best_of' is not supported by lorakit serve.", param="best_of",
-                           code="unsupported_parameter")
-        if req.suffix:
-            raise APIError(400, "'suffix' is not supported by lorakit serve.", param="suffix",
-                           code="unsupported_parameter")
+        _refuse_unsupported(echo=req.echo, logprobs=req.logprobs, suffix=req.suffix,
+                            best_of=req.best_of is not None and req.best_of != (req.n or 1))
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         prompts = self._prompts(req)
         params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt")
@@ -332,12 +330,7 @@ class _API:
 
     async def chat(self, request: Request):
         req = parse_body(ChatCompletionRequest, await _json(request))
-        if req.logprobs or req.top_logprobs:
-            raise APIError(400, "'logprobs' is not supported by lorakit serve.", param="logprobs",
-                           code="unsupported_parameter")
-        if req.tools:
-            raise APIError(400, "Tool calling is not supported by lorakit serve.", param="tools",
-                           code="unsupported_parameter")
+        _refuse_unsupported(logprobs=req.logprobs or req.top_logprobs, tools=req.tools)
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         ids = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
