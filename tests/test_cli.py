@@ -82,6 +82,9 @@ def test_config_file_values_are_overridden_by_flags(tmp_path):
     config = train_config_from_args(parser.parse_args(["train", "--config", str(json_file), "--lr", "0.25",
                                                        "--data", "b.jsonl"]))
     assert (config.data, config.lr, config.targets) == ("b.jsonl", 0.25, ["k_proj", "o_proj"])
+    config = train_config_from_args(parser.parse_args(["train", "--data", "a.jsonl", "--dora", "--rslora"]))
+    assert config.dora and config.rslora and not train_config_from_args(
+        parser.parse_args(["train", "--data", "a.jsonl"])).dora
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x\nlearning_rate: 0.1\n")
     with pytest.raises(CliError, match="unknown option.*learning_rate.*valid options:.*lr"):

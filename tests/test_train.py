@@ -189,6 +189,28 @@ def test_lora_run_writes_adapter_metrics_and_plot_and_peft_loads_it(tiny_base, d
     assert len(saved) == 16 and all(".lora_A." in k or ".lora_B." in k for k in saved)  # the base is not in it
 
 
+def test_dora_and_rslora_runs_load_in_peft(tiny_base, data_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "dora"
+    result = train(cfg(tiny_base, data_file, out, dora=True, rslora=True, max_steps=3, lr=1e-2))
+    assert result.steps == 3 and result.final_loss < result.first_loss
+    info = json.loads((out / "adapter_config.json").read_text())
+    assert info["use_dora"] is True and info["use_rslora"] is True
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert sum("lora_magnitude_vector" in k for k in saved) == 8  # 2 layers x q,k,v,o
+    from lorakit import PeftModel
+
+    x = torch.randint(0, 49152, (2, 12))
+    lk = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(out))
+    pf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(lk(input_ids=x).logits, pf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    r = train(cfg(tiny_base, data_file, tmp_path / "dora_bf16", dora=True, bf16=True, max_steps=2))
+    assert r.steps == 2 and r.final_loss == r.final_loss  # finite under a bf16 base
+    with pytest.raises(TrainError, match="LoRA options"):
+        cfg(tiny_base, data_file, tmp_path / "z", full=True, dora=True)
+
+
 def test_full_finetuning_saves_a_loadable_model(tiny_base, data_file, tmp_path):
     out = tmp_path / "full"
     result = train(cfg(tiny_base, data_file, out, full=True, max_steps=3, lr=1e-3))
@@ -255,6 +277,15 @@ def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_f
         train(cfg(tiny_base, data_file, out, max_steps=2))
     with pytest.raises(TrainError, match=r"lr: 0\.005 -> 0\.001"):
         train(cfg(tiny_base, data_file, out, max_steps=2, lr=1e-3, resume=True))
+    with pytest.raises(TrainError, match=r"dora: False -> True"):
+        train(cfg(tiny_base, data_file, out, max_steps=2, dora=True, resume=True))
+    # A checkpoint written before a setting existed resumes when that setting keeps its default.
+    for state_file in out.glob("checkpoints/*/trainer_state.pt"):
+        state = torch.load(state_file, weights_only=False)
+        for newer in ("dora", "rslora", "attention"):
+            state["config"].pop(newer)
+        torch.save(state, state_file)
+    assert train(cfg(tiny_base, data_file, out, max_steps=2, resume=True)).steps == 2
     with pytest.raises(TrainError, match="full fine-tuning cannot train 4-bit"):
         TrainConfig(data="x", full=True, quantize="nf4")
     with pytest.raises(TrainError, match="--data"):

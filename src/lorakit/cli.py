@@ -81,6 +81,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=S, help="lora_alpha (default 32)")
     g.add_argument("--targets", type=_csv, default=S, help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default 0.05)")
+    g.add_argument("--dora", action="store_true", default=S, help="DoRA: learn a magnitude per output feature too")
+    g.add_argument("--rslora", action="store_true", default=S, help="rank-stabilised scaling alpha / sqrt(r)")
     g.add_argument("--full", action="store_true", default=S, help="full fine-tuning baseline instead of LoRA")
     g.add_argument("--quantize", choices=["nf4"], default=S, help="QLoRA: keep the frozen base in 4-bit NF4")
     g = p.add_argument_group("optimisation")

@@ -38,7 +38,7 @@ TRAIN_INFO = "lorakit_train.json"  # next to the adapter: how it was trained (ev
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 # Changing any of these between a run and its resume would change the result, so resume refuses.
-RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "epochs", "max_steps", "lr",
+RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "dora", "rslora", "epochs", "max_steps", "lr",
                      "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
                      "max_length", "too_long", "full", "quantize", "attention")
@@ -61,6 +61,8 @@ class TrainConfig:
     alpha: float = 32.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     dropout: float = 0.05
+    dora: bool = False  # DoRA: a learned magnitude per output feature on top of LoRA
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) instead of alpha / r
     # optimisation
     epochs: int = 3
     max_steps: Optional[int] = None  # if set, overrides epochs
@@ -109,6 +111,7 @@ class TrainConfig:
             (self.too_long in ("truncate", "skip"), f"too_long must be 'truncate' or 'skip', got {self.too_long!r}"),
             (self.quantize in (None, "nf4"), f"quantize must be None or 'nf4', got {self.quantize!r}"),
             (not (self.full and self.quantize), "full fine-tuning cannot train 4-bit weights; drop quantize"),
+            (not (self.full and (self.dora or self.rslora)), "dora and rslora are LoRA options; drop them with full"),
             (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio must be positive"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.attention in (None, "eager", "sdpa"), f"attention must be 'eager' or 'sdpa', got {self.attention!r}"),
@@ -317,7 +320,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig
     from safetensors.torch import load_file
 
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    saved = state["config"]
+    # A setting newer than the checkpoint had its default value in the interrupted run.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **state["config"]}
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_MUST_MATCH
                if _norm(saved.get(k)) != _norm(getattr(config, k))]
     if changed:
@@ -388,7 +393,8 @@ def prepare_model(config: TrainConfig):
         model.requires_grad_(True)
     else:
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.targets),
-                          lora_dropout=config.dropout, task_type="CAUSAL_LM")
+                          lora_dropout=config.dropout, use_dora=config.dora, use_rslora=config.rslora,
+                          task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
