@@ -129,6 +129,17 @@ def test_inspect_reports_rank_targets_params_and_size(trained, capsys):
     main(["inspect", str(out)])
     text = capsys.readouterr().out
     assert "rank r" in text and "q_proj, v_proj" in text and "896 in 8 tensors" in text
+    assert "variants" not in text
+
+
+def test_inspect_names_dora_and_rslora(tmp_path, capsys):
+    from lorakit import LoraConfig, get_peft_model
+    from tiny_models import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, use_rslora=True))
+    model.save_pretrained(tmp_path)
+    main(["inspect", str(tmp_path)])
+    assert "variants        DoRA, rsLoRA (alpha / sqrt(r))" in capsys.readouterr().out
 
 
 def test_merge_writes_a_model_plain_transformers_loads(trained, tiny_base, tmp_path):

@@ -370,6 +370,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("parameters", f"{info['parameters']:,d} in {info['tensors']} tensors"),
         ("size on disk", _human_bytes(info["size_bytes"])),
     ]
+    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA (alpha / sqrt(r))")) if info[key]]
+    if variants:
+        lines.insert(5, ("variants", ", ".join(variants)))
     if info["rank_pattern"]:
         lines.append(("rank pattern", info["rank_pattern"]))
     if "training" in info:
