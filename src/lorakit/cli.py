@@ -358,21 +358,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     targets = info["target_modules"]
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
+    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA (alpha / sqrt(r))")) if info[key]]
     lines = [
         ("adapter", info["path"]),
         ("base model", info["base_model_name_or_path"]),
         ("type", f"{info['peft_type']} ({info['task_type']})"),
         ("rank r", info["r"]),
         ("lora_alpha", info["lora_alpha"]),
+        *([("variants", ", ".join(variants))] if variants else []),
         ("dropout", info["lora_dropout"]),
         ("target modules", targets),
         ("adapted layers", info["adapted_modules"]),
         ("parameters", f"{info['parameters']:,d} in {info['tensors']} tensors"),
         ("size on disk", _human_bytes(info["size_bytes"])),
     ]
-    variants = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA (alpha / sqrt(r))")) if info[key]]
-    if variants:
-        lines.insert(5, ("variants", ", ".join(variants)))
     if info["rank_pattern"]:
         lines.append(("rank pattern", info["rank_pattern"]))
     if "training" in info:

@@ -106,6 +106,18 @@ class LoraLayer(nn.Module):
                              "call unmerge_adapter() first.")
         return [n if n in self.r else None for n in names]
 
+    def _dora_row_scales(self, used: list[str], slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each row's DoRA scale m / ||W + delta|| ([rows, out]; 1 where the row's adapter is not DoRA).
+
+        `used` are the batch's adapters (slot i + 1 is used[i], slot 0 is the base), `weight` the
+        detached base weight in the LoRA dtype; subclasses give `_dora_scale(name, weight)`.
+        """
+        scales = torch.ones(len(used) + 1, self.out_features, device=weight.device, dtype=weight.dtype)
+        for i, name in enumerate(used, start=1):
+            if self.use_dora[name]:
+                scales[i] = self._dora_scale(name, weight)
+        return scales[slot]
+
     def delete(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"Adapter {name!r} is merged into the base weights; unmerge it before deleting it.")
@@ -296,8 +308,7 @@ class LoraLinear(LoraLayer):
                      lora_out: torch.Tensor) -> torch.Tensor:
         """DoRA: m / ||W + sBA|| rescales W x + s B A x; the norm is detached as in the DoRA paper (4.3)."""
         weight = self._base_weight().to(lora_out.dtype)
-        norm = self._weight_norm(weight.detach(), name).detach()
-        scale = self.lora_magnitude_vector[name].weight / norm
+        scale = self._dora_scale(name, weight)
         if x_lora is x or not self.training:
             base_out = base_result.to(lora_out.dtype)
             bias = getattr(self.base_layer, "bias", None)
@@ -306,6 +317,10 @@ class LoraLinear(LoraLayer):
         else:  # dropout changed the input, so W x must be recomputed on the dropped input
             base_out = F.linear(x_lora, weight)
         return (scale - 1) * base_out + scale * lora_out
+
+    def _dora_scale(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """m / ||W + sBA|| per output feature; the norm is detached as in the DoRA paper (4.3)."""
+        return self.lora_magnitude_vector[name].weight / self._weight_norm(weight.detach(), name).detach()
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One forward for a batch whose rows use different adapters: per-row A and B are gathered."""
@@ -329,13 +344,9 @@ class LoraLinear(LoraLayer):
             x3 = x3 * keep / (1 - p)[:, None, None]
         h = torch.bmm(x3, A[slot].transpose(1, 2))
         lora_out = torch.bmm(h, B[slot].transpose(1, 2))
-        dora_used = [n for n in used if self.use_dora[n]]
-        if dora_used:
+        if any(self.use_dora[n] for n in used):
             weight = self._base_weight().to(dtype).detach()
-            scales = torch.ones(len(used) + 1, self.out_features, device=x.device, dtype=dtype)
-            for n in dora_used:
-                scales[used.index(n) + 1] = self.lora_magnitude_vector[n].weight / self._weight_norm(weight, n).detach()
-            row_scale = scales[slot][:, None, :]
+            row_scale = self._dora_row_scales(used, slot, weight)[:, None, :]
             base_out = F.linear(x3, weight)
             lora_out = (row_scale - 1) * base_out + row_scale * lora_out
         return result + lora_out.reshape(result.shape).to(result.dtype)
@@ -387,10 +398,9 @@ class LoraEmbedding(LoraLayer):
         """Norms of the columns of W + delta (DoRA's normaliser), one per embedding dimension."""
         return (weight + self.delta_weight(name).to(weight.dtype)).norm(p=2, dim=0)
 
-    def _dora_scale(self, name: str) -> torch.Tensor:
-        """m / ||W + delta||, with the norm detached as in the DoRA paper (4.3)."""
-        norm = self._column_norm(self.base_layer.weight.detach(), name).detach()
-        return self.lora_magnitude_vector[name].weight / norm
+    def _dora_scale(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """m / ||W + delta|| per embedding dimension, with the norm detached as in the DoRA paper (4.3)."""
+        return self.lora_magnitude_vector[name].weight / self._column_norm(weight.detach(), name).detach()
 
     def _embed_scale(self) -> Optional[torch.Tensor]:
         """The scalar the base embedding multiplies its output by (Gemma 3), or None."""
@@ -453,7 +463,7 @@ class LoraEmbedding(LoraLayer):
             if embed_scale is not None:
                 delta = delta * embed_scale.to(delta.dtype)
             if self.use_dora[name]:
-                scale = self._dora_scale(name)
+                scale = self._dora_scale(name, self.base_layer.weight)
                 result, delta = result * scale.to(result.dtype), delta * scale.to(delta.dtype)
             result = result + delta.to(result.dtype)
         return result
@@ -477,11 +487,7 @@ class LoraEmbedding(LoraLayer):
         delta = torch.bmm(after_a, B[slot])
         row_scale = None
         if any(self.use_dora[n] for n in used):
-            scales = torch.ones(len(used) + 1, self.out_features, device=ids.device, dtype=delta.dtype)
-            for n in used:
-                if self.use_dora[n]:
-                    scales[used.index(n) + 1] = self._dora_scale(n)
-            row_scale = scales[slot][:, None, :]  # [batch, 1, dim]
+            row_scale = self._dora_row_scales(used, slot, weight.detach())[:, None, :]  # [batch, 1, dim]
             delta = delta * row_scale
             row_scale = row_scale.reshape(ids.shape[0], *([1] * (ids.dim() - 1)), self.out_features)
         return row_scale, delta.reshape(*ids.shape, self.out_features)

@@ -38,8 +38,8 @@ TRAIN_INFO = "lorakit_train.json"  # next to the adapter: how it was trained (ev
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 # Changing any of these between a run and its resume would change the result, so resume refuses.
-RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "dora", "rslora", "epochs", "max_steps", "lr",
-                     "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "dora", "rslora", "epochs", "max_steps",
+                     "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
                      "max_length", "too_long", "full", "quantize", "attention")
 
