@@ -10,20 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from lorakit import PeftModel
 from lorakit.cli import CliError, build_parser, main, train_config_from_args
-from tiny_models import save_tiny_chat_base, single_thread
 
 SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return save_tiny_chat_base(tmp_path_factory.mktemp("tiny_cli_base"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,9 @@ from lorakit.data import load_examples, tokenize_examples
 from lorakit.evaluate import evaluate, extract_facts, is_correct, normalize
 from lorakit.generation import generate, left_pad, stop_token_ids
 from lorakit.models import load_base_model
-from tiny_models import save_tiny_chat_base, single_thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return save_tiny_chat_base(tmp_path_factory.mktemp("tiny_eval_base"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,11 @@ from lorakit.data import collate
 from lorakit.fast import takes_fused_loss
 from lorakit.train import (TrainConfig, TrainError, accumulate_gradients, batch_loss, build_optimizer, load_data,
                            lr_lambda, prepare_model, train)
-from tiny_models import save_tiny_chat_base, single_thread
 
 WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jade", "kelp", "lumen"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models gain nothing from a second thread, and a waiting OpenMP team is slow on shared CPUs."""
-    if "smollm2" in request.node.name:
-        yield
-        return
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return save_tiny_chat_base(tmp_path_factory.mktemp("tiny_base"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +354,7 @@ def dataclass_dict(config):
     return dataclasses.asdict(config)
 
 
-def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path):
+def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path, all_threads):
     """The one test on the embedded model: a few real steps, the loss drops, the saved adapter reloads."""
     from lorakit import PeftModel
     from lorakit.models import load_base_model

@@ -77,7 +77,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--too-long", dest="too_long", choices=["truncate", "skip"], default=S,
                    help="what to do with longer examples (default truncate)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=int, default=S, help="rank (default 16)")
+    # --lora-r: torchrun's own parser takes a bare --r for an abbreviation of its options and stops.
+    g.add_argument("--r", "--lora-r", dest="r", type=int, default=S, help="rank (default 16)")
     g.add_argument("--alpha", type=float, default=S, help="lora_alpha (default 32)")
     g.add_argument("--targets", type=_csv, default=S, help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default 0.05)")
@@ -125,11 +126,13 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.distributed import world_from_env
     from lorakit.train import train
 
     config = train_config_from_args(args)
     result = train(config)
-    print(result.summary())
+    if world_from_env().is_main:  # under torchrun, one summary
+        print(result.summary())
     return 130 if result.interrupted else 0
 
 

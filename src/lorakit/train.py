@@ -2,6 +2,7 @@
 
 A plain PyTorch loop: AdamW on the trainable parameters, warmup + cosine schedule, gradient
 accumulation and clipping, checkpoints that a killed run resumes from with the same result.
+Started by torchrun, it trains on several processes with PyTorch DDP (lorakit.distributed).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lorakit import distributed
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
 from lorakit.errors import LoraKitError
 from lorakit.fast import takes_fused_loss
@@ -194,8 +196,13 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over response tokens, and how many response tokens there are."""
+def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = True,
+               runner: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over response tokens, and how many response tokens there are.
+
+    `runner` is what is called for the forward when it is not `model` itself (DDP wrapping it).
+    """
+    runner = model if runner is None else runner
     device = _device(model)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = batch["labels"]
@@ -205,7 +212,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
     if n and isinstance(model, PeftModel) and takes_fused_loss(model, {**inputs, "labels": labels}):
         # The fused head + cross-entropy (lorakit.fast): no logit is formed for a prompt token, and
         # none is kept for the backward. Its loss is the sum over targets / num_items_in_batch.
-        loss = model(**inputs, labels=labels, num_items_in_batch=n).loss
+        loss = runner(**inputs, labels=labels, num_items_in_batch=n).loss
         return loss * n, n
     start = 0
     kwargs = {}
@@ -214,7 +221,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
         # prompt positions that no label looks at.
         start = max(0, int(targets.any(0).nonzero()[0]) - 1)
         kwargs["logits_to_keep"] = labels.shape[1] - start
-    logits = model(**inputs, **kwargs).logits
+    logits = runner(**inputs, **kwargs).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, start + 1:]
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
@@ -223,36 +230,50 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], bf16: bool = False,
-                         logits_to_keep: bool = True) -> float:
-    """Backpropagate the mean response-token loss over all micro-batches of one step; returns that loss."""
-    # Normalising by the response tokens of the whole step (not of each micro-batch) makes
-    # accumulation give the same gradient as one big batch.
-    n_targets = max(1, sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
+                         logits_to_keep: bool = True, ddp: Optional[torch.nn.Module] = None,
+                         n_targets: Optional[int] = None) -> float:
+    """Backpropagate the mean response-token loss over all micro-batches of one step; returns that loss.
+
+    Under DDP (`ddp` wraps `model`), `batches` are this process's shares of the step, `n_targets`
+    counts the response tokens of the whole step on all processes, and the value returned is this
+    process's part of the mean (the parts sum to the loss).
+    """
+    # Normalising by the response tokens of the whole step (not of each micro-batch, nor of each
+    # process's share) makes accumulation and DDP give the same gradient as one big batch.
+    if n_targets is None:
+        n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    n_targets = max(1, n_targets)
+    # DDP averages the processes' gradients; scaling by their number turns that average into the sum.
+    scale = torch.distributed.get_world_size() if ddp is not None else 1
     total = 0.0
-    for batch in batches:
-        with _autocast(bf16, _device(model).type):
-            loss_sum, _ = batch_loss(model, batch, logits_to_keep)
-        (loss_sum / n_targets).backward()
+    for i, batch in enumerate(batches):
+        with distributed.no_sync(ddp, i < len(batches) - 1):  # all-reduce once, after the last micro-batch
+            with _autocast(bf16, _device(model).type):
+                loss_sum, _ = batch_loss(model, batch, logits_to_keep, runner=ddp)
+            (loss_sum * (scale / n_targets)).backward()
         total += loss_sum.item()
     return total / n_targets
 
 
 @torch.no_grad()
-def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 16, bf16: bool = False) -> float:
-    """Mean cross-entropy per response token over a whole tokenized set."""
+def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 16, bf16: bool = False,
+              world: distributed.World = distributed.World()) -> float:
+    """Mean cross-entropy per response token over a whole tokenized set (its batches dealt out over `world`)."""
     was_training = model.training
     model.eval()
     lengths = data.lengths
     order = sorted(range(len(data)), key=lambda i: lengths[i])  # similar lengths: less padding
     total, count = 0.0, 0
     keep = _supports_logits_to_keep(model)
-    for i in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for i in starts[world.rank::world.size]:
         batch = collate([data.items[j] for j in order[i:i + batch_size]], pad_token_id)
         with _autocast(bf16, _device(model).type):
             loss, n = batch_loss(model, batch, keep)
         total += float(loss)
         count += n
     model.train(was_training)
+    total, count = distributed.sum_across(world, [total, count], _device(model))
     return total / max(count, 1)
 
 
@@ -275,6 +296,10 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"step-{step:06d}"
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():  # dropout masks on a GPU come from its own generator
@@ -290,11 +315,15 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig) -> Path:
-    """Write step-N/ (trainable weights, optimizer, scheduler, RNG, data position) atomically."""
+def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
+                    process_rngs: Optional[list[dict]] = None) -> Path:
+    """Write step-N/ (trainable weights, optimizer, scheduler, RNG, data position) atomically.
+
+    `process_rngs`: under torchrun, every process's RNG state (from process 0, which writes).
+    """
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{position['step']:06d}"
+    final = checkpoint_dir(out, position["step"])
     if (final / STATE_FILE).is_file():
         return final
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -305,6 +334,8 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
             model.save_pretrained(tmp)  # a checkpoint is also a usable adapter
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": _rng_state(), "position": dict(position), "config": dataclasses.asdict(config)}
+        if process_rngs is not None:
+            state["process_rngs"] = process_rngs
         with atomic_write(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
         os.replace(tmp, final)
@@ -315,7 +346,8 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig,
+                    world: distributed.World = distributed.World()) -> dict:
     """Restore a checkpoint in place; returns the data position to continue from."""
     from safetensors.torch import load_file
 
@@ -338,7 +370,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    rngs = state.get("process_rngs") or [state["rng"]]
+    if len(rngs) == world.size:
+        _set_rng_state(rngs[world.rank])
+    else:
+        # Another number of processes than the run had: the batches are the same, dropout draws differ.
+        _set_rng_state(state["rng"])
+        if world.rank:
+            torch.manual_seed(config.seed + world.rank + 1_000 * state["position"]["step"])
+        if world.is_main:
+            print(f"lorakit: {path} was written by {len(rngs)} process(es), this run has {world.size}: the "
+                  "data order is kept, dropout masks will differ from an uninterrupted run", flush=True)
     return state["position"]
 
 
@@ -349,29 +391,35 @@ def _norm(value):
 # -- the run -----------------------------------------------------------------------------------------
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """Ctrl-C or SIGTERM asks the loop to checkpoint and stop after the current step; a second Ctrl-C aborts.
 
-    def __init__(self):
+    SIGTERM is what torchrun sends its processes on Ctrl-C, and what job schedulers send before a kill.
+    """
+
+    def __init__(self, who: str = "lorakit"):
         self.requested = False
-        self._previous = None
+        self.who = who
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{self.who}: {what}: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
         self.requested = True
-        print("\nlorakit: Ctrl-C: saving a checkpoint after this step (press again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def prepare_model(config: TrainConfig):
+def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
     """Load the base, optionally quantize it, and make the parameters that should train trainable."""
     from lorakit import LoraConfig, get_peft_model
 
@@ -380,8 +428,8 @@ def prepare_model(config: TrainConfig):
     # fully trained model) stay float32.
     frozen_bf16 = config.bf16 and not config.full
     dtype = torch.bfloat16 if frozen_bf16 and not config.quantize else torch.float32
-    model, tokenizer = load_base_model(config.base, dtype=dtype, device=resolve_device(config.device),
-                                       attention=config.attention)
+    device = resolve_device(config.device) if device is None else device
+    model, tokenizer = load_base_model(config.base, dtype=dtype, device=device, attention=config.attention)
     if config.quantize:
         from lorakit.quant import quantize_model
 
@@ -398,10 +446,10 @@ def prepare_model(config: TrainConfig):
         model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        # Reentrant checkpointing only backpropagates into a segment whose inputs need grad; with a
-        # frozen embedding they would not, and the LoRA weights inside would get no gradient.
-        inner.enable_input_require_grads()
+        # Non-reentrant checkpointing: it backpropagates into a segment whose inputs need no grad (the
+        # frozen embedding's output), and DDP takes it as it is (reentrant needs DDP's static graph,
+        # which then fails with gradient accumulation's no_sync).
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -411,7 +459,22 @@ def load_data(config: TrainConfig, tokenizer, path: str) -> TokenizedData:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a fine-tuning job; the final adapter (or full model) is written to config.out."""
+    """Run (or resume) a fine-tuning job; the final adapter (or full model) is written to config.out.
+
+    Started by torchrun, every process calls this: they train together with DDP, process 0 writes
+    the files, and all of them return the same result.
+    """
+    world = distributed.world_from_env()
+    device = distributed.process_device(world, resolve_device(config.device))
+    started = distributed.start(world, device)
+    try:
+        return _train(config, world, device)
+    finally:
+        if started:
+            distributed.stop(world)
+
+
+def _train(config: TrainConfig, world: distributed.World, device: torch.device) -> TrainResult:
     out = Path(config.out)
     checkpoints = list_checkpoints(out)
     if checkpoints and not config.resume:
@@ -419,23 +482,34 @@ def train(config: TrainConfig) -> TrainResult:
                          f"--resume to continue it, or choose another --out")
     random.seed(config.seed)
     np.random.seed(config.seed)
+    main = world.is_main
+    say = print if main else (lambda *args, **kwargs: None)
 
     # Data first: a bad row must fail before minutes go into loading the model.
     from lorakit.models import load_tokenizer
 
-    tokenizer = load_tokenizer(config.base)
+    with distributed.main_first(world):  # the first load of the embedded model fills the cache
+        tokenizer = load_tokenizer(config.base)
     train_data = load_data(config, tokenizer, config.data)
     eval_data = load_data(config, tokenizer, config.eval_data) if config.eval_data else None
-    print(f"lorakit: train data {config.data}: {train_data.summary()}", flush=True)
+    say(f"lorakit: train data {config.data}: {train_data.summary()}", flush=True)
     if eval_data is not None:
-        print(f"lorakit: eval data {config.eval_data}: {eval_data.summary()}", flush=True)
+        say(f"lorakit: eval data {config.eval_data}: {eval_data.summary()}", flush=True)
 
-    model, tokenizer = prepare_model(config)
+    model, tokenizer = prepare_model(config, device)
+    if world.rank:  # every process starts from the same LoRA weights, but draws its own dropout masks
+        torch.manual_seed(config.seed + world.rank)
+    ddp = distributed.wrap(model, world, device)
+    if world.is_distributed:
+        say(f"lorakit: {world.size} processes (torchrun), DDP over {device.type}; each micro-batch of "
+            f"{config.batch_size} examples is shared among them", flush=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad_id = tokenizer.pad_token_id
     keep = _supports_logits_to_keep(model)
+    lengths = train_data.lengths
+    response_tokens = [sum(1 for t in item["labels"] if t != IGNORE_INDEX) for item in train_data.items]
 
-    batches_per_epoch = len(length_grouped_batches(train_data.lengths, config.batch_size, config.seed, 0))
+    batches_per_epoch = len(length_grouped_batches(lengths, config.batch_size, config.seed, 0))
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     warmup_steps = int(config.warmup_ratio * total_steps)
@@ -444,42 +518,49 @@ def train(config: TrainConfig) -> TrainResult:
 
     position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_seconds": 0.0}
     metrics_path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
     if config.resume and checkpoints:
-        position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, config)
-        print(f"lorakit: resuming from {checkpoints[-1]} (step {position['step']}/{total_steps})", flush=True)
+        position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, config, world)
+        say(f"lorakit: resuming from {checkpoints[-1]} (step {position['step']}/{total_steps})", flush=True)
         kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= position["step"]]
     else:
         if config.resume:
-            print(f"lorakit: no checkpoint in {out / CHECKPOINTS}; starting from scratch", flush=True)
+            say(f"lorakit: no checkpoint in {out / CHECKPOINTS}; starting from scratch", flush=True)
         kept = []
-    with atomic_write(metrics_path, "w") as f:  # drop rows a killed run wrote after its last checkpoint
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+    distributed.barrier(world)  # all have read the old metrics before process 0 rewrites them
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(metrics_path, "w") as f:  # drop rows a killed run wrote after its last checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in kept)
     losses = [r["loss"] for r in kept if "loss" in r]
     last_eval = next((r["eval_loss"] for r in reversed(kept) if "eval_loss" in r), None)
     last_checkpoint = str(checkpoints[-1]) if config.resume and checkpoints else None
 
     model.train()
     plan_epoch, plan = -1, []
-    bar = _progress(config.progress, total_steps, position["step"])
+    bar = _progress(config.progress and main, total_steps, position["step"])
     interrupted = False
-    with _StopFlag() as stop, open(metrics_path, "a") as metrics:
+    who = f"lorakit (process {world.rank})" if world.is_distributed else "lorakit"
+    with _StopFlag(who) as stop, contextlib.ExitStack() as files:
+        metrics = files.enter_context(open(metrics_path, "a")) if main else None
         while position["step"] < total_steps:
             if plan_epoch != position["epoch"]:
                 plan_epoch = position["epoch"]
-                plan = length_grouped_batches(train_data.lengths, config.batch_size, config.seed, plan_epoch)
+                plan = length_grouped_batches(lengths, config.batch_size, config.seed, plan_epoch)
             micro = plan[position["batch"]:position["batch"] + config.grad_accum]
-            batches = [collate([train_data.items[i] for i in idx], pad_id) for idx in micro]
+            batches = [_collate_share(train_data, idx, world, pad_id) for idx in micro]
             t0 = time.perf_counter()
-            step_loss = accumulate_gradients(model, batches, config.bf16, keep)
+            step_loss = accumulate_gradients(model, batches, config.bf16, keep, ddp,
+                                             n_targets=sum(response_tokens[i] for idx in micro for i in idx))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # The processes' parts of the loss, and whether any of them was asked to stop.
+            step_loss, stop_votes = distributed.sum_across(world, [step_loss, float(stop.requested)], device)
             dt = time.perf_counter() - t0
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            n_tokens = sum(lengths[i] for idx in micro for i in idx)
 
             position["step"] += 1
             position["tokens"] += n_tokens
@@ -494,31 +575,30 @@ def train(config: TrainConfig) -> TrainResult:
                    "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                    "tokens_per_s": round(n_tokens / dt, 1)}
             if eval_data is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                last_eval = eval_loss(model, eval_data, pad_id, 2 * config.batch_size, config.bf16)
+                last_eval = eval_loss(model, eval_data, pad_id, 2 * config.batch_size, config.bf16, world)
                 row["eval_loss"] = round(last_eval, 6)
-            if step % config.log_every == 0 or "eval_loss" in row:
+            if metrics is not None and (step % config.log_every == 0 or "eval_loss" in row):
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}",
                             tok_s=f"{position['tokens'] / max(position['train_seconds'], 1e-9):.0f}")
-            if stop.requested or (config.save_every and step % config.save_every == 0 and step < total_steps):
-                metrics.flush()
-                last_checkpoint = str(save_checkpoint(out, model, optimizer, scheduler, position, config))
-            if stop.requested:
+            stopping = stop_votes > 0
+            if stopping or (config.save_every and step % config.save_every == 0 and step < total_steps):
+                last_checkpoint = _checkpoint(out, model, optimizer, scheduler, position, config, world)
+            if stopping:
                 interrupted = True
                 break
     bar.close()
 
     if not interrupted:
         if eval_data is not None:
-            last_eval = eval_loss(model, eval_data, pad_id, 2 * config.batch_size, config.bf16)
-            with open(metrics_path, "a") as metrics:
-                metrics.write(json.dumps({"step": position["step"], "eval_loss": round(last_eval, 6)}) + "\n")
-        _save_final(model, tokenizer, out, config)
-    from lorakit.plotting import plot_loss_curve
-
-    plot_loss_curve(metrics_path, out / "loss_curve.png")
+            last_eval = eval_loss(model, eval_data, pad_id, 2 * config.batch_size, config.bf16, world)
+            if main:
+                with open(metrics_path, "a") as metrics:
+                    metrics.write(json.dumps({"step": position["step"], "eval_loss": round(last_eval, 6)}) + "\n")
+        if main:
+            _save_final(model, tokenizer, out, config)
     tail = losses[-max(1, len(losses) // 10):]
     seconds = position["train_seconds"]
     result = TrainResult(
@@ -527,10 +607,36 @@ def train(config: TrainConfig) -> TrainResult:
         eval_loss=last_eval, tokens=position["tokens"], train_seconds=seconds,
         tokens_per_s=position["tokens"] / max(seconds, 1e-9), trainable_params=trainable,
         interrupted=interrupted, checkpoint=last_checkpoint)
-    if not interrupted:
-        atomic_save_json({"config": dataclasses.asdict(config), "result": dataclasses.asdict(result)},
-                         out / TRAIN_INFO)
+    if main:
+        from lorakit.plotting import plot_loss_curve
+
+        plot_loss_curve(metrics_path, out / "loss_curve.png")
+        if not interrupted:
+            atomic_save_json({"config": dataclasses.asdict(config), "result": dataclasses.asdict(result)},
+                             out / TRAIN_INFO)
+    distributed.barrier(world)  # no process returns before the files are there
     return result
+
+
+def _collate_share(data: TokenizedData, indices: list[int], world: distributed.World,
+                   pad_id: int) -> dict[str, torch.Tensor]:
+    """This process's rows of one micro-batch (all of them for a single process), collated."""
+    rows, stand_in = distributed.shard(indices, world)
+    batch = collate([data.items[i] for i in rows], pad_id)
+    if stand_in:
+        batch["labels"].fill_(IGNORE_INDEX)  # runs forward and backward for DDP, adds nothing
+    return batch
+
+
+def _checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
+                world: distributed.World) -> str:
+    """save_checkpoint by process 0, with every process's RNG state; all processes wait for it."""
+    rngs = distributed.gather_objects(world, _rng_state()) if world.is_distributed else None
+    path = checkpoint_dir(out, position["step"])
+    if world.is_main:
+        path = save_checkpoint(out, model, optimizer, scheduler, position, config, rngs)
+    distributed.barrier(world)
+    return str(path)
 
 
 def _save_final(model, tokenizer, out: Path, config: TrainConfig) -> None:
