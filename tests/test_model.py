@@ -314,3 +314,37 @@ def test_dora_on_nf4_base_equals_dora_on_the_dequantized_base():
     with pytest.warns(UserWarning, match="dequantized to full precision"):
         merged = on_nf4.merge_and_unload()
     assert torch.allclose(outputs(merged, ids), outputs(on_plain, ids), atol=ATOL)
+
+
+class _PairsDataset(torch.utils.data.Dataset):
+    """Token rows as a dataset hands them to the Hugging Face Trainer, with a column no model takes."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        ids = torch.randint(3, 100, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "source": f"row {i}"}
+
+
+def test_hf_trainer_trains_a_lorakit_model_as_it_trains_peft(tmp_path):
+    # The usual PEFT recipe with the import changed: Trainer keeps the columns forward names, passes
+    # num_items_in_batch, and takes the fused-loss path; it must end where PEFT ends.
+    from transformers import Trainer, TrainingArguments
+
+    setting = dict(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    theirs, ours = build_pair("llama", {}, **setting)
+    start = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" in k}
+    losses = {}
+    for name, model in (("lorakit", ours), ("peft", theirs)):
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_train_epochs=1,
+                                 learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        losses[name] = Trainer(model=model.train(), args=args, train_dataset=_PairsDataset()).train().training_loss
+    assert losses["lorakit"] == pytest.approx(losses["peft"], abs=1e-5)
+    mine = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    reference = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    assert mine.keys() == reference.keys() and len(mine) == 8
+    for key, value in mine.items():
+        assert torch.allclose(value, reference[key], atol=ATOL), key
+    assert all((mine[k] - start[k]).abs().max() > 1e-3 for k in mine)  # every tensor trained

@@ -370,7 +370,16 @@ class PeftModel(nn.Module):
 
 
 class PeftModelForCausalLM(PeftModel):
-    """Same as PeftModel; the name exists so code written for PEFT keeps working."""
+    """PeftModel for a causal LM, under PEFT's name; its forward names the usual inputs, as PEFT's does."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        # Named because callers read the signature: the Hugging Face Trainer drops every dataset column
+        # that forward does not name, which for *args / **kwargs alone would be all of them.
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+                 "labels": labels}
+        return super().forward(adapter_names=adapter_names, **{k: v for k, v in named.items() if v is not None},
+                               **kwargs)
 
 
 def _resolve_adapter_path(model_id: str | os.PathLike) -> Path:
