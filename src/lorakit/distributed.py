@@ -5,8 +5,8 @@
 torchrun starts the processes and sets RANK / WORLD_SIZE / LOCAL_RANK; lorakit reads them, joins the
 process group (NCCL on GPUs, Gloo on the CPU) and wraps the model in DistributedDataParallel. Every
 process reads the whole data set and the same batch plan; each micro-batch is dealt out across the
-processes, so a run on N processes takes the steps a single process would take, N times faster when
-compute dominates. Process 0 alone writes checkpoints, metrics, the progress bar and the adapter.
+processes, so a run on N processes takes the steps a single process would take, each process doing
+1/N of every step's work. Process 0 alone writes checkpoints, metrics, the progress bar and the adapter.
 """
 
 from __future__ import annotations

@@ -484,6 +484,10 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
     np.random.seed(config.seed)
     main = world.is_main
     say = print if main else (lambda *args, **kwargs: None)
+    if not main:  # one set of progress bars (transformers' weight loading), from process 0
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
     # Data first: a bad row must fail before minutes go into loading the model.
     from lorakit.models import load_tokenizer
