@@ -10,24 +10,19 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import write_code_pairs
 
 from lorakit.distributed import DistributedError, World, process_device, shard, world_from_env
 from lorakit.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jade", "kelp", "lumen"]
-
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     # 25 rows in micro-batches of 4: the last micro-batch of an epoch has one row, so the second
     # process gets none of it and must run a stand-in.
-    path = tmp_path_factory.mktemp("ddp_data") / "train.jsonl"
-    rows = [{"query": f"What does code {i} mean{'?' * (1 + i % 3)}",
-             "response": f"Code {i} means {WORDS[i % 12]}" + " and more" * (i % 4) + "."} for i in range(25)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return write_code_pairs(tmp_path_factory.mktemp("ddp_data") / "train.jsonl", 25)
 
 
 def settings(tiny_base, data_file, out, **kw) -> dict:

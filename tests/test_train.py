@@ -16,20 +16,14 @@ from lorakit.data import collate
 from lorakit.fast import takes_fused_loss
 from lorakit.train import (TrainConfig, TrainError, accumulate_gradients, batch_loss, build_optimizer, load_data,
                            lr_lambda, prepare_model, train)
-
-WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jade", "kelp", "lumen"]
-
+from tiny_models import write_code_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"query": f"What does code {i} mean{'?' * (1 + i % 3)}",
-             "response": f"Code {i} means {WORDS[i % 12]}" + " and more" * (i % 4) + "."} for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return write_code_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 24)
 
 
 def cfg(tiny_base, data_file, out, **kw):

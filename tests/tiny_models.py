@@ -1,6 +1,8 @@
-"""Tiny random models shared by the core tests (no downloads, built from configs)."""
+"""Tiny random models and data shared by the tests (no downloads, built from configs)."""
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -92,3 +94,15 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+CODE_WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "jade", "kelp",
+              "lumen"]
+
+
+def write_code_pairs(path, rows: int) -> str:
+    """`rows` (query, response) pairs about made-up codes, of varying length, as JSONL at `path`."""
+    pairs = [{"query": f"What does code {i} mean{'?' * (1 + i % 3)}",
+              "response": f"Code {i} means {CODE_WORDS[i % 12]}" + " and more" * (i % 4) + "."} for i in range(rows)]
+    Path(path).write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return str(path)
