@@ -1,4 +1,4 @@
-"""Multi-process training under torchrun (DDP on Gloo): same result as one process, stop and resume together."""
+"""Multi-process training under torchrun (DDP and FSDP on Gloo): same result as one process, stop and resume."""
 
 import json
 import os
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import write_code_pairs
 
-from lorakit.distributed import DistributedError, World, process_device, shard, world_from_env
-from lorakit.train import TrainConfig, train
+from lorakit.distributed import DistributedError, World, process_device, share, world_from_env
+from lorakit.train import TrainConfig, TrainError, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -42,7 +42,8 @@ def cli_args(config: dict) -> list[str]:
              "alpha": "--alpha", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "epochs": "--epochs",
              "lr": "--lr", "dropout": "--dropout", "save_every": "--save-every", "max_steps": "--max-steps"}
     args = [part for key, flag in flags.items() if key in config for part in (flag, str(config[key]))]
-    return args + (["--resume"] if config.get("resume") else []) + ["--no-progress"]
+    switches = [f"--{key}" for key in ("resume", "fsdp") if config.get(key)]
+    return args + switches + ["--no-progress"]
 
 
 def losses(out) -> list[float]:
@@ -71,11 +72,11 @@ def test_world_from_torchrun_environment():
 
 def test_micro_batch_rows_are_dealt_out_and_an_empty_share_gets_a_stand_in():
     batch = [7, 3, 9, 1, 4]
-    shares = [shard(batch, World(rank, 2)) for rank in range(2)]
+    shares = [share(batch, World(rank, 2)) for rank in range(2)]
     assert shares == [([7, 9, 4], False), ([3, 1], False)]
-    assert shard([5], World(0, 2)) == ([5], False)
-    assert shard([5], World(1, 2)) == ([5], True)  # runs the row, its loss counts zero
-    assert shard(batch, World()) == (batch, False)
+    assert share([5], World(0, 2)) == ([5], False)
+    assert share([5], World(1, 2)) == ([5], True)  # runs the row, its loss counts zero
+    assert share(batch, World()) == (batch, False)
 
 
 def test_one_gpu_per_process():
@@ -86,12 +87,13 @@ def test_one_gpu_per_process():
     assert process_device(World(), torch.device("cuda", 0)) == torch.device("cuda", 0)
 
 
-def test_two_processes_train_what_one_process_trains(tiny_base, data_file, tmp_path):
-    config = settings(tiny_base, data_file, tmp_path / "ddp")
+@pytest.mark.parametrize("strategy", ["DDP", "FSDP"])
+def test_two_processes_train_what_one_process_trains(tiny_base, data_file, tmp_path, strategy):
+    config = settings(tiny_base, data_file, tmp_path / "ddp", fsdp=strategy == "FSDP")
     ran = torchrun("-m", "lorakit", "train", *cli_args(config))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.count("trained 8 steps") == 1  # one summary, from process 0
-    assert "2 processes (torchrun), DDP over cpu" in ran.stdout
+    assert f"2 processes (torchrun), {strategy} over cpu" in ran.stdout
 
     single = train(TrainConfig(**settings(tiny_base, data_file, tmp_path / "single")))
     assert single.steps == 8
@@ -118,15 +120,16 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["DDP", "FSDP"])
 def test_sigterm_to_one_process_checkpoints_all_and_resume_matches_an_uninterrupted_run(
-        tiny_base, data_file, tmp_path, capsys):
+        tiny_base, data_file, tmp_path, capsys, fsdp):
     # dropout > 0: each process's RNG must come back from the checkpoint, not just process 0's
-    reference = settings(tiny_base, data_file, tmp_path / "ref", dropout=0.1, save_every=2)
+    reference = settings(tiny_base, data_file, tmp_path / "ref", dropout=0.1, save_every=2, fsdp=fsdp)
     ran = torchrun("-m", "lorakit", "train", *cli_args(reference))
     assert ran.returncode == 0, ran.stderr[-3000:]
 
     out = tmp_path / "stopped"
-    config = settings(tiny_base, data_file, out, dropout=0.1, save_every=2)
+    config = settings(tiny_base, data_file, out, dropout=0.1, save_every=2, fsdp=fsdp)
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     first = torchrun(str(runner), json.dumps(config), "3")
@@ -138,14 +141,26 @@ def test_sigterm_to_one_process_checkpoints_all_and_resume_matches_an_uninterrup
     assert len(state["process_rngs"]) == 2
     assert not torch.equal(state["process_rngs"][0]["torch"], state["process_rngs"][1]["torch"])
 
-    # The same checkpoint also resumes on one process (same batches; dropout draws differ, as it says).
+    # A DDP checkpoint also resumes on one process (same batches; dropout draws differ, as it says). An
+    # FSDP one keeps the optimizer state by parameter name: it resumes with --fsdp, and says so.
     shutil.copytree(out, tmp_path / "one")
-    alone = train(TrainConfig(**{**config, "out": str(tmp_path / "one")}, resume=True))
-    assert alone.steps == 8 and not alone.interrupted
-    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    alone = TrainConfig(**{**config, "out": str(tmp_path / "one"), "fsdp": False}, resume=True)
+    if fsdp:
+        with pytest.raises(TrainError, match="written by a run with --fsdp.*resume with --fsdp"):
+            train(alone)
+    else:
+        assert train(alone).steps == 8
+        assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
 
     resumed = torchrun("-m", "lorakit", "train", *cli_args({**config, "resume": True}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step 3/8" in resumed.stdout
     assert_same_adapter(out, tmp_path / "ref", atol=1e-6)
     assert losses(out) == pytest.approx(losses(tmp_path / "ref"), abs=1e-6)
+
+
+def test_fsdp_needs_torchrun_and_a_float_base(tiny_base, data_file, tmp_path):
+    with pytest.raises(TrainError, match="single process: start it with torchrun"):
+        train(TrainConfig(**settings(tiny_base, data_file, tmp_path / "o", fsdp=True)))
+    with pytest.raises(TrainError, match="train QLoRA with DDP"):
+        TrainConfig(**settings(tiny_base, data_file, tmp_path / "o", fsdp=True, quantize="nf4"))

@@ -104,6 +104,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (default: transformers' choice, sdpa); eager is faster for short rows on CPU")
     g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=S,
                    help="recompute activations in backward to save memory")
+    g.add_argument("--fsdp", action="store_true", default=S,
+                   help="under torchrun: shard the model across the processes (FSDP) instead of a copy in each (DDP)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--eval-every", dest="eval_every", type=int, default=S, help="steps between eval-loss runs")
     g.add_argument("--save-every", dest="save_every", type=int, default=S, help="steps between checkpoints")

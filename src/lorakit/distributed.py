@@ -1,12 +1,16 @@
-"""Multi-process training under torchrun: one process per device, gradients averaged by PyTorch DDP.
+"""Multi-process training under torchrun: one process per device, PyTorch DDP or FSDP.
 
-    torchrun --nproc-per-node 2 -m lorakit train --data train.jsonl --out run
+    torchrun --nproc-per-node 2 -m lorakit train --data train.jsonl --out run          # DDP
+    torchrun --nproc-per-node 2 -m lorakit train --data train.jsonl --out run --fsdp   # FSDP
 
 torchrun starts the processes and sets RANK / WORLD_SIZE / LOCAL_RANK; lorakit reads them, joins the
-process group (NCCL on GPUs, Gloo on the CPU) and wraps the model in DistributedDataParallel. Every
-process reads the whole data set and the same batch plan; each micro-batch is dealt out across the
-processes, so a run on N processes takes the steps a single process would take, each process doing
-1/N of every step's work. Process 0 alone writes checkpoints, metrics, the progress bar and the adapter.
+process group (NCCL on GPUs, Gloo on the CPU) and wraps the model: DistributedDataParallel keeps a whole
+copy of the model in every process and all-reduces the gradients; FSDP (fully_shard) keeps 1/N of every
+weight in each process, gathers a decoder layer's weights just for its forward and backward, and
+reduce-scatters the gradients. Every process reads the whole data set and the same batch plan; each
+micro-batch is dealt out across the processes, so a run on N processes takes the steps a single process
+would take, each process doing 1/N of every step's work. Process 0 alone writes checkpoints, metrics,
+the progress bar and the adapter.
 """
 
 from __future__ import annotations
@@ -125,11 +129,11 @@ def gather_objects(world: World, obj) -> list:
     return gathered
 
 
-def shard(indices: Sequence[int], world: World) -> tuple[list[int], bool]:
+def share(indices: Sequence[int], world: World) -> tuple[list[int], bool]:
     """This process's share of one micro-batch (every world.size-th row), and whether it is a stand-in.
 
-    A micro-batch with fewer rows than processes leaves some with nothing; DDP still needs each one to
-    run a backward, so those take the first row as a stand-in whose loss counts zero.
+    A micro-batch with fewer rows than processes leaves some with nothing; DDP and FSDP still need each
+    one to run a forward and backward, so those take the first row as a stand-in whose loss counts zero.
     """
     mine = list(indices[world.rank::world.size])
     if mine or not indices:
@@ -137,11 +141,13 @@ def shard(indices: Sequence[int], world: World) -> tuple[list[int], bool]:
     return list(indices[:1]), True
 
 
-def wrap(model: nn.Module, world: World, device: torch.device) -> Optional[nn.Module]:
-    """DistributedDataParallel around `model` (it all-reduces the trainable parameters' gradients);
-    None for a single process."""
+def wrap(model: nn.Module, world: World, device: torch.device, fsdp: bool = False) -> Optional[nn.Module]:
+    """What runs the model's forward: DistributedDataParallel around `model`, or `model` itself sharded
+    in place by FSDP (`fsdp`); None for a single process."""
     if not world.is_distributed:
         return None
+    if fsdp:
+        return shard(model, world, device)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
@@ -153,6 +159,63 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> Optional[nn.Mo
     return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
 
 
-def no_sync(ddp: Optional[nn.Module], skip: bool):
-    """ddp.no_sync() while `skip` (gradient accumulation's earlier micro-batches); otherwise nothing."""
-    return ddp.no_sync() if skip and ddp is not None else contextlib.nullcontext()
+def shard(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """FSDP's fully_shard on every decoder layer (transformers' _no_split_modules) and then on the whole model.
+
+    The weights move to `device` as they are sharded, so a model loaded on the CPU never needs to fit
+    one GPU whole.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_types = set(getattr(inner, "_no_split_modules", None) or ())
+    layers = [m for m in inner.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        raise DistributedError(f"--fsdp shards a model layer by layer, and {type(inner).__name__} names no layer "
+                               "class in _no_split_modules; use DDP (drop --fsdp)")
+    mesh = init_device_mesh(device.type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(module: Optional[nn.Module]) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def no_sync(parallel: Optional[nn.Module], skip: bool):
+    """While `skip` (gradient accumulation's earlier micro-batches), gradients stay in each process."""
+    if not skip or parallel is None:
+        return contextlib.nullcontext()
+    return _fsdp_no_sync(parallel) if is_sharded(parallel) else parallel.no_sync()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (every process must call this, in the same order); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def load_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param.copy_(value), where `value` is the whole tensor and `param` may be an FSDP shard of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            param.copy_(distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements))
+        else:
+            param.copy_(value)

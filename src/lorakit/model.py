@@ -317,9 +317,13 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # -- files --------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike,
-                        selected_adapters: Optional[Sequence[str]] = None, **_ignored) -> None:
-        """PEFT's layout: adapter 'default' at the top, every other adapter in a sub-folder of its name."""
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[Sequence[str]] = None,
+                        state_dict: Optional[dict] = None, **_ignored) -> None:
+        """PEFT's layout: adapter 'default' at the top, every other adapter in a sub-folder of its name.
+
+        `state_dict` (as PEFT's): the tensors to save instead of self.state_dict(), e.g. gathered from
+        FSDP shards.
+        """
         names = list(selected_adapters) if selected_adapters else list(self.peft_config)
         self.base_model._check(names)
         root = Path(save_directory)
@@ -329,7 +333,7 @@ class PeftModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             directory = root if name == "default" else root / name
-            tensors = adapter_state_dict(self, name, config.bias, lora_names)
+            tensors = adapter_state_dict(self, name, config.bias, lora_names, state_dict)
             atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
             data = config.to_dict()
             data["inference_mode"] = True

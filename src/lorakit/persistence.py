@@ -50,9 +50,10 @@ def bias_keys(state: dict[str, torch.Tensor], mode: str, lora_layer_names: set[s
     return keys
 
 
-def adapter_state_dict(module: nn.Module, adapter: str, bias: str, lora_layer_names: set[str]) -> dict:
-    """The tensors of one adapter under their on-disk names."""
-    state = module.state_dict()
+def adapter_state_dict(module: nn.Module, adapter: str, bias: str, lora_layer_names: set[str],
+                       state: Optional[dict] = None) -> dict:
+    """The tensors of one adapter under their on-disk names (from `state`, by default module.state_dict())."""
+    state = module.state_dict() if state is None else state
     out = {}
     for key, value in state.items():
         name = file_key(key, adapter)

@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard the model across the processes (FSDP) instead of copying it (DDP)
     attention: Optional[str] = None  # transformers attn_implementation ("eager", "sdpa"); None: its default
     device: str = "auto"  # "auto": the GPU if there is one, else the CPU; or "cpu", "cuda", "cuda:1"
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices learn at lr * ratio
@@ -114,6 +115,9 @@ class TrainConfig:
             (self.quantize in (None, "nf4"), f"quantize must be None or 'nf4', got {self.quantize!r}"),
             (not (self.full and self.quantize), "full fine-tuning cannot train 4-bit weights; drop quantize"),
             (not (self.full and (self.dora or self.rslora)), "dora and rslora are LoRA options; drop them with full"),
+            (not (self.fsdp and self.quantize), "fsdp shards floating-point weights, and a 4-bit (quantize nf4) base "
+                                                "has none to shard: train QLoRA with DDP (drop fsdp)"),
+            (not (self.fsdp and self.full), "fsdp trains LoRA adapters here; run full fine-tuning with DDP (drop fsdp)"),
             (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio must be positive"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.attention in (None, "eager", "sdpa"), f"attention must be 'eager' or 'sdpa', got {self.attention!r}"),
@@ -200,7 +204,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
                runner: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over response tokens, and how many response tokens there are.
 
-    `runner` is what is called for the forward when it is not `model` itself (DDP wrapping it).
+    `runner` is what is called for the forward when it is not `model` itself (DDP around it).
     """
     runner = model if runner is None else runner
     device = _device(model)
@@ -230,26 +234,26 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], bf16: bool = False,
-                         logits_to_keep: bool = True, ddp: Optional[torch.nn.Module] = None,
+                         logits_to_keep: bool = True, parallel: Optional[torch.nn.Module] = None,
                          n_targets: Optional[int] = None) -> float:
     """Backpropagate the mean response-token loss over all micro-batches of one step; returns that loss.
 
-    Under DDP (`ddp` wraps `model`), `batches` are this process's shares of the step, `n_targets`
-    counts the response tokens of the whole step on all processes, and the value returned is this
-    process's part of the mean (the parts sum to the loss).
+    Under torchrun (`parallel`: DDP around `model`, or `model` sharded by FSDP), `batches` are this
+    process's shares of the step, `n_targets` counts the response tokens of the whole step on all
+    processes, and the value returned is this process's part of the mean (the parts sum to the loss).
     """
     # Normalising by the response tokens of the whole step (not of each micro-batch, nor of each
     # process's share) makes accumulation and DDP give the same gradient as one big batch.
     if n_targets is None:
         n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     n_targets = max(1, n_targets)
-    # DDP averages the processes' gradients; scaling by their number turns that average into the sum.
-    scale = torch.distributed.get_world_size() if ddp is not None else 1
+    # DDP and FSDP average the processes' gradients; scaling by their number turns that into the sum.
+    scale = torch.distributed.get_world_size() if parallel is not None else 1
     total = 0.0
     for i, batch in enumerate(batches):
-        with distributed.no_sync(ddp, i < len(batches) - 1):  # all-reduce once, after the last micro-batch
+        with distributed.no_sync(parallel, i < len(batches) - 1):  # reduce once, after the last micro-batch
             with _autocast(bf16, _device(model).type):
-                loss_sum, _ = batch_loss(model, batch, logits_to_keep, runner=ddp)
+                loss_sum, _ = batch_loss(model, batch, logits_to_keep, runner=parallel)
             (loss_sum * (scale / n_targets)).backward()
         total += loss_sum.item()
     return total / n_targets
@@ -266,12 +270,17 @@ def eval_loss(model, data: TokenizedData, pad_token_id: int, batch_size: int = 1
     total, count = 0.0, 0
     keep = _supports_logits_to_keep(model)
     starts = range(0, len(order), batch_size)
-    for i in starts[world.rank::world.size]:
+    # Every process runs the same number of forwards (FSDP gathers weights in each): one without a
+    # batch of its own in the last round runs the first batch and does not count it.
+    rounds = math.ceil(len(starts) / world.size)
+    for index in range(world.rank, rounds * world.size, world.size):
+        i = starts[index] if index < len(starts) else 0
         batch = collate([data.items[j] for j in order[i:i + batch_size]], pad_token_id)
         with _autocast(bf16, _device(model).type):
             loss, n = batch_loss(model, batch, keep)
-        total += float(loss)
-        count += n
+        if index < len(starts):
+            total += float(loss)
+            count += n
     model.train(was_training)
     total, count = distributed.sum_across(world, [total, count], _device(model))
     return total / max(count, 1)
@@ -316,10 +325,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
-                    process_rngs: Optional[list[dict]] = None) -> Path:
+                    process_rngs: Optional[list[dict]] = None, gathered: Optional[dict] = None) -> Path:
     """Write step-N/ (trainable weights, optimizer, scheduler, RNG, data position) atomically.
 
-    `process_rngs`: under torchrun, every process's RNG state (from process 0, which writes).
+    Under torchrun (from process 0, which writes): `process_rngs`, every process's RNG state; with FSDP,
+    `gathered`, the whole trainable weights and optimizer state (gather_sharded_state).
     """
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -328,12 +338,16 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
         return final
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        trainable = gathered["trainable"] if gathered else {n: p for n, p in model.named_parameters()
+                                                             if p.requires_grad}
         atomic_save_safetensors(trainable, tmp / TRAINABLE_FILE)
-        if not config.full:
-            model.save_pretrained(tmp)  # a checkpoint is also a usable adapter
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "position": dict(position), "config": dataclasses.asdict(config)}
+        if not config.full:  # a checkpoint is also a usable adapter
+            model.save_pretrained(tmp, state_dict=trainable if gathered else None)
+        state = {"optimizer": gathered["optimizer"] if gathered else optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "position": dict(position),
+                 "config": dataclasses.asdict(config)}
+        if gathered:
+            state["optimizer_by_name"] = True  # keyed by parameter name, as FSDP's state-dict API writes it
         if process_rngs is not None:
             state["process_rngs"] = process_rngs
         with atomic_write(tmp / STATE_FILE, "wb") as f:
@@ -344,6 +358,21 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
     for old in list_checkpoints(out)[:-config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def gather_sharded_state(model, optimizer) -> dict:
+    """The whole trainable weights and optimizer state out of FSDP's shards, on process 0 (every process
+    must call this; the others get what they need to take part)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"trainable": whole_trainable(model), "optimizer": optimizer_state}
+
+
+def whole_trainable(model) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole (gathered from FSDP's shards: every process must call this)."""
+    return {n: distributed.full(p).detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig,
@@ -365,10 +394,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     if missing:
         raise TrainError(f"checkpoint {path} lacks {len(missing)} trainable tensors (first: {missing[0]})")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    by_name = state.get("optimizer_by_name", False)
+    if by_name != config.fsdp:
+        raise TrainError(f"cannot resume from {path}: it was written by a run {'with' if by_name else 'without'} "
+                         f"--fsdp, whose optimizer state is laid out differently; resume with"
+                         f"{'' if by_name else 'out'} --fsdp")
+    for name, tensor in tensors.items():
+        distributed.load_full(params[name], tensor)
+    if by_name:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rngs = state.get("process_rngs") or [state["rng"]]
     if len(rngs) == world.size:
@@ -465,6 +503,9 @@ def train(config: TrainConfig) -> TrainResult:
     the files, and all of them return the same result.
     """
     world = distributed.world_from_env()
+    if config.fsdp and not world.is_distributed:
+        raise TrainError("fsdp shards the model across torchrun's processes, and this is a single process: start "
+                         "it with torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
     device = distributed.process_device(world, resolve_device(config.device))
     started = distributed.start(world, device)
     try:
@@ -500,13 +541,14 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
     if eval_data is not None:
         say(f"lorakit: eval data {config.eval_data}: {eval_data.summary()}", flush=True)
 
-    model, tokenizer = prepare_model(config, device)
+    # FSDP moves each weight to the device as it shards it, so the model is loaded on the CPU first.
+    model, tokenizer = prepare_model(config, torch.device("cpu") if config.fsdp else device)
     if world.rank:  # every process starts from the same LoRA weights, but draws its own dropout masks
         torch.manual_seed(config.seed + world.rank)
-    ddp = distributed.wrap(model, world, device)
+    parallel = distributed.wrap(model, world, device, config.fsdp)
     if world.is_distributed:
-        say(f"lorakit: {world.size} processes (torchrun), DDP over {device.type}; each micro-batch of "
-            f"{config.batch_size} examples is shared among them", flush=True)
+        say(f"lorakit: {world.size} processes (torchrun), {'FSDP' if config.fsdp else 'DDP'} over {device.type}; "
+            f"each micro-batch of {config.batch_size} examples is shared among them", flush=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad_id = tokenizer.pad_token_id
     keep = _supports_logits_to_keep(model)
@@ -553,10 +595,10 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
             micro = plan[position["batch"]:position["batch"] + config.grad_accum]
             batches = [_collate_share(train_data, idx, world, pad_id) for idx in micro]
             t0 = time.perf_counter()
-            step_loss = accumulate_gradients(model, batches, config.bf16, keep, ddp,
+            step_loss = accumulate_gradients(model, batches, config.bf16, keep, parallel,
                                              n_targets=sum(response_tokens[i] for idx in micro for i in idx))
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+            grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -601,8 +643,9 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
             if main:
                 with open(metrics_path, "a") as metrics:
                     metrics.write(json.dumps({"step": position["step"], "eval_loss": round(last_eval, 6)}) + "\n")
+        gathered = whole_trainable(model) if config.fsdp else None
         if main:
-            _save_final(model, tokenizer, out, config)
+            _save_final(model, tokenizer, out, config, gathered)
     tail = losses[-max(1, len(losses) // 10):]
     seconds = position["train_seconds"]
     result = TrainResult(
@@ -625,7 +668,7 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
 def _collate_share(data: TokenizedData, indices: list[int], world: distributed.World,
                    pad_id: int) -> dict[str, torch.Tensor]:
     """This process's rows of one micro-batch (all of them for a single process), collated."""
-    rows, stand_in = distributed.shard(indices, world)
+    rows, stand_in = distributed.share(indices, world)
     batch = collate([data.items[i] for i in rows], pad_id)
     if stand_in:
         batch["labels"].fill_(IGNORE_INDEX)  # runs forward and backward for DDP, adds nothing
@@ -636,19 +679,20 @@ def _checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: 
                 world: distributed.World) -> str:
     """save_checkpoint by process 0, with every process's RNG state; all processes wait for it."""
     rngs = distributed.gather_objects(world, _rng_state()) if world.is_distributed else None
+    gathered = gather_sharded_state(model, optimizer) if config.fsdp else None
     path = checkpoint_dir(out, position["step"])
     if world.is_main:
-        path = save_checkpoint(out, model, optimizer, scheduler, position, config, rngs)
+        path = save_checkpoint(out, model, optimizer, scheduler, position, config, rngs, gathered)
     distributed.barrier(world)
     return str(path)
 
 
-def _save_final(model, tokenizer, out: Path, config: TrainConfig) -> None:
+def _save_final(model, tokenizer, out: Path, config: TrainConfig, gathered: Optional[dict] = None) -> None:
     if config.full:
         model.save_pretrained(out)  # a complete model directory, loadable as --base
         tokenizer.save_pretrained(out)
-    else:
-        model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+    else:  # adapter_config.json + adapter_model.safetensors (under FSDP from the gathered weights)
+        model.save_pretrained(out, state_dict=gathered)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
