@@ -22,3 +22,7 @@ class AdapterNotFoundError(LoraKitError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class TrainError(LoraKitError, ValueError):
+    """A training run cannot start or continue as asked."""

@@ -8,7 +8,6 @@ reference instead.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time

@@ -1,8 +1,9 @@
 """Supervised fine-tuning: LoRA (or full fine-tuning as a baseline) on chat-formatted pairs.
 
 A plain PyTorch loop: AdamW on the trainable parameters, warmup + cosine schedule, gradient
-accumulation and clipping, checkpoints that a killed run resumes from with the same result.
-Started by torchrun, it trains on several processes with PyTorch DDP (lorakit.distributed).
+accumulation and clipping, checkpoints that a killed run resumes from with the same result
+(lorakit.checkpoints). Started by torchrun, it trains on several processes with PyTorch DDP or FSDP
+(lorakit.distributed).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,27 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import distributed
+from lorakit.checkpoints import CHECKPOINTS, list_checkpoints, load_checkpoint, whole_trainable, write_checkpoint
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
-from lorakit.errors import LoraKitError
+from lorakit.errors import LoraKitError, TrainError
 from lorakit.fast import takes_fused_loss
-from lorakit.io_utils import atomic_save_json, atomic_save_safetensors, atomic_write
+from lorakit.io_utils import atomic_save_json, atomic_write
 from lorakit.model import PeftModel
 from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-CHECKPOINTS = "checkpoints"
 TRAIN_INFO = "lorakit_train.json"  # next to the adapter: how it was trained (eval reuses the prompt format)
-STATE_FILE = "trainer_state.pt"
-TRAINABLE_FILE = "trainable.safetensors"
-# Changing any of these between a run and its resume would change the result, so resume refuses.
-RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "dora", "rslora", "epochs", "max_steps",
-                     "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-                     "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
-                     "max_length", "too_long", "full", "quantize", "attention")
-
-
-class TrainError(LoraKitError, ValueError):
-    """A training run cannot start or continue as asked."""
 
 
 @dataclass
@@ -294,138 +282,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
-
-def list_checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (incomplete ones never get a step-* name)."""
-    root = Path(out) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def checkpoint_dir(out: Path, step: int) -> Path:
-    return Path(out) / CHECKPOINTS / f"step-{step:06d}"
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():  # dropout masks on a GPU come from its own generator
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
-                    process_rngs: Optional[list[dict]] = None, gathered: Optional[dict] = None) -> Path:
-    """Write step-N/ (trainable weights, optimizer, scheduler, RNG, data position) atomically.
-
-    Under torchrun (from process 0, which writes): `process_rngs`, every process's RNG state; with FSDP,
-    `gathered`, the whole trainable weights and optimizer state (gather_sharded_state).
-    """
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(out, position["step"])
-    if (final / STATE_FILE).is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        trainable = gathered["trainable"] if gathered else {n: p for n, p in model.named_parameters()
-                                                             if p.requires_grad}
-        atomic_save_safetensors(trainable, tmp / TRAINABLE_FILE)
-        if not config.full:  # a checkpoint is also a usable adapter
-            model.save_pretrained(tmp, state_dict=trainable if gathered else None)
-        state = {"optimizer": gathered["optimizer"] if gathered else optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "position": dict(position),
-                 "config": dataclasses.asdict(config)}
-        if gathered:
-            state["optimizer_by_name"] = True  # keyed by parameter name, as FSDP's state-dict API writes it
-        if process_rngs is not None:
-            state["process_rngs"] = process_rngs
-        with atomic_write(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(out)[:-config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def gather_sharded_state(model, optimizer) -> dict:
-    """The whole trainable weights and optimizer state out of FSDP's shards, on process 0 (every process
-    must call this; the others get what they need to take part)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    optimizer_state = get_optimizer_state_dict(model, optimizer,
-                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"trainable": whole_trainable(model), "optimizer": optimizer_state}
-
-
-def whole_trainable(model) -> dict[str, torch.Tensor]:
-    """The trainable weights, whole (gathered from FSDP's shards: every process must call this)."""
-    return {n: distributed.full(p).detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig,
-                    world: distributed.World = distributed.World()) -> dict:
-    """Restore a checkpoint in place; returns the data position to continue from."""
-    from safetensors.torch import load_file
-
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    # A setting newer than the checkpoint had its default value in the interrupted run.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **state["config"]}
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_MUST_MATCH
-               if _norm(saved.get(k)) != _norm(getattr(config, k))]
-    if changed:
-        raise TrainError(f"cannot resume from {path}: these settings differ from the interrupted run, which "
-                         f"would change the result: {'; '.join(changed)}. Use the original settings, or a new --out.")
-    tensors = load_file(str(path / TRAINABLE_FILE))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    if missing:
-        raise TrainError(f"checkpoint {path} lacks {len(missing)} trainable tensors (first: {missing[0]})")
-    by_name = state.get("optimizer_by_name", False)
-    if by_name != config.fsdp:
-        raise TrainError(f"cannot resume from {path}: it was written by a run {'with' if by_name else 'without'} "
-                         f"--fsdp, whose optimizer state is laid out differently; resume with"
-                         f"{'' if by_name else 'out'} --fsdp")
-    for name, tensor in tensors.items():
-        distributed.load_full(params[name], tensor)
-    if by_name:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rngs = state.get("process_rngs") or [state["rng"]]
-    if len(rngs) == world.size:
-        _set_rng_state(rngs[world.rank])
-    else:
-        # Another number of processes than the run had: the batches are the same, dropout draws differ.
-        _set_rng_state(state["rng"])
-        if world.rank:
-            torch.manual_seed(config.seed + world.rank + 1_000 * state["position"]["step"])
-        if world.is_main:
-            print(f"lorakit: {path} was written by {len(rngs)} process(es), this run has {world.size}: the "
-                  "data order is kept, dropout masks will differ from an uninterrupted run", flush=True)
-    return state["position"]
-
-
-def _norm(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 # -- the run -----------------------------------------------------------------------------------------
 
 class _StopFlag:
@@ -631,7 +487,7 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
                             tok_s=f"{position['tokens'] / max(position['train_seconds'], 1e-9):.0f}")
             stopping = stop_votes > 0
             if stopping or (config.save_every and step % config.save_every == 0 and step < total_steps):
-                last_checkpoint = _checkpoint(out, model, optimizer, scheduler, position, config, world)
+                last_checkpoint = write_checkpoint(out, model, optimizer, scheduler, position, config, world)
             if stopping:
                 interrupted = True
                 break
@@ -673,18 +529,6 @@ def _collate_share(data: TokenizedData, indices: list[int], world: distributed.W
     if stand_in:
         batch["labels"].fill_(IGNORE_INDEX)  # runs forward and backward for DDP, adds nothing
     return batch
-
-
-def _checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
-                world: distributed.World) -> str:
-    """save_checkpoint by process 0, with every process's RNG state; all processes wait for it."""
-    rngs = distributed.gather_objects(world, _rng_state()) if world.is_distributed else None
-    gathered = gather_sharded_state(model, optimizer) if config.fsdp else None
-    path = checkpoint_dir(out, position["step"])
-    if world.is_main:
-        path = save_checkpoint(out, model, optimizer, scheduler, position, config, rngs, gathered)
-    distributed.barrier(world)
-    return str(path)
 
 
 def _save_final(model, tokenizer, out: Path, config: TrainConfig, gathered: Optional[dict] = None) -> None:
