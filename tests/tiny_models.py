@@ -106,3 +106,12 @@ def write_code_pairs(path, rows: int) -> str:
               "response": f"Code {i} means {CODE_WORDS[i % 12]}" + " and more" * (i % 4) + "."} for i in range(rows)]
     Path(path).write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     return str(path)
+
+
+def tiny_train_config(tiny_base: str, data_file: str, out, **changes):
+    """A TrainConfig that trains a tiny base in well under a second (LoRA r=4, one epoch, no dropout)."""
+    from lorakit.train import TrainConfig
+
+    settings = dict(base=tiny_base, data=data_file, out=str(out), r=4, alpha=8, batch_size=4, epochs=1, lr=5e-3,
+                    dropout=0.0, progress=False)
+    return TrainConfig(**{**settings, **changes})
