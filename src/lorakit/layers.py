@@ -234,7 +234,7 @@ class LoraLinear(LoraLayer):
             weight = self._base_weight()
             delta = self.delta_weight(name).to(weight.dtype)
             if self.use_dora[name]:
-                factor = self.lora_magnitude_vector[name].weight / self._weight_norm(weight, name)
+                factor = self._dora_scale(name, weight)
                 merged = factor[:, None].to(weight.dtype) * (weight + delta)
                 self._dora_merge_factor[name] = factor.detach().clone()
             else:
@@ -425,7 +425,7 @@ class LoraEmbedding(LoraLayer):
             weight = self.base_layer.weight
             merged = weight + self.delta_weight(name).to(weight.dtype)
             if self.use_dora[name]:
-                factor = self.lora_magnitude_vector[name].weight / self._column_norm(weight, name)
+                factor = self._dora_scale(name, weight)
                 merged = merged * factor.to(weight.dtype)
                 self._dora_merge_factor[name] = factor.detach().clone()
             if safe_merge and not torch.isfinite(merged).all():
