@@ -1,5 +1,6 @@
 """Multi-process training under torchrun (DDP and FSDP on Gloo): same result as one process, stop and resume."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import write_code_pairs
+from tiny_models import tiny_train_config, write_code_pairs
 
 from lorakit.distributed import DistributedError, World, process_device, share, world_from_env
 from lorakit.train import TrainConfig, TrainError, train
@@ -25,10 +26,10 @@ def data_file(tmp_path_factory):
     return write_code_pairs(tmp_path_factory.mktemp("ddp_data") / "train.jsonl", 25)
 
 
-def settings(tiny_base, data_file, out, **kw) -> dict:
-    base = dict(base=tiny_base, data=data_file, eval_data=data_file, out=str(out), r=4, alpha=8, batch_size=4,
-                grad_accum=2, epochs=2, lr=5e-3, dropout=0.0, progress=False)
-    return {**base, **kw}
+def settings(tiny_base, data_file, out, **changes) -> dict:
+    """tiny_train_config with an eval set, accumulation and 2 epochs (8 steps), as a dict for the CLI too."""
+    config = tiny_train_config(tiny_base, data_file, out, eval_data=data_file, grad_accum=2, epochs=2, **changes)
+    return dataclasses.asdict(config)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -41,7 +42,7 @@ def cli_args(config: dict) -> list[str]:
     flags = {"base": "--base", "data": "--data", "eval_data": "--eval-data", "out": "--out", "r": "--lora-r",
              "alpha": "--alpha", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "epochs": "--epochs",
              "lr": "--lr", "dropout": "--dropout", "save_every": "--save-every", "max_steps": "--max-steps"}
-    args = [part for key, flag in flags.items() if key in config for part in (flag, str(config[key]))]
+    args = [part for key, flag in flags.items() if config.get(key) is not None for part in (flag, str(config[key]))]
     switches = [f"--{key}" for key in ("resume", "fsdp") if config.get(key)]
     return args + switches + ["--no-progress"]
 
@@ -144,7 +145,7 @@ def test_sigterm_to_one_process_checkpoints_all_and_resume_matches_an_uninterrup
     # A DDP checkpoint also resumes on one process (same batches; dropout draws differ, as it says). An
     # FSDP one keeps the optimizer state by parameter name: it resumes with --fsdp, and says so.
     shutil.copytree(out, tmp_path / "one")
-    alone = TrainConfig(**{**config, "out": str(tmp_path / "one"), "fsdp": False}, resume=True)
+    alone = TrainConfig(**{**config, "out": str(tmp_path / "one"), "fsdp": False, "resume": True})
     if fsdp:
         with pytest.raises(TrainError, match="written by a run with --fsdp.*resume with --fsdp"):
             train(alone)
