@@ -38,6 +38,16 @@ def test_local_dir_loads_with_name_and_pad(tiny_dir):
     assert next(model16.parameters()).dtype == torch.bfloat16
 
 
+def test_meta_device_builds_the_architecture_without_reading_weights(tiny_dir):
+    real, _ = load_base_model(str(tiny_dir), dtype=torch.bfloat16)
+    skeleton, tok = load_base_model(str(tiny_dir), dtype=torch.bfloat16, device="meta")
+    assert all(p.is_meta for p in skeleton.parameters())
+    shapes = {n: (p.shape, p.dtype) for n, p in skeleton.named_parameters()}
+    assert shapes == {n: (p.shape, p.dtype) for n, p in real.named_parameters()}
+    assert skeleton.config._name_or_path == str(tiny_dir) and tok.pad_token_id == skeleton.config.pad_token_id
+    assert skeleton.generation_config.to_dict() == real.generation_config.to_dict()
+
+
 def test_unknown_hub_id_gives_clear_error(monkeypatch):
     import huggingface_hub.constants
 

@@ -162,9 +162,11 @@ def wrap(model: nn.Module, world: World, device: torch.device, fsdp: bool = Fals
 def shard(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """FSDP's fully_shard on every decoder layer (transformers' _no_split_modules) and then on the whole model.
 
-    The weights move to `device` as they are sharded, so a model loaded on the CPU never needs to fit
-    one GPU whole.
+    Only process 0 needs real weights (loaded on the CPU); the others may hold the architecture on the
+    meta device. Process 0's weights are then sent out, each process keeping its 1/N shard on `device`,
+    so host memory holds the whole model once, not once per process, and no GPU ever holds it whole.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -174,10 +176,23 @@ def shard(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     if not layers:
         raise DistributedError(f"--fsdp shards a model layer by layer, and {type(inner).__name__} names no layer "
                                "class in _no_split_modules; use DDP (drop --fsdp)")
+    on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if world.is_main and on_meta:
+        raise DistributedError("process 0 must hold the real weights to send them to the others; it has "
+                               "parameters on the meta device")
+    whole = model.state_dict() if world.is_main else {}
     mesh = init_device_mesh(device.type, (world.size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if on_meta:
+        model.to_empty(device=device)
+    # Every process takes its shards of process 0's weights; buffers (rotary tables, left out of the
+    # state dict) are copied whole.
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -145,14 +146,21 @@ def load_base_model(
     """Load a causal LM and its tokenizer: "smollm2" (embedded default), a local directory or a hub id.
 
     `attention` picks transformers' attn_implementation ("eager", "sdpa", ...); None keeps its default.
+    `device="meta"` builds the architecture alone, reading no weights (FSDP fills it from process 0).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = resolve_base(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     extra = {"attn_implementation": attention} if attention else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+        if torch.device(device).type == "meta":
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype, **extra)
+            with contextlib.suppress(OSError):  # the directory's generation settings, as from_pretrained reads them
+                model.generation_config = GenerationConfig.from_pretrained(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_not_found_message(name_or_path, e)) from e
     # Adapters record this as base_model_name_or_path, so keep the name the user gave.

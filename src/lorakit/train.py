@@ -397,8 +397,10 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
     if eval_data is not None:
         say(f"lorakit: eval data {config.eval_data}: {eval_data.summary()}", flush=True)
 
-    # FSDP moves each weight to the device as it shards it, so the model is loaded on the CPU first.
-    model, tokenizer = prepare_model(config, torch.device("cpu") if config.fsdp else device)
+    # FSDP: process 0 loads the base on the CPU; the others build it on the meta device (no memory) and
+    # receive their shards of process 0's weights when it is sharded.
+    load_on = device if not config.fsdp else torch.device("cpu" if world.is_main else "meta")
+    model, tokenizer = prepare_model(config, load_on)
     if world.rank:  # every process starts from the same LoRA weights, but draws its own dropout masks
         torch.manual_seed(config.seed + world.rank)
     parallel = distributed.wrap(model, world, device, config.fsdp)
