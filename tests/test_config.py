@@ -33,7 +33,8 @@ def test_scaling_plain_rslora_and_patterns():
     ({"lora_alpha": float("nan")}, r"lora_alpha=nan is invalid"),
     ({"lora_dropout": 1.0}, r"lora_dropout=1.0 is invalid: expected a probability in \[0, 1\)"),
     ({"bias": "some"}, r"bias='some' is invalid: expected one of \('none', 'all', 'lora_only'\)"),
-    ({"init_lora_weights": "olora"}, r"init_lora_weights='olora' is invalid"),
+    ({"init_lora_weights": "loftq"}, r"init_lora_weights='loftq' is invalid: expected .*'pissa_niter_N', 'olora'"),
+    ({"init_lora_weights": "pissa_niter_x"}, r"init_lora_weights='pissa_niter_x' is invalid"),
     ({"task_type": "CAUSAL"}, r"task_type='CAUSAL' is invalid"),
     ({"target_modules": "q_proj("}, r"target_modules='q_proj\(' is invalid: expected .* valid regex"),
     ({"target_modules": []}, r"target_modules=\[\] is invalid"),
@@ -42,6 +43,7 @@ def test_scaling_plain_rslora_and_patterns():
     ({"layers_pattern": "layers"}, r"layers_pattern only has an effect together with layers_to_transform"),
     ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]=0 is invalid"),
     ({"use_dora": True, "init_lora_weights": "pissa"}, r"use_dora=True cannot be combined"),
+    ({"use_dora": True, "init_lora_weights": "pissa_niter_4"}, r"use_dora=True cannot be combined"),
     ({"peft_type": "IA3"}, r"peft_type='IA3' is invalid"),
 ])
 def test_invalid_values_fail_at_construction(kwargs, message):

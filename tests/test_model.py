@@ -93,6 +93,45 @@ def test_targeting_options_match_peft(extra):
     assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)
 
 
+def test_a_module_trained_whole_gets_no_lora_as_in_peft():
+    # lm_head both targeted and in modules_to_save: PEFT trains it whole and puts no LoRA in it.
+    theirs, ours = build_pair("llama", {}, target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert not any("lm_head" in n and "lora_" in n for n in ours.state_dict())
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    # all-linear on a classifier leaves its head to modules_to_save (SEQ_CLS adds "score" there)
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama().config
+    config.num_labels = 3
+    kwargs = dict(target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False)
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(config)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**kwargs))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_layers_to_transform_finds_any_numbered_container():
+    class Stack(torch.nn.Module):  # blocks in body.stack.N, a container name lorakit has no list for
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Module()
+            self.body.stack = torch.nn.ModuleList(torch.nn.ModuleDict({"fc": torch.nn.Linear(8, 8)}) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.body.stack:
+                x = block["fc"](x)
+            return x
+
+    kwargs = dict(target_modules=["fc"], layers_to_transform=[1], r=2)
+    theirs = peft.get_peft_model(Stack(), peft.LoraConfig(**kwargs))
+    ours = get_peft_model(Stack(), LoraConfig(**kwargs))
+    assert ours.base_model.targeted_module_names == ["body.stack.1.fc"]
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
 # -- files ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name,variant", [("llama", "plain"), ("llama", "dora"), ("gpt2", "bias_lora_only"),
                                                 ("llama", "modules_to_save"), ("llama_embedding", "dora")])
@@ -133,12 +172,72 @@ def test_saved_files_use_peft_key_names_and_fields(tmp_path):
 
 
 def test_from_pretrained_trainable_and_frozen(tmp_path):
-    _, ours = build_pair("llama", {})
+    _, ours = build_pair("llama", {}, lora_dropout=0.5)
     ours.save_pretrained(tmp_path)
-    frozen = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_llama().train(), tmp_path)
     assert frozen.get_nb_trainable_parameters()[0] == 0
-    trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert not frozen.training  # loaded for inference: no dropout, as PEFT
+    ids = token_batch()
+    assert torch.equal(outputs(frozen, ids), outputs(frozen, ids))
+    trainable = PeftModel.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == ours.get_nb_trainable_parameters()[0]
+    assert trainable.training
+
+
+def test_subfolder_and_save_options_as_in_peft(tmp_path):
+    _, ours = build_pair("llama", {})
+    ours.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    ids = token_batch()
+    ours.set_adapter("b")
+    expected = outputs(ours, ids)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="b")
+    assert torch.allclose(outputs(loaded, ids), expected, atol=ATOL)
+    loaded.load_adapter(tmp_path, "b2", subfolder="b")
+    loaded.set_adapter("b2")
+    assert torch.allclose(outputs(loaded, ids), expected, atol=ATOL)
+    with pytest.raises(lorakit.errors.AdapterLoadError, match="no sub-folder 'c'; sub-folders holding an adapter: b"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="c")
+    ours.save_pretrained(tmp_path / "not_main", is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+    with pytest.warns(UserWarning, match="ignores safe_serialization=False"):
+        ours.save_pretrained(tmp_path / "st", safe_serialization=False)
+    assert (tmp_path / "st" / "adapter_model.safetensors").is_file()
+    with pytest.warns(UserWarning, match="ignores these adapter-loading options: unknown_option"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, unknown_option=1, low_cpu_mem_usage=True)
+
+
+def test_peft_attributes_and_errors():
+    theirs, ours = build_pair("llama", VARIANTS["modules_to_save"])
+    assert ours.peft_type == "LORA" and ours.active_peft_config is ours.peft_config["default"]
+    assert ours.modules_to_save == set(theirs.modules_to_save) == {"lm_head"}
+    assert ours.base_model.targeted_module_names == theirs.targeted_module_names
+    ids = token_batch()
+    ours.disable_adapter_layers()
+    assert torch.allclose(outputs(ours, ids), outputs(tiny_llama(), ids), atol=ATOL)
+    ours.enable_adapter_layers()
+    assert torch.allclose(outputs(ours, ids), outputs(theirs, ids), atol=ATOL)
+    with pytest.raises(ValueError, match="No adapter named 'nope'"):  # PEFT raises ValueError too
+        ours.set_adapter("nope")
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 3 rows"):
+        ours(input_ids=ids, adapter_names=["default", "__base__"])
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa", "pissa_niter_4", "orthogonal"])
+def test_initialisations_of_peft_that_change_the_base(init):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
+    ours = get_peft_model(tiny_llama(), LoraConfig(**kwargs))
+    ids = token_batch()
+    # each starts as the base model: residual base + B A, or B A = 0 with neither factor zero
+    assert torch.allclose(outputs(ours, ids), outputs(tiny_llama(), ids), atol=ATOL)
+    if init in ("olora", "pissa"):  # deterministic: the same factors and residual as PEFT's
+        theirs_state = theirs.state_dict()
+        for key, value in ours.state_dict().items():
+            assert torch.allclose(value, theirs_state[key], atol=ATOL), key
+    else:  # random: the update starts at zero although B does not
+        layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.lora_B["default"].weight.abs().min() > 0
 
 
 def test_many_adapters_saved_in_peft_layout(tmp_path):
@@ -221,6 +320,40 @@ def test_merge_equals_unmerged_and_unmerge_restores(model_name, variant):
     assert not any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in merged.modules())
     assert type(merged) is type(MODELS[model_name][0]())
     assert torch.allclose(outputs(merged, ids), expected, atol=ATOL)
+
+
+def test_merging_dora_after_another_adapter_equals_unmerged():
+    # The DoRA norm is taken on the base without merged adapters, as its forward sees it (and PEFT).
+    _, ours = build_pair("llama_embedding", {})
+    ours.add_adapter("d", LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], use_dora=True,
+                                     init_lora_weights=False))
+    ours.set_adapter(["default", "d"])
+    ids = token_batch()
+    expected = outputs(ours, ids)
+    ours.merge_adapter()
+    assert torch.allclose(outputs(ours, ids), expected, atol=ATOL)
+    ours.unmerge_adapter()
+    assert torch.allclose(outputs(ours, ids), expected, atol=ATOL)
+
+
+def test_embedding_adapter_on_a_bf16_base_trains_in_float32():
+    ours = get_peft_model(tiny_llama().to(torch.bfloat16),
+                          LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    dtypes = {n.split(".")[-2 if "magnitude" in n else -1]: p.dtype for n, p in ours.named_parameters()
+              if p.requires_grad}
+    assert set(dtypes.values()) == {torch.float32}
+    ids = token_batch()
+    assert outputs(ours, ids, adapter_names=["default", "__base__", "default"]).dtype == torch.bfloat16
+
+
+def test_merging_into_tied_weights_warns():
+    base = tiny_llama()
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    ours = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.warns(UserWarning, match="merging into model.embed_tokens, whose weight is tied to lm_head"):
+        ours.merge_and_unload()
 
 
 def test_merged_model_is_plain_transformers(tmp_path):

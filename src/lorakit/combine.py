@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from .layers import LoraEmbedding, LoraLayer
+from .layers import LoraEmbedding, LoraLayer, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -30,7 +30,10 @@ def _set_factors(layer: LoraLayer, name: str, A: torch.Tensor, B: torch.Tensor) 
         target_B.copy_(B.to(target_B.dtype))
 
 
-def _combined_rank(layer: LoraLayer, present: list[str], combination: str, svd_rank: Optional[int]) -> int:
+def _combined_rank(layer: LoraLayer, present: list[str], combination: str, svd_rank: Optional[int],
+                   max_rank: int) -> int:
+    """The new adapter's rank on `layer`; svd's default is the largest rank of the adapters anywhere, so a
+    layer where they have a smaller rank (rank_pattern) still holds their sum exactly, as PEFT's does."""
     ranks = [layer.r[n] for n in present]
     if combination == "linear":
         if len(set(ranks)) != 1:
@@ -39,7 +42,18 @@ def _combined_rank(layer: LoraLayer, present: list[str], combination: str, svd_r
         return ranks[0]
     if combination == "cat":
         return sum(ranks)
-    return svd_rank or max(ranks)
+    return svd_rank or max_rank
+
+
+def _modules_saved_whole(lora_model: "LoraModel", adapters: list[str]) -> dict[str, tuple]:
+    """{module name: (its ModulesToSaveWrapper, the adapters that keep a trained copy of it)}."""
+    found = {}
+    for name, module in lora_model.model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            holders = [a for a in adapters if a in module.modules_to_save]
+            if holders:
+                found[name] = (module, holders)
+    return found
 
 
 def add_weighted_adapter(lora_model: "LoraModel", adapters: Sequence[str], weights: Sequence[float],
@@ -58,11 +72,18 @@ def add_weighted_adapter(lora_model: "LoraModel", adapters: Sequence[str], weigh
     if len({c.use_dora for c in configs}) > 1 or configs[0].use_dora:
         raise ValueError("add_weighted_adapter does not combine DoRA adapters (their magnitudes do not add).")
 
+    saved_whole = _modules_saved_whole(lora_model, adapters)
+    shared = [name for name, (_, holders) in saved_whole.items() if len(holders) > 1]
+    if shared:
+        raise ValueError(f"add_weighted_adapter cannot combine modules that several of these adapters train whole "
+                         f"(modules_to_save): {', '.join(shared)}. Only LoRA factors can be weighted.")
+
+    layers = [(name, layer) for name, layer in lora_model.lora_layers() if any(a in layer.r for a in adapters)]
+    max_rank = max(layer.r[a] for _, layer in layers for a in adapters if a in layer.r)
     plans = {}
-    for name, layer in lora_model.lora_layers():
+    for name, layer in layers:
         present = [a for a in adapters if a in layer.r]
-        if present:
-            plans[name] = (layer, present, _combined_rank(layer, present, combination_type, svd_rank))
+        plans[name] = (layer, present, _combined_rank(layer, present, combination_type, svd_rank, max_rank))
     ranks = {name: plan[2] for name, plan in plans.items()}
     base_rank = max(ranks.values())
     pattern = {f"^{name}$".replace(".", r"\."): rank for name, rank in ranks.items() if rank != base_rank}
@@ -71,8 +92,13 @@ def add_weighted_adapter(lora_model: "LoraModel", adapters: Sequence[str], weigh
                      rank_pattern={k[1:-1]: v for k, v in pattern.items()},
                      alpha_pattern={k[1:-1]: v for k, v in pattern.items()},
                      target_modules=targets, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                     modules_to_save=sorted({c for config in configs for c in config.modules_to_save or []}) or None,
                      init_lora_weights=True, inference_mode=True)
     lora_model.add_adapter(adapter_name, config)
+    # A module one adapter trains whole cannot be weighted: the new adapter takes that adapter's copy.
+    for wrapper, holders in saved_whole.values():
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[holders[0]].state_dict())
 
     for layer, present, rank in plans.values():
         pairs = [(_factors(layer, a), weights[adapters.index(a)] * layer.scaling[a]) for a in present]

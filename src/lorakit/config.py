@@ -18,7 +18,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "pissa")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora", "orthogonal")
 ALL_LINEAR = "all-linear"
 
 # Fields that PEFT writes into adapter_config.json but that lorakit does not implement. They are
@@ -119,9 +119,10 @@ class LoraConfig:
             raise bad("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         if self.bias not in BIAS_MODES:
             raise bad("bias", self.bias, f"one of {BIAS_MODES}")
-        if self.init_lora_weights not in INIT_MODES:
-            raise bad("init_lora_weights", self.init_lora_weights,
-                      "True (A kaiming-uniform, B zeros), 'gaussian', False (both random) or 'pissa'")
+        init = self.init_lora_weights
+        if init not in INIT_MODES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+            raise bad("init_lora_weights", init, "True (A kaiming-uniform, B zeros), 'gaussian', False (both "
+                      "random), 'pissa', 'pissa_niter_N', 'olora' or 'orthogonal'")
         if self.task_type not in TASK_TYPES:
             raise bad("task_type", self.task_type, f"one of {TASK_TYPES}")
         for name in ("target_modules", "exclude_modules"):
@@ -153,8 +154,9 @@ class LoraConfig:
                 ok = isinstance(value, int) and value > 0 if expect_int else isinstance(value, (int, float))
                 if isinstance(value, bool) or not ok:
                     raise bad(f"{name}[{key!r}]", value, "a positive integer rank" if expect_int else "a number")
-        if self.use_dora and self.init_lora_weights == "pissa":
-            raise ConfigError("LoraConfig: use_dora=True cannot be combined with init_lora_weights='pissa'.")
+        if self.use_dora and str(self.init_lora_weights).startswith("pissa"):
+            raise ConfigError(f"LoraConfig: use_dora=True cannot be combined with "
+                              f"init_lora_weights={self.init_lora_weights!r}.")
 
     # -- per-module rank and alpha ---------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:

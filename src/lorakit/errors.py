@@ -17,8 +17,8 @@ class AdapterLoadError(LoraKitError, ValueError):
     """An adapter file is missing, corrupt, or does not fit the base model."""
 
 
-class AdapterNotFoundError(LoraKitError, KeyError):
-    """An adapter name that is not loaded was asked for."""
+class AdapterNotFoundError(LoraKitError, KeyError, ValueError):
+    """An adapter name that is not loaded was asked for (a ValueError, as PEFT raises, and a KeyError)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""

@@ -12,8 +12,6 @@ from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .errors import TargetModulesError
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_linear_like
 
-LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
-
 
 def iter_model_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """named_modules() that treats LoRA layers and modules_to_save wrappers as leaves."""
@@ -42,8 +40,9 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _layer_index(name: str, patterns) -> Optional[int]:
-    alternatives = "|".join(re.escape(p) for p in patterns)
-    match = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    """The index after the first container named in `patterns` (any named container when None), as PEFT."""
+    container = "|".join(re.escape(p) for p in patterns) if patterns else "[^.]+"
+    match = re.search(rf"(?:^|\.)(?:{container})\.(\d+)(?:\.|$)", name)
     return int(match.group(1)) if match else None
 
 
@@ -67,13 +66,16 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"Pass target_modules, e.g. one of: {', '.join(candidate_names(model))}; or 'all-linear'.")
         spec = DEFAULT_TARGETS[model_type]
     heads = _output_head_names(model)
-    layer_patterns = config.layers_pattern or LAYER_PATTERNS
+    layer_patterns = config.layers_pattern or None
     if isinstance(layer_patterns, str):
         layer_patterns = [layer_patterns]
 
+    kept_whole = modules_to_save_names(config)
     targets, unsupported = [], []
     for name, module in iter_model_modules(model):
         if not _name_matches(name, module, spec, heads):
+            continue
+        if _within(name, kept_whole):  # a module trained whole gets no LoRA inside it, as in PEFT
             continue
         if config.exclude_modules and _name_matches(name, module, config.exclude_modules, heads):
             continue
@@ -134,15 +136,27 @@ def wrap_target(model: nn.Module, name: str, config: LoraConfig, adapter_name: s
     return module
 
 
+def modules_to_save_names(config: LoraConfig) -> list[str]:
+    """config.modules_to_save, plus the classifier head names for SEQ_CLS (PEFT's rule)."""
+    names = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        names += [n for n in ("classifier", "score") if n not in names]
+    return names
+
+
+def _within(name: str, module_names: list[str]) -> bool:
+    """Whether `name` is one of `module_names` (by name components) or lies inside one."""
+    dotted = f".{name}."
+    return any(f".{m}." in dotted for m in module_names)
+
+
 def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    wanted = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS" and not wanted:
-        wanted = ["classifier", "score"]
+    wanted = modules_to_save_names(config)
     if not wanted:
         return []
     found = [name for name, module in iter_model_modules(model)
              if _suffix_match(name, wanted) and not isinstance(module, LoraLayer)]
-    if config.modules_to_save and not found:
+    if config.modules_to_save and not any(_suffix_match(n, list(config.modules_to_save)) for n in found):
         raise TargetModulesError(
             f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}. "
             f"Top-level candidates: {', '.join(n for n, _ in model.named_children())}.")

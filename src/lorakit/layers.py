@@ -139,9 +139,27 @@ class LoraLayer(nn.Module):
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         names = [n for n in (adapter_names or self.active_adapters) if n in self.r and n not in self.merged_adapters]
         self._forget_fast_route()
+        # DoRA's norm is taken on the weight its forward sees, the base without merged adapters; once one
+        # adapter is merged the stored weight is no longer that.
+        unmerged = None
+        if any(self.use_dora[n] for n in names) and (self.merged_adapters or len(names) > 1):
+            with torch.no_grad():
+                unmerged = self._unmerged_base_weight()
         for name in names:
-            self._merge_one(name, safe_merge)
+            self._merge_one(name, safe_merge, unmerged)
             self.merged_adapters.append(name)
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out again (a new tensor)."""
+        weight = self._base_weight().clone()
+        for name in reversed(self.merged_adapters):
+            weight = self._without(weight, name)
+        return weight
+
+    def _unmerge_one(self, name: str) -> None:
+        with torch.no_grad():
+            self._set_base_weight(self._without(self._base_weight(), name))
+            self._dora_merge_factor.pop(name, None)
 
 
 class LoraLinear(LoraLayer):
@@ -180,29 +198,51 @@ class LoraLinear(LoraLayer):
         with torch.no_grad():
             if init is False:
                 return  # both random (nn.Linear's default init): useful for tests
-            if init == "pissa":
-                self._init_pissa(name)
-                return
-            if init == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[name])
+            if init in ("pissa", "olora") or str(init).startswith("pissa_niter_"):
+                self._init_from_base_weight(name, init)
+            elif init == "orthogonal":
+                self._init_orthogonal(name)
             else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
+                if init == "gaussian":
+                    nn.init.normal_(A, std=1 / self.r[name])
+                else:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                nn.init.zeros_(B)
 
-    def _init_pissa(self, name: str) -> None:
-        """PiSSA: A, B from the top-r singular vectors of W; W keeps only the residual."""
+    def _init_from_base_weight(self, name: str, init: str) -> None:
+        """PiSSA (A, B from the top-r singular vectors of W; "pissa_niter_N": a randomized SVD with N
+        iterations) or OLoRA (A, B from a QR decomposition of W). W keeps only the residual W - s B A."""
         if is_quantized_linear(self.base_layer):
-            raise ConfigError("init_lora_weights='pissa' needs a full-precision base weight; "
-                              "apply PiSSA before quantizing the model.")
+            raise ConfigError(f"init_lora_weights={init!r} needs a full-precision base weight; "
+                              "initialise the adapter before quantizing the model.")
         weight = self._base_weight().float()
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
         r, scale = self.r[name], self.scaling[name]
-        sqrt_s = torch.sqrt(S[:r] / scale)
-        A = sqrt_s[:, None] * Vh[:r]
-        B = U[:, :r] * sqrt_s[None, :]
+        if init == "olora":
+            Q, R = torch.linalg.qr(weight)
+            A, B = R[:r], Q[:, :r]
+        else:
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                U, S, V = torch.svd_lowrank(weight, q=r, niter=int(init.removeprefix("pissa_niter_")))
+                Vh = V.T
+            sqrt_s = torch.sqrt(S / scale)
+            A, B = sqrt_s[:, None] * Vh, U * sqrt_s[None, :]
         self.lora_A[name].weight.copy_(A)
         self.lora_B[name].weight.copy_(B)
         self._set_base_weight(weight - scale * (B @ A))
+
+    def _init_orthogonal(self, name: str) -> None:
+        """A and B built on disjoint rows of one random orthogonal matrix, so B @ A = 0 with neither zero."""
+        r = self.r[name]
+        if r % 2:
+            raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}.")
+        Q, _ = torch.linalg.qr(torch.randn(r, r))
+        A = (torch.randn(self.in_features, r // 2) @ Q[0::2]).T / 10
+        B = torch.randn(self.out_features, r // 2) @ Q[1::2] / 10
+        self.lora_A[name].weight.copy_(A)
+        self.lora_B[name].weight.copy_(B)
 
     # -- base weight access ------------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -229,12 +269,13 @@ class LoraLinear(LoraLayer):
         return (weight + self.delta_weight(name).to(weight.dtype)).norm(p=2, dim=1)
 
     # -- merging -----------------------------------------------------------------------------------
-    def _merge_one(self, name: str, safe_merge: bool) -> None:
+    def _merge_one(self, name: str, safe_merge: bool, unmerged: Optional[torch.Tensor] = None) -> None:
+        """W <- W + delta, or for DoRA W <- f (W + delta) with f = m / ||W0 + delta|| (W0: `unmerged`, else W)."""
         with torch.no_grad():
             weight = self._base_weight()
             delta = self.delta_weight(name).to(weight.dtype)
             if self.use_dora[name]:
-                factor = self._dora_scale(name, weight)
+                factor = self._dora_scale(name, weight if unmerged is None else unmerged)
                 merged = factor[:, None].to(weight.dtype) * (weight + delta)
                 self._dora_merge_factor[name] = factor.detach().clone()
             else:
@@ -244,14 +285,11 @@ class LoraLinear(LoraLayer):
                                  "the adapter is broken. Nothing was merged into this layer.")
             self._set_base_weight(merged)
 
-    def _unmerge_one(self, name: str) -> None:
-        with torch.no_grad():
-            weight = self._base_weight()
-            delta = self.delta_weight(name).to(weight.dtype)
-            if self.use_dora[name]:
-                factor = self._dora_merge_factor.pop(name)
-                weight = weight / factor[:, None].to(weight.dtype)
-            self._set_base_weight(weight - delta)
+    def _without(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """`weight` ([out, in], adapter `name` merged into it) with that adapter taken out."""
+        if self.use_dora[name]:
+            weight = weight / self._dora_merge_factor[name][:, None].to(weight.dtype)
+        return weight - self.delta_weight(name).to(weight.dtype)
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -371,14 +409,16 @@ class LoraEmbedding(LoraLayer):
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
                     init: bool | str, use_dora: bool) -> None:
-        if init == "pissa":
-            raise ConfigError("init_lora_weights='pissa' is supported on Linear layers only, not on embeddings.")
+        if init not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights={init!r} is supported on Linear layers only, not on embeddings; "
+                              "use True or 'gaussian' for an adapter that targets an embedding.")
         weight = self.base_layer.weight
+        dtype = weight.dtype if weight.element_size() >= 4 else torch.float32  # as LoraLinear's
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
         self.use_dora[name] = use_dora
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        A = torch.randn(r, self.in_features, device=weight.device, dtype=weight.dtype)
-        B = torch.randn(self.out_features, r, device=weight.device, dtype=weight.dtype)
+        A = torch.randn(r, self.in_features, device=weight.device, dtype=dtype)
+        B = torch.randn(self.out_features, r, device=weight.device, dtype=dtype)
         if init is not False:
             # The update must start at zero; with A = 0 the gradient still reaches A through B.
             nn.init.zeros_(A)
@@ -387,7 +427,7 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(B)
         if use_dora:
             with torch.no_grad():
-                norm = self._column_norm(weight, name)
+                norm = self._column_norm(weight.to(dtype), name)
             self.lora_magnitude_vector[name] = DoraMagnitude(norm)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -400,7 +440,8 @@ class LoraEmbedding(LoraLayer):
 
     def _dora_scale(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """m / ||W + delta|| per embedding dimension, with the norm detached as in the DoRA paper (4.3)."""
-        return self.lora_magnitude_vector[name].weight / self._column_norm(weight.detach(), name).detach()
+        magnitude = self.lora_magnitude_vector[name].weight
+        return magnitude / self._column_norm(weight.detach().to(magnitude.dtype), name).detach()
 
     def _embed_scale(self) -> Optional[torch.Tensor]:
         """The scalar the base embedding multiplies its output by (Gemma 3), or None."""
@@ -420,24 +461,29 @@ class LoraEmbedding(LoraLayer):
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
                            sparse=base.sparse)
 
-    def _merge_one(self, name: str, safe_merge: bool) -> None:
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+
+    def _merge_one(self, name: str, safe_merge: bool, unmerged: Optional[torch.Tensor] = None) -> None:
         with torch.no_grad():
             weight = self.base_layer.weight
             merged = weight + self.delta_weight(name).to(weight.dtype)
             if self.use_dora[name]:
-                factor = self._dora_scale(name, weight)
+                factor = self._dora_scale(name, weight if unmerged is None else unmerged)
                 merged = merged * factor.to(weight.dtype)
                 self._dora_merge_factor[name] = factor.detach().clone()
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"safe_merge: merging adapter {name!r} would put NaN/inf into the embedding.")
             weight.copy_(merged)
 
-    def _unmerge_one(self, name: str) -> None:
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            if self.use_dora[name]:
-                weight.div_(self._dora_merge_factor.pop(name).to(weight.dtype))
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
+    def _without(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if self.use_dora[name]:
+            weight = weight / self._dora_merge_factor[name].to(weight.dtype)
+        return weight - self.delta_weight(name).to(weight.dtype)
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -476,9 +522,10 @@ class LoraEmbedding(LoraLayer):
         if not used:
             return None, weight.new_zeros(*ids.shape, self.out_features)
         r_max = max(self.r[n] for n in used)
-        A = torch.stack([weight.new_zeros(self.in_features, r_max)] +
+        lora_dtype = self.lora_embedding_A[used[0]].dtype
+        A = torch.stack([weight.new_zeros(self.in_features, r_max, dtype=lora_dtype)] +
                         [F.pad(self.lora_embedding_A[n].T, (0, r_max - self.r[n])) for n in used])
-        B = torch.stack([weight.new_zeros(r_max, self.out_features)] +
+        B = torch.stack([weight.new_zeros(r_max, self.out_features, dtype=lora_dtype)] +
                         [F.pad(self.lora_embedding_B[n].T * self.scaling[n], (0, 0, 0, r_max - self.r[n]))
                          for n in used])
         slot = torch.tensor([used.index(n) + 1 if n is not None else 0 for n in rows], device=ids.device)
@@ -487,7 +534,7 @@ class LoraEmbedding(LoraLayer):
         delta = torch.bmm(after_a, B[slot])
         row_scale = None
         if any(self.use_dora[n] for n in used):
-            row_scale = self._dora_row_scales(used, slot, weight.detach())[:, None, :]  # [batch, 1, dim]
+            row_scale = self._dora_row_scales(used, slot, weight.detach().to(lora_dtype))[:, None, :]  # [b, 1, dim]
             delta = delta * row_scale
             row_scale = row_scale.reshape(ids.shape[0], *([1] * (ids.dim() - 1)), self.out_features)
         return row_scale, delta.reshape(*ids.shape, self.out_features)

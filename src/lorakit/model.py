@@ -148,6 +148,18 @@ class LoraModel(nn.Module):
         for module in self._adapter_modules():
             module.disable_adapters = not enabled
 
+    def enable_adapter_layers(self) -> None:
+        self.set_adapters_enabled(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the plain base model until enable_adapter_layers() (merged adapters are unmerged first)."""
+        self.set_adapters_enabled(False)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Full names of the modules that carry LoRA."""
+        return [name for name, _ in self.lora_layers()]
+
     @contextlib.contextmanager
     def row_adapters(self, adapter_names: Optional[Sequence[Optional[str]]]):
         """Within the block, batch row i runs adapter adapter_names[i] (None or '__base__': no adapter)."""
@@ -173,6 +185,7 @@ class LoraModel(nn.Module):
             if is_quantized_linear(layer.base_layer) and not isinstance(layer.base_layer, nn.Linear):
                 raise ValueError("merge_adapter() cannot write into 4-bit base weights; use merge_and_unload(), "
                                  "which dequantizes, merges and returns a full-precision model.")
+        _warn_if_merging_tied_weights(self.model, names)
         layers = [layer for _, layer in self.lora_layers()]
         if safe_merge:  # check every layer first so a failure leaves nothing half-merged
             for layer in layers:
@@ -233,6 +246,25 @@ class LoraModel(nn.Module):
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
 
+def _warn_if_merging_tied_weights(model: nn.Module, names: Sequence[str]) -> None:
+    """Merging into a weight that another module shares (tied input/output embeddings) changes both."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoraLayer):
+            continue
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module_name.replace(".base_layer", ""))
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and any(n in layer.r for n in names):
+            sharing = sorted(set(owners.get(id(getattr(layer.base_layer, "weight", None)), [])) - {layer_name})
+            if sharing:
+                warnings.warn(f"merging into {layer_name}, whose weight is tied to {', '.join(sharing)}: the merge "
+                              "changes both, so the merged model's outputs differ from the unmerged ones. Keep this "
+                              "adapter unmerged, or untie the weights first (config.tie_word_embeddings=False and a "
+                              "copy of the weight).", stacklevel=3)
+
+
 def _unquantized_linear_names(model: nn.Module, quantized: list[str]) -> list[str]:
     """Full names of the Linear layers that were not quantized before (so re-quantizing skips them)."""
     # Quantized names were recorded inside LoRA wrappers (`x.q_proj.base_layer`); after unloading
@@ -268,11 +300,27 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
 
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def peft_type(self) -> str:
+        return "LORA"
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The modules_to_save names of all adapters (None when there are none), as PEFT's attribute."""
+        names = {n for config in self.peft_config.values() for n in (config.modules_to_save or [])}
+        return names or None
+
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
     # -- running ------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        if adapter_names is not None:
+            _check_rows(adapter_names, args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds")))
         with self.base_model.row_adapters(adapter_names):
             model = self.base_model.model
             if not args and kwargs.get("labels") is not None and self.__dict__.get("fused_loss", True):
@@ -318,14 +366,21 @@ class PeftModel(nn.Module):
 
     # -- files --------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[Sequence[str]] = None,
-                        state_dict: Optional[dict] = None, **_ignored) -> None:
+                        state_dict: Optional[dict] = None, is_main_process: bool = True,
+                        safe_serialization: bool = True, **options) -> None:
         """PEFT's layout: adapter 'default' at the top, every other adapter in a sub-folder of its name.
 
         `state_dict` (as PEFT's): the tensors to save instead of self.state_dict(), e.g. gathered from
-        FSDP shards.
+        FSDP shards. `is_main_process=False` writes nothing (the other processes of a distributed run).
         """
         names = list(selected_adapters) if selected_adapters else list(self.peft_config)
         self.base_model._check(names)
+        ignored = sorted(options) + ([] if safe_serialization else ["safe_serialization=False"])
+        if ignored:
+            warnings.warn(f"save_pretrained ignores {', '.join(ignored)}: lorakit always writes "
+                          f"{WEIGHTS_NAME} (safetensors), which PEFT and vLLM read.", stacklevel=2)
+        if not is_main_process:
+            return
         root = Path(save_directory)
         if root.exists() and not root.is_dir():
             raise NotADirectoryError(f"save_pretrained: {root} exists and is not a directory.")
@@ -343,20 +398,26 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[LoraConfig] = None, **_ignored) -> "PeftModel":
-        """Load a saved adapter (lorakit's or PEFT's) onto `model`."""
-        path = _resolve_adapter_path(model_id)
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        **options) -> "PeftModel":
+        """Load a saved adapter (lorakit's or PEFT's) onto `model`; in eval mode unless `is_trainable`.
+
+        `subfolder`, `revision` and `token` work as in PEFT (the last two for hub ids).
+        """
+        path = _resolve_adapter_path(model_id, **options)
         config = config or LoraConfig.from_pretrained(path)
         config = replace(config, inference_mode=not is_trainable)
         _warn_on_base_mismatch(config, model, path)
         peft_model = (PeftModelForCausalLM if config.task_type == "CAUSAL_LM" else cls)(model, config, adapter_name)
         peft_model._load_weights(path, adapter_name)
+        if not is_trainable:  # an adapter loaded for inference must not run its dropout
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **_ignored) -> None:
+                     **options) -> None:
         """Add a saved adapter under `adapter_name`; the active adapter does not change."""
-        path = _resolve_adapter_path(model_id)
+        path = _resolve_adapter_path(model_id, **options)
         config = replace(LoraConfig.from_pretrained(path), inference_mode=not is_trainable)
         _warn_on_base_mismatch(config, self.base_model.model, path)
         self.base_model.add_adapter(adapter_name, config)
@@ -365,6 +426,8 @@ class PeftModel(nn.Module):
         except Exception:
             self.base_model.delete_adapter(adapter_name)
             raise
+        if not is_trainable:
+            self.eval()
 
     def _load_weights(self, path: Path, adapter_name: str) -> None:
         tensors = read_adapter_weights(path)
@@ -386,10 +449,27 @@ class PeftModelForCausalLM(PeftModel):
                                **kwargs)
 
 
-def _resolve_adapter_path(model_id: str | os.PathLike) -> Path:
+def _check_rows(adapter_names: Sequence[Optional[str]], inputs) -> None:
+    rows = inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
+    if rows is not None and rows != len(adapter_names):
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {rows} rows; pass one "
+                         "adapter name per row (None or '__base__' for the base model).")
+
+
+# from_pretrained / load_adapter keywords of PEFT's that change nothing here (lorakit keeps an adapter in its
+# saved dtype on the base's device, and reads it whole).
+_NO_OP_LOAD_OPTIONS = frozenset({"low_cpu_mem_usage", "autocast_adapter_dtype", "ephemeral_gpu_offload",
+                                 "torch_device", "use_safetensors"})
+
+
+def _resolve_adapter_path(model_id: str | os.PathLike, subfolder: Optional[str] = None,
+                          revision: Optional[str] = None, token=None, **options) -> Path:
+    unknown = sorted(set(options) - _NO_OP_LOAD_OPTIONS)
+    if unknown:
+        warnings.warn(f"lorakit ignores these adapter-loading options: {', '.join(unknown)}", stacklevel=3)
     path = Path(model_id)
     if path.is_dir():
-        return path
+        return _within_subfolder(path, subfolder)
     if path.exists():
         raise AdapterLoadError(f"{path} is a file; pass the adapter directory that holds {CONFIG_NAME}.")
     text = str(model_id)
@@ -397,12 +477,26 @@ def _resolve_adapter_path(model_id: str | os.PathLike) -> Path:
         try:  # a hub repo id: fetch the two files into the local hub cache
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*/" + CONFIG_NAME,
-                                                                "*/" + WEIGHTS_NAME]))
+            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+            patterns = [prefix + CONFIG_NAME, prefix + WEIGHTS_NAME, prefix + "*/" + CONFIG_NAME,
+                        prefix + "*/" + WEIGHTS_NAME]
+            root = Path(snapshot_download(text, allow_patterns=patterns, revision=revision, token=token))
         except Exception as exc:
             raise AdapterLoadError(f"Adapter {text!r} is not a local directory and could not be fetched from "
                                    f"the Hugging Face Hub ({type(exc).__name__}: {exc}).") from None
+        return _within_subfolder(root, subfolder)
     raise AdapterLoadError(f"Adapter directory {path} does not exist.")
+
+
+def _within_subfolder(root: Path, subfolder: Optional[str]) -> Path:
+    if not subfolder:
+        return root
+    path = root / subfolder
+    if not path.is_dir():
+        inside = sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+        raise AdapterLoadError(f"{root} has no sub-folder {subfolder!r}"
+                               + (f"; sub-folders holding an adapter: {', '.join(inside)}" if inside else "") + ".")
+    return path
 
 
 def _warn_on_base_mismatch(config: LoraConfig, model: nn.Module, path: Path) -> None:
