@@ -8,6 +8,9 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
+import subprocess
+import threading
 import time
 
 import httpx
@@ -203,6 +206,54 @@ def test_seed_reproducible_n_choices_and_length(env):
     assert r.usage.completion_tokens == 40 and r.usage.prompt_tokens == len(env["tok"]("Hello there, how")["input_ids"])
 
 
+def test_tiny_temperatures_are_greedy_not_a_server_error(env):
+    http = env["http"]
+    greedy = http.post("/v1/completions", json={"model": "a", "prompt": "The weather today", "max_tokens": 12,
+                                                "temperature": 0}).json()["choices"][0]["text"]
+    for temperature in (1e-40, 5e-324):
+        r = http.post("/v1/completions", json={"model": "a", "prompt": "The weather today", "max_tokens": 12,
+                                               "temperature": temperature, "seed": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+
+
+def test_prompt_tokens_count_every_prompt_once(env):
+    hello = len(env["tok"]("Hello")["input_ids"])
+    for n in (1, 2):
+        r = env["http"].post("/v1/completions", json={"model": BASE, "prompt": ["Hello", "Hello"], "max_tokens": 1,
+                                                      "n": n})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 2 * hello  # two prompts; n copies do not add to it
+
+
+def test_logit_bias_steers_tokens(env):
+    client, tok = env["client"], env["tok"]
+    z = tok.convert_tokens_to_ids("z")
+    forced = client.completions.create(model="a", prompt="The weather today", max_tokens=5, temperature=0,
+                                       logit_bias={str(z): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == "zzzzz"
+    greedy = client.completions.create(model="a", prompt="The weather today", max_tokens=1, temperature=0)
+    first = tok(greedy.choices[0].text)["input_ids"][0]
+    banned = client.completions.create(model="a", prompt="The weather today", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != greedy.choices[0].text
+    chat = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0.7, seed=1, logit_bias={str(z): 100})
+    assert chat.choices[0].message.content == "zzz"
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/completions", {"logprobs": None, "echo": False, "logit_bias": {}, "response_format": {"type": "text"}}),
+    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0, "tool_choice": "none", "logit_bias": {},
+                              "response_format": {"type": "text"}}),
+])
+def test_default_values_of_unimplemented_parameters_are_accepted(env, path, extra):
+    body = {"model": "a", "max_tokens": 2, "temperature": 0, **extra}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+    r = env["http"].post(path, json=body)
+    assert r.status_code == 200, r.text
+
+
 # -- errors ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body,status,param,code", [
@@ -210,7 +261,10 @@ def test_seed_reproducible_n_choices_and_length(env):
     ('[1, 2]', 400, None, None),
     ('{"model": "a", "prompt": "hi", "max_tokens": "5"}', 400, "max_tokens", "invalid_type"),
     ('{"model": "a", "prompt": "hi", "temperature": "hot"}', 400, "temperature", "invalid_type"),
-    ('{"model": "a", "prompt": "hi", "temperature": 3}', 400, "temperature", None),
+    ('{"model": "a", "prompt": "hi", "temperature": 3}', 400, "temperature", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "temperature": 2.5}', 400, "temperature", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "top_p": 0}', 400, "top_p", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "n": 0}', 400, "n", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "stream": "yes"}', 400, "stream", "invalid_type"),
     ('{"model": "a", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", "invalid_value"),
     ('{"model": "a", "prompt": 42}', 400, "prompt", "invalid_type"),
@@ -220,6 +274,14 @@ def test_seed_reproducible_n_choices_and_length(env):
     ('{"model": "a", "prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "context_length_exceeded"),
     ('{"model": "a", "prompt": [1, 2, 99999]}', 400, "prompt", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "logprobs": 0}', 400, "logprobs", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "response_format": {"type": "json_object"}}', 400, "response_format",
+     "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "response_format": "json"}', 400, "response_format", "invalid_type"),
+    ('{"model": "a", "prompt": "hi", "logit_bias": {"abc": 5}}', 400, "logit_bias", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "logit_bias": {"99999": 5}}', 400, "logit_bias", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "logit_bias": {"5": 100.5}}', 400, "logit_bias", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "logit_bias": {"5": "up"}}', 400, "logit_bias.5", "invalid_type"),
     ('{"model": "a", "prompt": "hi", "echo": true}', 400, "echo", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "suffix": "end"}', 400, "suffix", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "best_of": 3}', 400, "best_of", "unsupported_parameter"),
@@ -238,14 +300,22 @@ def test_chat_errors_and_prompt_too_long(env):
     assert_error(http.post("/v1/chat/completions", json={"model": "a"}), 400, "messages", "missing_field")
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "robot",
                                                                                      "content": "x"}]}),
-                 400, "messages.0.role")
-    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": []}), 400, "messages")
+                 400, "messages.0.role", "invalid_value")
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": []}), 400, "messages",
+                 "invalid_value")
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": "hi"}), 400, "messages",
+                 "invalid_type")
     hello = [{"role": "user", "content": "hi"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "tools": [tool]}),
                  400, "tools", "unsupported_parameter", match="Tool calling")
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "logprobs": True}),
                  400, "logprobs", "unsupported_parameter")
+    for extra, param in [({"top_logprobs": 2}, "top_logprobs"), ({"tool_choice": "required"}, "tool_choice"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+                          "response_format")]:
+        assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, **extra}),
+                     400, param, "unsupported_parameter")
     long = "word " * 200  # 1000 tokens > --max-model-len 512
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user",
                                                                                      "content": long}]}),
@@ -289,6 +359,23 @@ def test_playground_page(env):
     assert "lorakit playground" in r.text and "/v1/chat/completions" in r.text
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the playground's JavaScript")
+def test_playground_leaves_out_empty_number_fields(env):
+    page = env["http"].get("/playground").text
+    function = re.search(r"^function requestBody\(.*?^}$", page, re.M | re.S)
+    assert function, "the playground builds its request body in requestBody()"
+    script = function.group(0) + """
+const empty = {temperature: "", max_tokens: "", seed: "", prompt: "hi"};
+const full = {temperature: "0.5", max_tokens: "64", seed: "3", prompt: "hi"};
+console.log(JSON.stringify([requestBody("a", true, empty), requestBody("a", false, full)]));"""
+    empty, full = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True,
+                                            timeout=30).stdout)
+    assert not {"max_tokens", "temperature", "seed"} & set(empty) and empty["messages"][0]["content"] == "hi"
+    assert (full["max_tokens"], full["temperature"], full["seed"], full["prompt"]) == (64, 0.5, 3, "hi")
+    r = env["http"].post("/v1/chat/completions", json={**empty, "model": "a"})  # the server takes it as sent
+    assert r.status_code == 200 and "data: [DONE]" in r.text
+
+
 # -- adapters at run time --------------------------------------------------------------------------------
 
 def test_load_and_unload_adapter(env):
@@ -328,16 +415,69 @@ def test_load_refuses_paths_outside_adapter_dirs(env, path_of):
     assert "evil" not in [m.id for m in env["client"].models.list().data]
 
 
+def model_cards(env) -> dict:
+    return {card["id"]: card for card in env["http"].get("/v1/models").json()["data"]}
+
+
 def test_adapter_for_another_base_is_refused_with_the_mismatch(env):
+    for model in ("a", "b", "c"):  # fill the three slots (--max-adapters 3) with healthy adapters
+        env["client"].completions.create(model=model, prompt="hi", max_tokens=1, temperature=0)
+    loaded = {name for name, card in model_cards(env).items() if card.get("status") == "loaded"}
+    assert loaded == {"a", "b", "c"}
+    evictions = metric(env, "lorakit_adapter_evictions_total")
     r = env["http"].post("/v1/load_lora_adapter", json={"lora_name": "ob", "lora_path": "otherbase"})
     err = assert_error(r, 400, code="adapter_error")
     assert re.search(r"tensor '.*(q|k|v|o)_proj\.lora_A\.weight' has shape \(8, 32\) .* expects \(8, 64\)",
                      err["message"]), err["message"]
     # On demand (folder name in the adapter dir) it is refused the same way, and nothing is left behind.
     r = env["http"].post("/v1/completions", json={"model": "otherbase", "prompt": "hi", "max_tokens": 2})
-    assert_error(r, 400, match="shape")
+    assert_error(r, 400, code="adapter_error", match="shape")
+    # Neither failed load cost a healthy adapter its slot, and the model list says what is wrong.
+    cards = model_cards(env)
+    assert {name for name, card in cards.items() if card.get("status") == "loaded"} == loaded
+    assert metric(env, "lorakit_adapter_evictions_total") == evictions
+    assert cards["otherbase"]["status"] == "error" and "shape" in cards["otherbase"]["error"]
+    assert "ob" not in cards
     r = env["client"].completions.create(model="a", prompt="hi", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_adapter_that_waited_for_a_slot_is_still_a_400(env):
+    http, engine = env["http"], env["server"].app.state.engine
+    _wait_idle(env)
+    bad = {"model": "otherbase", "prompt": "hi", "max_tokens": 2}
+
+    def streamed_events(body) -> list:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+    def wait_queued(commands: int) -> None:
+        deadline = time.monotonic() + 30
+        while engine._commands.qsize() < commands:
+            assert time.monotonic() < deadline, "requests did not reach the engine"
+            time.sleep(0.01)
+
+    gate = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        held = engine.call(lambda: gate.wait(60))  # park the engine thread, so the order of arrival is ours
+        while not held.running():
+            time.sleep(0.01)
+        longs = [pool.submit(http.post, "/v1/completions", json={"model": model, "prompt": "Once upon a time",
+                                                                 "max_tokens": 40, "ignore_eos": True})
+                 for model in ("a", "b", "c")]
+        wait_queued(3)  # accepted first, these pin all three adapter slots (--max-adapters 3)...
+        plain = pool.submit(http.post, "/v1/completions", json=bad)
+        streamed = pool.submit(streamed_events, {**bad, "stream": True})
+        wait_queued(5)  # ...so these wait for a slot, and load (and fail) only when one frees up
+        gate.set()
+        held.result(60)
+        assert [r.result(60).status_code for r in longs] == [200, 200, 200]
+        assert_error(plain.result(60), 400, code="adapter_error", match="shape")
+        events = streamed.result(60)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "adapter_error" and error["type"] == "invalid_request_error" and "shape" in error["message"]
 
 
 def test_lru_eviction_and_on_demand_reload(env):

@@ -3,6 +3,7 @@ batches), continuous batching, per-adapter scheduling, seeds, stop strings, canc
 
 from __future__ import annotations
 
+import collections
 import copy
 import queue
 import time
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lorakit.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, _held_back
-from test_serve_helpers import offline_ids, save_random_adapter, tiny_model, tiny_tokenizer
+from test_serve_helpers import byte_tokenizer, offline_ids, save_random_adapter, tiny_model, tiny_tokenizer
 
 PROMPTS = ["The weather today", "Hello there, how", "Once upon a time", "abc def ghi", "Numbers: 1 2 3"]
 
@@ -353,3 +354,88 @@ def test_prefix_cache_limits():
     assert cache.tokens <= 100 and ("x", tuple(range(50, 95))) in cache.entries
     cache.drop("x")
     assert all(k[0] != "x" for k in cache.entries)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-3])
+def test_tiny_temperatures_sample_without_overflow(temperature):
+    from lorakit.serve.engine import sample_next
+
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0]])
+    seqs = [Sequence([1], None, SamplingParams(temperature=temperature, top_p=top_p, seed=0), lambda out: None)
+            for top_p in (1.0, 0.9)]
+    # Divided by the floor (0.01), a logit gap of 1 leaves the runner-up a probability of e^-100: greedy.
+    assert {tuple(sample_next(logits, seqs)) for _ in range(20)} == {(0, 1)}
+
+
+def test_sampling_failure_ends_only_its_own_sequence(setup, monkeypatch):
+    from lorakit.serve import engine as engine_module
+
+    tok, base, root = setup
+    real = engine_module._sample_row
+    calls = collections.Counter()
+
+    def flaky(row, params, generator):  # seed 666 fails at once (prefill), seed 777 at its 3rd token (decode)
+        calls[params.seed] += 1
+        if params.seed == 666 or (params.seed == 777 and calls[777] == 3):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(row, params, generator)
+
+    monkeypatch.setattr(engine_module, "_sample_row", flaky)
+    engine = make_engine(setup)
+    p, q = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[1])["input_ids"]
+    specs = [(p, "a", 0.0, None), (q, "b", 1.0, 666), (q, None, 0.0, None), (p, "c", 1.0, 777)]
+    seqs, events = [], []
+    try:
+        for ids, adapter, temperature, seed in specs:
+            events.append(queue.SimpleQueue())
+            seqs.append(Sequence(ids, adapter, SamplingParams(max_tokens=12, temperature=temperature, seed=seed,
+                                                              ignore_eos=True), events[-1].put))
+        engine.submit(seqs).result(30)  # one submit: all four share the prefill and the decode steps
+        finals = []
+        for q_events in events:
+            out = q_events.get(timeout=60)
+            while out.finish_reason is None:
+                out = q_events.get(timeout=60)
+            finals.append(out)
+    finally:
+        engine.stop()
+    assert [o.finish_reason for o in finals] == ["length", "error", "length", "error"]
+    assert "probability tensor" in str(finals[1].error) and finals[3].completion_tokens == 2  # in a decode step
+    for i in (0, 2):  # the batch-mates carried on, unharmed (ignore_eos: compare up to the first EOS)
+        ids, adapter = specs[i][0], specs[i][1]
+        expected = offline_ids(base, tok, ids, root / adapter if adapter else None, max_new_tokens=12)
+        assert len(seqs[i].output_ids) == 12 and seqs[i].output_ids[:len(expected)] == expected
+
+
+def _byte_engine() -> Engine:
+    tok = byte_tokenizer()
+    return Engine(tiny_model(tok), tok, EngineConfig(max_batch_size=2, max_model_len=64), base_name="bytes")
+
+
+def _advance_all(engine: Engine, token_ids: list[int], max_tokens: int, stop=()) -> tuple[list[str], str]:
+    """Feed forced tokens through the engine's bookkeeping; the text pieces it emits and the finish reason."""
+    pieces = []
+    seq = Sequence([1], None, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop),
+                   lambda out: pieces.append(out))
+    for token in token_ids:
+        if engine._advance(seq, token):
+            break
+    return [out.text for out in pieces], pieces[-1].finish_reason
+
+
+def test_length_cut_inside_a_character_drops_the_half_character():
+    engine = _byte_engine()
+    cats = engine.tokenizer("🐱🐱🐱")["input_ids"]  # 3 characters of 4 bytes, one token per byte
+    for cut, expected in [(10, "🐱🐱"), (9, "🐱🐱"), (8, "🐱🐱"), (12, "🐱🐱🐱")]:
+        pieces, finish = _advance_all(engine, cats, max_tokens=cut)
+        assert "".join(pieces) == expected and finish == "length"
+        assert all("\ufffd" not in piece for piece in pieces)
+    # An end-of-sequence token right after half a character ends the text before it, too.
+    pieces, finish = _advance_all(engine, cats[:6] + [engine.tokenizer.eos_token_id], max_tokens=20)
+    assert "".join(pieces) == "🐱" and finish == "stop"
+    # A U+FFFD the model really produced (the complete bytes EF BF BD) followed by more text stays.
+    real = engine.tokenizer("a\ufffdb")["input_ids"]
+    assert "".join(_advance_all(engine, real, max_tokens=len(real))[0]) == "a\ufffdb"
+    # So does one right before a stop string: more bytes followed it.
+    pieces, finish = _advance_all(engine, real + engine.tokenizer("!!")["input_ids"], max_tokens=20, stop=("b!",))
+    assert "".join(pieces) == "a\ufffd" and finish == "stop"

@@ -45,6 +45,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer with one token per byte (id = byte + 1): any UTF-8 text, cut anywhere."""
+    chars = _byte_to_char()
+    vocab = {"<unk>": 0, **{chars[b]: b + 1 for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def tiny_model(tokenizer, seed: int = 0, hidden: int = 64, max_len: int = 512) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
 
+from lorakit.errors import AdapterLoadError
+from lorakit.serve import registry as registry_module
 from lorakit.serve.registry import (AdapterBusyError, AdapterPathError, AdapterRegistry, UnknownAdapterError,
                                     safe_adapter_path)
 
@@ -76,14 +79,14 @@ def test_lru_eviction_skips_pinned_adapters(tree):
     assert reg.acquire("a") and reg.acquire("b")  # both pinned
     assert reg.acquire("c") is False  # no idle slot: the caller waits
     reg.release("b")
-    assert reg.acquire("c")  # b (idle) is evicted, a (pinned) stays
-    assert log == [("load", "a"), ("load", "b"), ("unload", "b"), ("load", "c")]
+    assert reg.acquire("c")  # b (idle) is evicted once c has loaded, a (pinned) stays
+    assert log == [("load", "a"), ("load", "b"), ("load", "c"), ("unload", "b")]
     reg.release("a")
     reg.release("c")
     assert reg.acquire("c")
     reg.release("c")
     assert reg.acquire("d")  # a is now the least recently used
-    assert log[-2:] == [("unload", "a"), ("load", "d")]
+    assert log[-2:] == [("load", "d"), ("unload", "a")]
     assert sorted(reg.resident()) == ["c", "d"] and reg.evictions == 2 and reg.loads == 4
 
 
@@ -144,3 +147,40 @@ def test_failed_load_leaves_no_entry(tree):
     with pytest.raises(ValueError, match="shape mismatch"):
         reg.acquire("b")
     assert reg.resident() == [] and reg.get("b").refcount == 0
+
+
+def test_failed_load_evicts_nothing_and_is_reported(tree):
+    root, _ = tree
+    broken, log = {"b"}, []
+
+    def load(name, path):
+        if path.name in broken:
+            raise ValueError(f"tensor of {path.name} has shape (8, 32), this model expects (8, 64)")
+        log.append(("load", name))
+
+    reg = AdapterRegistry("base", [str(root)], 1, load=load, unload=lambda name: log.append(("unload", name)))
+    assert reg.acquire("a")
+    reg.release("a")  # idle: the LRU victim if b needed its slot
+    with pytest.raises(AdapterLoadError, match=r"'b' .* could not be loaded: tensor of b has shape"):
+        reg.acquire("b")
+    with pytest.raises(AdapterLoadError):
+        reg.register("b-again", "b")
+    assert log == [("load", "a")] and reg.resident() == ["a"] and reg.evictions == 0
+    # Listed with its error, and no longer offered as available; fixing its files makes it load again.
+    assert "shape (8, 32)" in {i.name: i for i in reg.list()}["b"].load_error
+    assert "b" not in reg.available() and "c" in reg.available()
+    broken.clear()
+    assert reg.acquire("b")
+    assert reg.get("b").load_error is None and log[-2:] == [("load", "b"), ("unload", "a")]
+
+
+def test_created_is_stable_for_adapters_never_used(tree, monkeypatch):
+    root, _ = tree
+    clock = itertools.count(1_700_000_000, 100)
+    monkeypatch.setattr(registry_module.time, "time", lambda: next(clock))
+    reg, _ = registry(root)
+    first = {i.name: i.created for i in reg.list()}
+    assert first == {i.name: i.created for i in reg.list()}
+    assert reg.acquire("c")  # registering it on first use keeps the date it was listed with
+    assert {i.name: i.created for i in reg.list()} == first
+    assert first["c"] == int((root / "c").stat().st_mtime)

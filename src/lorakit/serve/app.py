@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorakit.errors import LoraKitError
+from lorakit.errors import AdapterLoadError, LoraKitError
 
 from .engine import Engine, Output, SamplingParams, Sequence
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -31,6 +31,7 @@ OPEN_PATHS = ("/health", "/playground")  # no API key needed (the page holds no 
 MAX_STOP = 4
 MAX_BODY_BYTES = 8 << 20
 MAX_SEQUENCES_PER_REQUEST = 64  # prompts x n
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 
 
 def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = None) -> FastAPI:
@@ -169,12 +170,46 @@ async def _json(request: Request) -> Any:
         raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
 
 
-def _refuse_unsupported(**used: Any) -> None:
-    """A 400 naming the first OpenAI parameter that is set but that lorakit serve does not implement."""
-    for param, value in used.items():
-        if value:
-            what = "Tool calling is" if param == "tools" else f"'{param}' is"
-            raise APIError(400, f"{what} not supported by lorakit serve.", param=param, code="unsupported_parameter")
+def _refuse_unsupported(**asks: bool) -> None:
+    """A 400 naming the first OpenAI parameter whose value asks for something lorakit serve does not do.
+
+    Each flag says whether the request's value really asks for it: a value that changes nothing (logprobs
+    null, echo false, response_format text) is accepted, so clients that send defaults keep working.
+    """
+    for param, asked in asks.items():
+        if asked:
+            what = "Tool calling is" if param in ("tools", "tool_choice", "functions", "function_call") \
+                else f"'{param}' is"
+            raise APIError(400, f"{what} not supported by lorakit serve; leave '{param}' unset.", param=param,
+                           code="unsupported_parameter")
+
+
+def _refuse_response_format(req) -> None:
+    kind = req.response_format.type if req.response_format is not None else "text"
+    if kind != "text":
+        raise APIError(400, f"response_format type '{kind}' is not supported by lorakit serve: it cannot constrain "
+                       "the output to JSON. Leave response_format unset (or type 'text'), ask for JSON in the "
+                       "prompt, and parse the text yourself.", param="response_format",
+                       code="unsupported_parameter")
+
+
+def _adapter_api_error(exc: BaseException) -> Optional[APIError]:
+    """The client-facing error for an adapter problem, whether submit raised it or it ended a queued
+    sequence; None for anything else."""
+    if isinstance(exc, UnknownAdapterError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, AdapterPathError):
+        return APIError(403, str(exc), param="lora_path", code="adapter_path_not_allowed")
+    if isinstance(exc, AdapterBusyError):
+        return APIError(503, str(exc), "server_busy", code="adapters_busy")
+    if isinstance(exc, AdapterLoadError):
+        return APIError(400, str(exc), code="adapter_error")
+    return None
+
+
+def _sequence_error(exc: BaseException) -> APIError:
+    """What a client sees for a sequence that ended with an error."""
+    return _adapter_api_error(exc) or APIError(500, f"Generation failed: {exc}", "server_error")
 
 
 def _sse(obj: Any) -> str:
@@ -216,9 +251,12 @@ class _API:
                   "root": engine.base_name, "parent": None, "max_model_len": self.max_len}]
         resident = set(engine.registry.resident())
         for info in engine.registry.list():
-            cards.append({"id": info.name, "object": "model", "created": info.created, "owned_by": "lorakit",
-                          "root": str(info.path), "parent": engine.base_name,
-                          "status": "loaded" if info.name in resident else "available"})
+            card = {"id": info.name, "object": "model", "created": info.created, "owned_by": "lorakit",
+                    "root": str(info.path), "parent": engine.base_name,
+                    "status": "loaded" if info.name in resident else "available"}
+            if info.load_error is not None:  # requests for it fail until its files are fixed
+                card["status"], card["error"] = "error", info.load_error
+            cards.append(card)
         return cards
 
     def adapter_for(self, model: str) -> Optional[str]:
@@ -237,14 +275,8 @@ class _API:
     async def wait(self, future):
         try:
             return await asyncio.wrap_future(future)
-        except UnknownAdapterError as exc:
-            raise APIError(404, str(exc), param="model", code="model_not_found") from None
-        except AdapterPathError as exc:
-            raise APIError(403, str(exc), param="lora_path", code="adapter_path_not_allowed") from None
-        except AdapterBusyError as exc:
-            raise APIError(503, str(exc), "server_busy", code="adapters_busy") from None
         except (LoraKitError, ValueError, FileNotFoundError) as exc:
-            raise APIError(400, str(exc), code="adapter_error") from None
+            raise (_adapter_api_error(exc) or APIError(400, str(exc), code="adapter_error")) from None
 
     # -- request parsing ------------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> list[int]:
@@ -281,6 +313,24 @@ class _API:
             raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _logit_bias(self, bias: Optional[dict[str, float]]) -> dict[int, float]:
+        vocab = len(self.tokenizer)
+        checked: dict[int, float] = {}
+        for key, value in (bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < vocab:
+                raise APIError(400, f"'logit_bias' key {key!r} is not a token id of this model: use token ids "
+                               f"0..{vocab - 1} written as strings.", param="logit_bias", code="invalid_value")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise APIError(400, f"'logit_bias' value {value} for token {key} is out of range: use "
+                               f"{-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}.", param="logit_bias",
+                               code="invalid_value")
+            checked[token] = value
+        return checked
+
     def _params(self, req, prompt_lens: list[int], max_tokens: Optional[int], what: str) -> list[SamplingParams]:
         for field, value in (("presence_penalty", req.presence_penalty),
                              ("frequency_penalty", req.frequency_penalty)):
@@ -306,18 +356,22 @@ class _API:
                            f"requested {longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} in "
                            f"the completion). Reduce the {what} or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
+        logit_bias = self._logit_bias(req.logit_bias)
         n = req.n or 1
         return [SamplingParams(max_tokens=max_tokens,
                                temperature=1.0 if req.temperature is None else req.temperature,
                                top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(stop),
-                               seed=None if req.seed is None else req.seed + i, ignore_eos=req.ignore_eos)
+                               seed=None if req.seed is None else req.seed + i, ignore_eos=req.ignore_eos,
+                               logit_bias=logit_bias)
                 for i in range(n)]
 
     # -- endpoints ------------------------------------------------------------------------------------
     async def completions(self, request: Request):
         req = parse_body(CompletionRequest, await _json(request))
-        _refuse_unsupported(echo=req.echo, logprobs=req.logprobs, suffix=req.suffix,
+        # logprobs 0 is not a no-op: it asks for the chosen tokens' log probabilities.
+        _refuse_unsupported(echo=bool(req.echo), logprobs=req.logprobs is not None, suffix=bool(req.suffix),
                             best_of=req.best_of is not None and req.best_of != (req.n or 1))
+        _refuse_response_format(req)
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         prompts = self._prompts(req)
         params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt")
@@ -326,23 +380,28 @@ class _API:
             raise APIError(400, f"This request asks for {len(jobs)} completions (prompts x n); the limit is "
                            f"{MAX_SEQUENCES_PER_REQUEST}. Split it into several requests.", param="prompt",
                            code="invalid_value")
-        return await self._run(request, req, adapter, jobs, chat=False)
+        # Every prompt counts once, however many choices (n) it gets; equal prompts each count.
+        return await self._run(request, req, adapter, jobs, sum(len(ids) for ids in prompts), chat=False)
 
     async def chat(self, request: Request):
         req = parse_body(ChatCompletionRequest, await _json(request))
-        _refuse_unsupported(logprobs=req.logprobs or req.top_logprobs, tools=req.tools)
+        _refuse_unsupported(logprobs=bool(req.logprobs), top_logprobs=bool(req.top_logprobs), tools=bool(req.tools),
+                            functions=bool(req.functions),
+                            tool_choice=req.tool_choice not in (None, "none", "auto"),
+                            function_call=req.function_call not in (None, "none", "auto"),
+                            audio=req.audio is not None)
+        _refuse_response_format(req)
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         ids = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._params(req, [len(ids)], max_tokens, "messages")
-        return await self._run(request, req, adapter, [(ids, p) for p in params], chat=True)
+        return await self._run(request, req, adapter, [(ids, p) for p in params], len(ids), chat=True)
 
-    async def _run(self, request: Request, req, adapter: Optional[str], jobs, chat: bool):
+    async def _run(self, request: Request, req, adapter: Optional[str], jobs, prompt_tokens: int, chat: bool):
         results = _Results(len(jobs))
         seqs = [Sequence(ids, adapter, params, results.sink(i)) for i, (ids, params) in enumerate(jobs)]
         await self.wait(self.engine.submit(seqs))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        prompt_tokens = sum(len(ids) for ids in {tuple(ids) for ids, _ in jobs})
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(results, seqs, rid, req.model, chat, usage, prompt_tokens),
@@ -357,7 +416,7 @@ class _API:
         try:
             async for index, out in results:
                 if out.error is not None:
-                    raise APIError(500, f"Generation failed: {out.error}", "server_error")
+                    raise _sequence_error(out.error)
                 texts[index].append(out.text)
                 if out.finish_reason is not None:
                     finals[index] = out
@@ -398,8 +457,8 @@ class _API:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
             async for index, out in results:
-                if out.error is not None:
-                    yield _sse(APIError(500, f"Generation failed: {out.error}", "server_error").body())
+                if out.error is not None:  # the status line (200) is sent already: the error is an event
+                    yield _sse(_sequence_error(out.error).body())
                     break
                 if out.finish_reason is not None:
                     completion_tokens += out.completion_tokens

@@ -37,6 +37,10 @@ from .registry import AdapterRegistry
 log = logging.getLogger("lorakit.serve")
 
 SCHEDULING_MODES = ("mixed", "per-adapter")
+# Temperatures in (0, MIN_TEMPERATURE) sample at MIN_TEMPERATURE (as vLLM does): dividing logits by a tiny
+# temperature overflows to inf and softmax turns that into NaN. At 0.01 a logit gap of 1 is already a
+# factor e^100, so the result is as good as greedy, while 0 itself stays exact argmax.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass
@@ -47,6 +51,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -265,25 +270,51 @@ class PrefixCache:
             self._evict(key)
 
 
-def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per row: argmax for temperature 0, else top-p sampling with the row's own generator."""
+def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+    """One token per row: argmax for temperature 0, else top-p sampling with the row's own generator.
+
+    A row whose sampling fails gets its exception in place of a token, so only that sequence fails.
+    """
     logits = logits.float()
-    tokens = logits.argmax(dim=-1).tolist()
+    greedy = logits.argmax(dim=-1).tolist()  # one device sync for all the plain greedy rows
+    tokens: list[int | Exception] = []
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.temperature <= 0:
-            continue
-        row = logits[i] / p.temperature
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
-            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-        probs = torch.softmax(row, dim=-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        try:
+            if p.temperature <= 0 and not p.logit_bias:
+                tokens.append(greedy[i])
+                continue
+            row = logits[i]
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=row.device)
+                row = row.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device))
+            tokens.append(int(row.argmax()) if p.temperature <= 0 else _sample_row(row, p, seq.generator))
+        except Exception as exc:
+            log.exception("sampling failed for one sequence; its batch-mates go on")
+            tokens.append(exc)
     return tokens
+
+
+def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """Like sample_each, but raises the first row's failure."""
+    tokens = sample_each(logits, seqs)
+    for token in tokens:
+        if isinstance(token, Exception):
+            raise token
+    return tokens
+
+
+def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    row = row / max(p.temperature, MIN_TEMPERATURE)
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(row, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Engine:
@@ -628,7 +659,7 @@ class Engine:
                 self.slots.write(slot, row_keys, row_values)
                 if self.prefix is not None:
                     self.prefix.store(seq.adapter, seq.prompt_ids, row_keys, row_values)
-            tokens = sample_next(out.logits[:, -1, :], seqs)
+            tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
         except Exception as exc:
             log.exception("prefill failed")
             for seq in seqs:
@@ -644,7 +675,7 @@ class Engine:
             seq.first_token_at = now
             if self.metrics is not None:
                 self.metrics.first_token(seq.adapter or self.base_name, now - seq.arrival)
-            if self._advance(seq, token):
+            if self._advance_or_fail(seq, token):
                 done.append(self.running.index(seq))
         for i in sorted(done, reverse=True):
             self._remove_row(i)
@@ -677,7 +708,7 @@ class Engine:
             out = self._forward([s.adapter for s in seqs], input_ids=ids, position_ids=positions[:, None],
                                 attention_mask=mask[:, None, None, :], use_cache=True,
                                 **{self._cache_kw: self.slots})
-            tokens = sample_next(out.logits[:, -1, :], seqs)
+            tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
         except Exception as exc:
             log.exception("decode step failed; failing the %d sequences in the batch", n)
             for seq in seqs:
@@ -692,7 +723,7 @@ class Engine:
         finished = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.cache_len += 1
-            if self._advance(seq, token):
+            if self._advance_or_fail(seq, token):
                 finished.append(i)
         for i in reversed(finished):
             self._remove_row(i)
@@ -708,6 +739,17 @@ class Engine:
         self._update_gauges()
 
     # -- per-token bookkeeping --------------------------------------------------------------------------
+    def _advance_or_fail(self, seq: Sequence, token: int | Exception) -> bool:
+        """_advance, except that a failure of this one sequence (its sampling or its text) ends it alone."""
+        try:
+            if isinstance(token, Exception):
+                raise token
+            return self._advance(seq, token)
+        except Exception as exc:
+            if seq.finish_reason is None:
+                self._finish(seq, "error", error=exc)
+            return True
+
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Append a sampled token, emit the new text, and return True if the sequence finished."""
         p = seq.params
@@ -717,17 +759,23 @@ class Engine:
         if token in self.eos_ids and not p.ignore_eos:
             finish, text_ids = "stop", seq.output_ids[:-1]
         text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        ends_at_last_token = True
         if p.stop:
             start = max(0, seq.sent - max(len(s) for s in p.stop))
             hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
             if hits:
-                text, finish = text[: min(hits)], "stop"
+                text, finish, ends_at_last_token = text[: min(hits)], "stop", False
         if finish is None and (len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.config.max_model_len):
             finish = "length"
         end = len(text)
-        if finish is None:
-            while end > seq.sent and text[end - 1] == "\ufffd":  # half of a multi-byte character
+        if ends_at_last_token:
+            # A multi-byte character whose last bytes are not generated yet decodes as U+FFFD: hold it back
+            # while running (the next token may complete it), drop it when generation ends here. A U+FFFD
+            # followed by more text was real and is kept. Text alone cannot tell a cut character from a
+            # U+FFFD completed by the very last token; like vLLM, that rare one is dropped too.
+            while end > seq.sent and text[end - 1] == "\ufffd":
                 end -= 1
+        if finish is None:
             end -= _held_back(text[:end], p.stop)
         delta = text[seq.sent: end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)

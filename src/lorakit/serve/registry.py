@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from lorakit.errors import LoraKitError
+from lorakit.errors import AdapterLoadError, LoraKitError
 
 ADAPTER_CONFIG = "adapter_config.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -46,6 +46,16 @@ class AdapterInfo:
     last_used: int = 0
     removed: bool = False  # unloaded through the API while in use: dropped when refcount reaches 0
     created: int = field(default_factory=lambda: int(time.time()))
+    load_error: Optional[str] = None  # why the last load failed; cleared by a successful load
+
+
+def _dir_adapter(name: str, path: Path) -> AdapterInfo:
+    # Found in an adapter dir: `created` is the folder's mtime, so listing it twice gives the same value
+    # whether or not a request has registered it in between.
+    try:
+        return AdapterInfo(name, path, "dir", created=int(path.stat().st_mtime))
+    except OSError:  # removed since the scan; a later lookup will not find it
+        return AdapterInfo(name, path, "dir")
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -138,7 +148,7 @@ class AdapterRegistry:
                                           f"{', '.join(self.available()) }.")
             if info is not None:  # removed but still draining: a new entry would clash; wait for drain
                 raise AdapterBusyError(f"Adapter '{name}' is being unloaded; retry in a moment.")
-            info = self._adapters[name] = AdapterInfo(name, path, "dir")
+            info = self._adapters[name] = _dir_adapter(name, path)
             return info
 
     def exists(self, name: str) -> bool:
@@ -147,8 +157,8 @@ class AdapterRegistry:
             return (info is not None and not info.removed) or self._in_dirs(name) is not None
 
     def available(self) -> list[str]:
-        """The base name, then every adapter name a request may use (resident or loadable)."""
-        return [self.base_name] + [info.name for info in self.list()]
+        """The base name, then every adapter name a request may use (resident or loadable, not failed)."""
+        return [self.base_name] + [info.name for info in self.list() if info.load_error is None]
 
     def list(self) -> list[AdapterInfo]:
         with self.lock:
@@ -158,7 +168,7 @@ class AdapterRegistry:
                     if child.name not in infos and NAME_RE.match(child.name) and (child / ADAPTER_CONFIG).is_file():
                         path = self._in_dirs(child.name)
                         if path is not None:
-                            infos[child.name] = AdapterInfo(child.name, path, "dir")
+                            infos[child.name] = _dir_adapter(child.name, path)
             return sorted(infos.values(), key=lambda i: i.name)
 
     def resident(self) -> list[str]:
@@ -207,13 +217,12 @@ class AdapterRegistry:
         """Pin adapter `name` for one sequence; load it (evicting the LRU unpinned one) if needed.
 
         Returns False when it is not resident and every resident adapter is pinned: try again later.
+        Raises AdapterLoadError when its files cannot be loaded; then no other adapter was evicted.
         """
         with self.lock:
             info = self.get(name)
-            if not info.resident:
-                if not self._make_room():
-                    return False
-                self._do_load(info)
+            if not info.resident and not self._load_into_slot(info):
+                return False
             info.refcount += 1
             self._clock += 1
             info.last_used = self._clock
@@ -246,30 +255,39 @@ class AdapterRegistry:
     def _make_resident(self, info: AdapterInfo) -> None:
         if info.resident:
             return
-        if not self._make_room():
+        if not self._load_into_slot(info):
             raise AdapterBusyError(f"All {self.max_resident} adapter slots (--max-adapters) are in use by running "
                                    "requests; retry when they finish.")
-        self._do_load(info)
         self._clock += 1
         info.last_used = self._clock
 
-    def _make_room(self) -> bool:
+    def _load_into_slot(self, info: AdapterInfo) -> bool:
+        """Load `info`, then evict the least recently used idle adapter if that went over the limit.
+
+        False (nothing loaded) when every slot is pinned. Loading comes first so that an adapter whose
+        files turn out broken or made for another base never costs a healthy adapter its slot; the price
+        is one adapter over --max-adapters for the length of a load.
+        """
         resident = [i for i in self._adapters.values() if i.resident]
-        if len(resident) < self.max_resident:
-            return True
-        idle = [i for i in resident if i.refcount == 0]
-        if not idle:
+        if len(resident) >= self.max_resident and all(i.refcount > 0 for i in resident):
             return False
-        victim = min(idle, key=lambda i: i.last_used)
-        self._unload(victim.name)
-        victim.resident = False
-        self.evictions += 1
-        self._changed()
+        self._do_load(info)
+        if len(resident) >= self.max_resident:
+            victim = min((i for i in resident if i.refcount == 0), key=lambda i: i.last_used)
+            self._unload(victim.name)
+            victim.resident = False
+            self.evictions += 1
+            self._changed()
         return True
 
     def _do_load(self, info: AdapterInfo) -> None:
-        self._load(info.name, info.path)
+        try:
+            self._load(info.name, info.path)
+        except (LoraKitError, ValueError, OSError) as exc:  # the adapter's files, not the server, are at fault
+            info.load_error = f"Adapter '{info.name}' in {info.path} could not be loaded: {exc}"
+            raise AdapterLoadError(info.load_error) from exc
         info.resident = True
+        info.load_error = None
         self.loads += 1
         self._changed()
 

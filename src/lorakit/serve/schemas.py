@@ -28,6 +28,10 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    type: str  # "text" (the default), "json_object", "json_schema"; the schema's own fields are ignored
+
+
 Stop = Union[str, list[str], None]
 
 
@@ -43,6 +47,8 @@ class _SamplingFields(_Strict):
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias in -100..100
+    response_format: Optional[ResponseFormat] = None
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens tokens (benchmarks)
 
 
@@ -74,6 +80,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    functions: Optional[list[Any]] = None  # the deprecated form of tools
+    function_call: Union[str, dict[str, Any], None] = None
+    audio: Optional[dict[str, Any]] = None
 
 
 class LoadAdapterRequest(_Strict):
@@ -84,6 +94,13 @@ class LoadAdapterRequest(_Strict):
 class UnloadAdapterRequest(_Strict):
     lora_name: str
     lora_int_id: Optional[int] = None  # sent by some vLLM clients; unused
+
+
+# pydantic error types for a value of the right type that is out of range or not one of the allowed ones
+# (the server's own checks call these invalid_value too); every other failure is a wrong type.
+VALUE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                          "finite_number", "too_short", "too_long", "string_too_short", "string_too_long",
+                          "literal_error", "enum"})
 
 
 def parse_body(cls: type[BaseModel], body: Any) -> BaseModel:
@@ -98,10 +115,11 @@ def parse_body(cls: type[BaseModel], body: Any) -> BaseModel:
         # Union members appear in loc as type names ('str', 'list[int]'); they are not fields.
         fields = [p for p in loc if not (p[:1].isalpha() and ("[" in p or p in ("str", "int", "float", "bool")))]
         param = ".".join(fields) or None
-        kind = "missing" if first["type"] == "missing" else "invalid"
-        message = (f"Missing required field '{param}'." if kind == "missing"
-                   else f"Invalid value for '{param}': {first['msg']} (got {first.get('input')!r}).")
-        raise APIError(400, message, param=param, code="invalid_type" if kind == "invalid" else "missing_field")
+        if first["type"] == "missing":
+            raise APIError(400, f"Missing required field '{param}'.", param=param, code="missing_field")
+        message = f"Invalid value for '{param}': {first['msg']} (got {first.get('input')!r})."
+        code = "invalid_value" if first["type"] in VALUE_ERRORS else "invalid_type"
+        raise APIError(400, message, param=param, code=code)
 
 
 def message_text(message: ChatMessage) -> str:
