@@ -43,8 +43,12 @@ def test_a_failed_write_leaves_no_checkpoint_and_old_ones_are_pruned(tiny_base, 
 def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_file, tmp_path):
     out = tmp_path / "run"
     train(cfg(tiny_base, data_file, out, max_steps=2, save_every=1))
+    with pytest.raises(TrainError, match="already holds the result of a finished run; choose another --out"):
+        train(cfg(tiny_base, data_file, out, max_steps=2))
+    (out / "lorakit_train.json").rename(tmp_path / "info.json")  # as a killed run leaves it
     with pytest.raises(TrainError, match="already holds checkpoints.*--resume"):
         train(cfg(tiny_base, data_file, out, max_steps=2))
+    (tmp_path / "info.json").rename(out / "lorakit_train.json")
     with pytest.raises(TrainError, match=r"lr: 0\.005 -> 0\.001"):
         train(cfg(tiny_base, data_file, out, max_steps=2, lr=1e-3, resume=True))
     with pytest.raises(TrainError, match=r"dora: False -> True"):
@@ -56,10 +60,28 @@ def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_f
             state["config"].pop(newer)
         torch.save(state, state_file)
     assert train(cfg(tiny_base, data_file, out, max_steps=2, resume=True)).steps == 2
+    # the same file with other rows would not continue the run; the order of --targets does not matter
+    shutil.copy(data_file, tmp_path / "mine.jsonl")
+    train(cfg(tiny_base, tmp_path / "mine.jsonl", tmp_path / "run2", max_steps=2, save_every=1))
+    write_code_pairs(tmp_path / "mine.jsonl", 10)
+    with pytest.raises(TrainError, match="training data .* has changed since the interrupted run"):
+        train(cfg(tiny_base, tmp_path / "mine.jsonl", tmp_path / "run2", max_steps=2, resume=True))
+    shutil.copy(data_file, tmp_path / "mine.jsonl")
+    again = cfg(tiny_base, tmp_path / "mine.jsonl", tmp_path / "run2", max_steps=2, resume=True)
+    assert train(dataclasses.replace(again, targets=list(reversed(again.targets)))).steps == 2
     with pytest.raises(TrainError, match="full fine-tuning cannot train 4-bit"):
         TrainConfig(data="x", full=True, quantize="nf4")
     with pytest.raises(TrainError, match="--data"):
         TrainConfig()
+    # values from YAML keep their YAML types: "1e-3" is a string and "no" is not False
+    with pytest.raises(TrainError, match=r"lr must be a number, got '1e-3' \(str\)"):
+        TrainConfig(data="x", lr="1e-3")
+    with pytest.raises(TrainError, match="bf16 must be true or false, got 'no'"):
+        TrainConfig(data="x", bf16="no")
+    with pytest.raises(TrainError, match="log_every must be >= 1"):
+        TrainConfig(data="x", log_every=0)
+    with pytest.raises(TrainError, match="is a file; training writes a directory there"):
+        train(cfg(tiny_base, data_file, data_file, max_steps=1))
 
 
 RUNNER = textwrap.dedent("""

@@ -132,6 +132,18 @@ def test_csv_with_custom_fields_and_facts(tmp_path):
     assert ex[1].reference == "Write to help@x.io, multi\nline."
 
 
+def test_spreadsheet_csv_with_a_byte_order_mark_and_a_short_row(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffquery,response\nWhen are you open?,From 9 to 5.\n".encode())
+    assert load_examples(path)[0].messages[0]["content"] == "When are you open?"
+    path.write_text("query,response\nWhen are you open?,From 9 to 5.\nJust one value\n")
+    with pytest.raises(DataError, match=r"excel\.csv:3: 1 values, but the header names 2 columns"):
+        load_examples(path)
+    path.write_text("query,response\nA row, with a comma, unquoted,x\n")
+    with pytest.raises(DataError, match=r"excel\.csv:2: 4 values, but the header names 2 columns; quote"):
+        load_examples(path)
+
+
 def test_json_array_file(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"query": "a", "response": "b"}, {"query": "c"}]))

@@ -56,6 +56,18 @@ def test_unknown_hub_id_gives_clear_error(monkeypatch):
         load_base_model("no-such-org/no-such-model-xyz")
 
 
+def test_a_missing_local_directory_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/typo_dir", "./typo", str(tmp_path / "a" / "b"), "~/no-such-lorakit-dir"):
+        start = time.monotonic()
+        with pytest.raises(ModelLoadError, match=f"base model directory '{name}' does not exist"):
+            load_base_model(name)
+        assert time.monotonic() - start < 5  # not the hub client's minute of retries
+
+
 def test_bad_local_dir_names_the_directory(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="could not load a model from the directory"):

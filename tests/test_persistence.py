@@ -106,6 +106,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
+def test_atomic_writes_get_an_ordinary_files_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "f.txt", "w") as f:
+            f.write("x")
+        assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+        os.umask(0o077)
+        with atomic_write(tmp_path / "g.txt", "w") as f:
+            f.write("x")
+        assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_save_over_a_file_is_refused(tmp_path):
     model = saved_adapter(tmp_path / "a")
     (tmp_path / "file").write_text("x")

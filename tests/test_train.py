@@ -252,6 +252,15 @@ def test_bad_row_fails_before_the_model_loads(tiny_base, tmp_path, monkeypatch):
         train(TrainConfig(base=tiny_base, data=str(bad), out=str(tmp_path / "o"), progress=False))
 
 
+def test_every_target_name_must_exist_and_all_linear_works(tiny_base, data_file, tmp_path):
+    with pytest.raises(TrainError, match=r"--targets foo_proj: no module of this model has that name\. Modules LoRA "
+                                         r"can wrap here: .*q_proj"):
+        train(cfg(tiny_base, data_file, tmp_path / "typo", targets=["q_proj", "foo_proj"], max_steps=1))
+    train(cfg(tiny_base, data_file, tmp_path / "all", targets=["all-linear"], max_steps=1))
+    saved = load_file(str(tmp_path / "all" / "adapter_model.safetensors"))
+    assert any("mlp.down_proj.lora_A" in k for k in saved) and not any("lm_head" in k for k in saved)
+
+
 def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path, all_threads):
     """The one test on the embedded model: a few real steps, the loss drops, the saved adapter reloads."""
     from lorakit import PeftModel

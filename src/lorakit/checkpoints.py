@@ -21,7 +21,7 @@ import torch
 
 from lorakit import distributed
 from lorakit.errors import TrainError
-from lorakit.io_utils import atomic_save_safetensors, atomic_write
+from lorakit.io_utils import atomic_save_safetensors, atomic_write, private_dir_made_ordinary
 
 if TYPE_CHECKING:
     from lorakit.train import TrainConfig
@@ -77,6 +77,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
     if (final / STATE_FILE).is_file():
         return final
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    private_dir_made_ordinary(tmp)
     try:
         trainable = gathered["trainable"] if gathered else {n: p for n, p in model.named_parameters()
                                                              if p.requires_grad}
@@ -137,7 +138,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: "TrainConfi
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
     saved = {**defaults, **state["config"]}
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_MUST_MATCH
-               if _norm(saved.get(k)) != _norm(getattr(config, k))]
+               if _norm(k, saved.get(k)) != _norm(k, getattr(config, k))]
     if changed:
         raise TrainError(f"cannot resume from {path}: these settings differ from the interrupted run, which "
                          f"would change the result: {'; '.join(changed)}. Use the original settings, or a new --out.")
@@ -174,5 +175,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: "TrainConfi
     return state["position"]
 
 
-def _norm(value):
+def _norm(key: str, value):
+    if key == "targets" and isinstance(value, (list, tuple)):
+        return sorted(value)  # a set of module names: the order does not matter
     return list(value) if isinstance(value, tuple) else value

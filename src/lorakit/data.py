@@ -7,6 +7,7 @@ token is produced, so a bad row stops the run with its file and line before trai
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -57,15 +58,21 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         return
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs start their CSV exports with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             for row in reader:
+                if None in row or None in row.values():
+                    values = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                    raise DataError(f"{path}:{reader.line_num}: {values} values, but the header names "
+                                    f"{len(reader.fieldnames)} columns; quote values that contain commas or line "
+                                    "breaks")
                 yield reader.line_num, row
         return
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise DataError(f"{path}: unsupported data file type {suffix!r}; use .jsonl (one JSON object per "
                         f"line), .csv (with a header row) or a datasets.save_to_disk directory")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of objects
         try:
@@ -226,6 +233,13 @@ class TokenizedData:
     @property
     def lengths(self) -> list[int]:
         return [len(item["input_ids"]) for item in self.items]
+
+    def fingerprint(self) -> str:
+        """A hash of every example's tokens and labels: equal exactly when the training data is the same."""
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(repr((item["input_ids"], item["labels"])).encode())
+        return digest.hexdigest()[:16]
 
     def summary(self) -> str:
         n_tokens = sum(self.lengths)

@@ -17,6 +17,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes the file private; give it an ordinary file's mode
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -26,6 +27,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    with contextlib.suppress(OSError, ValueError):  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def private_dir_made_ordinary(path: str | os.PathLike) -> None:
+    """mkdtemp's directories are private (0700); give one the mode an ordinary new directory gets."""
+    os.chmod(path, 0o777 & ~current_umask())
 
 
 def atomic_save_json(obj: Any, path: str | os.PathLike) -> None:

