@@ -1,15 +1,22 @@
 """The lorakit command: subcommands, option precedence, the train/eval contract, merge, inspect, chat."""
 
+import dataclasses
+import io
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit import PeftModel
-from lorakit.cli import CliError, build_parser, main, train_config_from_args
+from lorakit.cli import (CliError, _add_train_options, build_parser, config_keys, eval_options_from_args, main,
+                         train_config_from_args)
 
 SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
 
@@ -116,10 +123,16 @@ def test_inspect_reports_rank_targets_params_and_size(trained, capsys):
     # q_proj: A 4x32 + B 32x4; v_proj: A 4x32 + B 16x4; two layers
     assert info["parameters"] == 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4) == 896
     assert info["r"] == 4 and info["adapted_modules"] == 4 and info["tensors"] == 8
-    assert info["size_bytes"] > 896 * 4 and info["training"]["steps"] == 6
+    assert info["training"]["steps"] == 6
+    # the weights file alone; the directory also holds metrics.jsonl, loss_curve.png and lorakit_train.json
+    weights_bytes = (out / "adapter_model.safetensors").stat().st_size
+    assert info["weights_bytes"] == weights_bytes and info["weights_file"] == "adapter_model.safetensors"
+    assert info["directory_bytes"] > weights_bytes + (out / "loss_curve.png").stat().st_size
     main(["inspect", str(out)])
     text = capsys.readouterr().out
     assert "rank r" in text and "q_proj, v_proj" in text and "896 in 8 tensors" in text
+    assert f"weights size    {weights_bytes / 1024:.1f} KiB (adapter_model.safetensors)" in text
+    assert "directory size" in text and "trained         6 steps on" in text
     assert "variants" not in text
 
 
@@ -182,12 +195,206 @@ def test_errors_are_one_line_with_exit_status_2(tiny_base, tmp_path, capsys):
 def test_demo_command_on_a_tiny_base(tiny_base, tmp_path):
     """The demo's wiring (train on the shipped data, score, report); the real run is `make demo`."""
     out = tmp_path / "demo"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "checkpoints" / "step-000005").mkdir(parents=True)  # what an earlier demo run left
+    (out / "checkpoints" / "step-000005" / "trainable.safetensors").write_text("stale")
+    (out / "lorakit_train.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("stale\n")
     stdout = _run_main(["demo", "--base", tiny_base, "--out", str(out), "--max-steps", "2", "--eval-limit", "3"])
     assert "fine-tune" in stdout and "r=16 on q_proj,k_proj,v_proj,o_proj" in stdout
     assert "trained 2 steps" in stdout and "3 held-out questions" in stdout
     assert f"adapter saved to {out.resolve()}" in stdout
     assert stdout.strip().splitlines()[-1].startswith("eval on 3 rows")
-    assert not (out / "stale.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "checkpoints").exists() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "lorakit_train.json").read_text())["result"]["steps"] == 2
     assert json.loads((out / "eval.json").read_text())["n"] == 3
+
+
+def _exit_code_and_error(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_demo_refuses_an_out_dir_it_did_not_write(tiny_base, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "lorakit_train.json").write_text("{}")  # a lorakit marker does not make the other files ours
+    code, err = _exit_code_and_error(["demo", "--base", tiny_base, "--out", str(out), "--max-steps", "1",
+                                      "--eval-limit", "1"], capsys)
+    assert code == 2 and "is not empty and is not the output of an earlier lorakit demo" in err
+    assert "choose another --out or empty it" in err and (out / "notes.txt").read_text() == "the user's own file"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = _exit_code_and_error(["demo", "--base", tiny_base, "--out", str(afile), "--max-steps", "1"], capsys)
+    assert code == 2 and "is a file" in err and afile.read_text() == "x"
+
+
+def test_merge_refuses_to_replace_its_adapter_a_file_or_an_unwritable_place(trained, tiny_base, tmp_path, capsys,
+                                                                            monkeypatch):
+    adapter = tmp_path / "work" / "adapter"
+    shutil.copytree(trained[0], adapter)
+    files = sorted(p.name for p in adapter.iterdir())
+    merge = ["merge", "--base", tiny_base, "--adapter", str(adapter), "--force", "--out"]
+    for out, where in ((adapter, "is"), (adapter / "merged", "is inside"), (tmp_path / "work", "contains")):
+        code, err = _exit_code_and_error(merge + [str(out)], capsys)
+        assert code == 2 and f"{where} the adapter directory" in err and "Choose an --out outside it" in err
+    assert sorted(p.name for p in adapter.iterdir()) == files
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = _exit_code_and_error(merge + [str(afile)], capsys)
+    assert code == 2 and "is a file; merge writes a model directory there" in err
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
+    code, err = _exit_code_and_error(merge + [str(notes)], capsys)  # --force replaces an earlier merge only
+    assert code == 2 and "holds no model (no config.json)" in err and (notes / "todo.txt").is_file()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # the tests may run as root, whom chmod does not stop
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+    code, err = _exit_code_and_error(merge + [str(locked / "sub" / "merged")], capsys)
+    assert code == 2 and f"{locked} is not writable" in err
+
+
+def test_config_file_values_are_checked_and_converted_to_the_option_types(tmp_path):
+    parser = build_parser()
+
+    def train_config(text):
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        return train_config_from_args(parser.parse_args(["train", "--config", str(path)]))
+
+    # PyYAML reads 1e-3 as a string; flag spellings from --help work as keys
+    config = train_config("data: a.jsonl\nlr: 1e-3\nlora-r: 8\nno-progress: true\nbf16: 'no'\n"
+                          "targets: q_proj, v_proj\nmax_steps: '5'\nalpha: 16\n")
+    assert (config.lr, config.r, config.progress, config.bf16, config.targets, config.max_steps, config.alpha) == \
+        (0.001, 8, False, False, ["q_proj", "v_proj"], 5, 16.0)
+    assert train_config("data: a.jsonl\nprogress: false\ndora: yes\n").progress is False
+    for line, message in (("r: four", "r: expected a positive integer, got 'four'"),
+                          ("targets: 5", "targets: expected a list of names or a comma-separated string, got 5"),
+                          ("bf16: maybe", "bf16: expected true or false, got 'maybe'"),
+                          ("batch_size: 0", "batch_size: expected a positive integer, got 0"),
+                          ("lr: fast", "lr: expected a number, got 'fast'"),
+                          ("epochs: 2.5", "epochs: expected an integer, got 2.5"),
+                          ("too_long: cut", "too_long: expected one of truncate, skip, got 'cut'"),
+                          ("base: 5", "base: expected a string, got 5"),
+                          ("lr:", "lr has no value"),
+                          ("r: 4\nlora-r: 8", "r and lora_r set the same option")):
+        with pytest.raises(CliError, match=re.escape(message)):
+            train_config("data: a.jsonl\n" + line + "\n")
+
+    eval_file = tmp_path / "eval.yaml"
+    eval_file.write_text(f"data: d.jsonl\nadapter: runs/a\njson: {tmp_path / 'e.json'}\nno-base: true\n"
+                         "batch-size: '4'\nmax_new_tokens: 12\n")
+    opts = eval_options_from_args(parser.parse_args(["eval", "--config", str(eval_file)]))
+    assert (opts["json_out"], opts["include_base"], opts["batch_size"], opts["max_new_tokens"]) == \
+        (str(tmp_path / "e.json"), False, 4, 12)
+    eval_file.write_text("data: d.jsonl\nlimit: 0\n")
+    with pytest.raises(CliError, match="limit: expected a positive integer, got 0"):
+        eval_options_from_args(parser.parse_args(["eval", "--config", str(eval_file)]))
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "--data", "d.jsonl", "--batch-size", "0"],
+    ["eval", "--data", "d.jsonl", "--max-new-tokens", "0"],
+    ["eval", "--data", "d.jsonl", "--limit", "0"],
+    ["eval", "--data", "d.jsonl", "--limit", "-1"],
+    ["generate", "--max-new-tokens", "0", "hello"],
+    ["chat", "--max-new-tokens", "0"],
+    ["demo", "--eval-batch-size", "0"],
+    ["train", "--data", "d.jsonl", "--log-every", "0"],
+])
+def test_sizes_and_counts_below_one_are_refused_when_parsed(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unwritable_json_path_and_nothing_to_score(tiny_base, data_file, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = _exit_code_and_error(["eval", "--base", tiny_base, "--data", data_file, "--json", str(afile / "e.json"),
+                                      "--limit", "1", "--max-new-tokens", "2", "--query-field", "question",
+                                      "--response-field", "answer"], capsys)
+    assert code == 2 and f"{afile} is a file, not a directory" in err
+    code, err = _exit_code_and_error(["eval", "--base", tiny_base, "--data", data_file, "--no-base"], capsys)
+    assert code == 2 and "--no-base without --adapter leaves nothing to score" in err
+
+
+def test_a_full_model_directory_as_adapter_points_to_base(tiny_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("builtins.input", lambda prompt="": "/quit")
+    for args in (["generate", "--base", tiny_base, "--adapter", tiny_base, "hello"],
+                 ["chat", "--base", tiny_base, "--adapter", f"full={tiny_base}"],
+                 ["merge", "--base", tiny_base, "--adapter", tiny_base, "--out", str(tmp_path / "merged")]):
+        code, err = _exit_code_and_error(args, capsys)
+        assert code == 2 and f"--adapter {tiny_base} is a full model directory" in err
+        assert f"pass it as --base {tiny_base} instead" in err
+
+
+def test_chat_refuses_two_adapters_with_one_name(trained, tiny_base, tmp_path, monkeypatch, capsys):
+    for folder in ("other", "runs"):
+        shutil.copytree(trained[0], tmp_path / folder / "a")
+    monkeypatch.setattr("builtins.input", lambda prompt="": "/quit")
+    first, second = tmp_path / "other" / "a", tmp_path / "runs" / "a"
+    for adapters in ([f"a={first}", str(second)], [str(trained[0]), str(first), str(second)]):
+        code, err = _exit_code_and_error(["chat", "--base", tiny_base] +
+                                         [arg for a in adapters for arg in ("--adapter", a)], capsys)
+        assert code == 2 and f"two adapters are named 'a' ({first} and {second})" in err
+        assert "name them with --adapter NAME=PATH" in err
+
+
+def test_inspect_names_a_damaged_file(trained, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained[0], adapter)
+    config_text = (adapter / "adapter_config.json").read_text()
+    (adapter / "adapter_config.json").write_text(config_text[: len(config_text) // 2])
+    code, err = _exit_code_and_error(["inspect", str(adapter)], capsys)
+    assert code == 2 and f"{adapter / 'adapter_config.json'} is not valid JSON" in err
+    (adapter / "adapter_config.json").write_text(config_text)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err = _exit_code_and_error(["inspect", str(adapter)], capsys)
+    assert code == 2 and f"{weights} cannot be read" in err and "truncated or corrupt" in err
+
+
+def test_inspect_counts_one_step_in_the_singular(tmp_path, capsys):
+    from lorakit import LoraConfig, get_peft_model
+    from tiny_models import tiny_llama
+
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    (tmp_path / "lorakit_train.json").write_text(json.dumps(
+        {"config": {"data": "d.jsonl"}, "result": {"steps": 1, "first_loss": 2.0, "final_loss": 1.5}}))
+    main(["inspect", str(tmp_path)])
+    assert "trained         1 step on d.jsonl, loss 2.000 -> 1.500" in capsys.readouterr().out
+
+
+def test_generate_drops_the_newline_that_ends_a_piped_prompt(tiny_base, monkeypatch, capsys):
+    seen = []
+
+    def fake_generate(model, tokenizer, conversations, **options):
+        seen.append(conversations[0][-1]["content"])
+        return ["ok"]
+
+    monkeypatch.setattr("lorakit.generation.generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the code for room 3?\n"))
+    assert main(["generate", "--base", tiny_base]) == 0
+    assert main(["generate", "--base", tiny_base, "What is the code for room 3?"]) == 0
+    assert seen == ["What is the code for room 3?"] * 2 and capsys.readouterr().out == "ok\nok\n"
+
+
+def test_help_states_the_defaults(capsys):
+    from lorakit.train import TrainConfig
+
+    options = config_keys(_add_train_options)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for dest in ("warmup_ratio", "weight_decay", "max_grad_norm", "eval_every", "save_every", "log_every",
+                 "keep_checkpoints"):
+        stated = re.search(r"\(default ([0-9.]+)", options[dest].help)
+        assert stated and float(stated.group(1)) == defaults[dest], dest
+    for command, phrases in (("serve", ["(default 8000)", "(default float32)", "(default info)"]),
+                             ("demo", ["generation batch size (default 32)"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for phrase in phrases:
+            assert phrase in text, (command, phrase)

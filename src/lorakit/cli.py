@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from lorakit.models import DEFAULT_BASE
 
@@ -19,10 +21,42 @@ class CliError(Exception):
     """A usage problem: printed as `lorakit <cmd>: error: ...`, exit status 2."""
 
 
+# -- option types ----------------------------------------------------------------------------------------
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes where 0 makes no sense (batch sizes, token caps, limits)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for intervals where 0 means 'never' (eval/save every N steps)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", positive_int: "a positive integer",
+              non_negative_int: "an integer >= 0"}
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
 # -- config files --------------------------------------------------------------------------------------
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """Options from a YAML or JSON file; keys are option names with '_' or '-'."""
+    """The raw mapping of a YAML or JSON file; keys with '-' are spelled with '_'."""
     p = Path(path)
     if not p.is_file():
         raise CliError(f"config file {path} does not exist")
@@ -40,30 +74,114 @@ def load_config_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise CliError(f"config file {path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {_config_key(str(k)): v for k, v in data.items()}
+
+
+def _config_key(name: str) -> str:
+    return name.lstrip("-").replace("-", "_")
+
+
+def config_keys(add_options: Callable[[argparse.ArgumentParser], None]) -> dict[str, argparse.Action]:
+    """Config-file keys -> the option each sets: its field name and the flag spellings of --help (lora-r, no-base)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_options(parser)
+    actions = [a for a in parser._actions if a.dest != "config"]  # argparse has no public list of its options
+    keys = {action.dest: action for action in actions}
+    for action in actions:
+        for flag in action.option_strings:
+            keys.setdefault(_config_key(flag), action)
+    return keys
+
+
+def read_config_options(path: str, add_options: Callable[[argparse.ArgumentParser], None]) -> dict[str, Any]:
+    """Options from a --config file, keyed and typed as the matching flags would give them."""
+    keys = config_keys(add_options)
+    values = load_config_file(path)
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        fields = sorted({action.dest for action in keys.values()})
+        raise CliError(f"config file {path}: unknown option(s) {', '.join(unknown)}; valid options: "
+                       f"{', '.join(fields)} (or the flag names of --help, e.g. lora-r, no-progress)")
+    options: dict[str, Any] = {}
+    set_by: dict[str, str] = {}
+    for key, value in values.items():
+        action = keys[key]
+        if action.dest in set_by:
+            raise CliError(f"config file {path}: {set_by[action.dest]} and {key} set the same option; keep one")
+        set_by[action.dest] = key
+        options[action.dest] = config_value(path, key, value, action)
+    return options
+
+
+def config_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
+    """A config-file value checked and converted as its option's flag would be (YAML reads 1e-3 as a string)."""
+    def wrong(expected: str) -> CliError:
+        return CliError(f"config file {path}: {key}: expected {expected}, got {value!r}")
+
+    if value is None:
+        raise CliError(f"config file {path}: {key} has no value; give one or delete the line")
+    if action.nargs == 0:  # a switch such as --bf16 or --no-progress
+        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+            value = value.lower() in TRUE_WORDS
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        # 'no_progress: true' means progress false; 'progress: true' means what it says
+        return value if key == action.dest or action.const else not value
+    if action.type is _csv:
+        if isinstance(value, str):
+            return _csv(value)
+        if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+            return [v.strip() for v in value]
+        raise wrong("a list of names or a comma-separated string")
+    if action.type is None:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        if action.choices and value not in action.choices:
+            raise wrong(f"one of {', '.join(action.choices)}")
+        return value
+    expected = TYPE_NAMES.get(action.type, action.type.__name__)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise wrong(expected)
+    try:
+        return action.type(str(value))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise wrong(expected) from None
 
 
 def merge_options(defaults: dict[str, Any], file_values: dict[str, Any], flags: argparse.Namespace,
-                  valid: Sequence[str], source: str = "config file") -> dict[str, Any]:
+                  valid: Sequence[str]) -> dict[str, Any]:
     """defaults < config file < command-line flags (only flags actually given are in `flags`)."""
-    unknown = sorted(set(file_values) - set(valid))
-    if unknown:
-        raise CliError(f"{source}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
     merged = dict(defaults)
     merged.update(file_values)
     merged.update({k: v for k, v in vars(flags).items() if k in valid})
     return merged
 
 
+# -- output paths ------------------------------------------------------------------------------------------
+
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail before minutes of work when a result file could not be written there."""
+    target = Path(path)
+    if target.is_dir():
+        raise CliError(f"{flag} {path} is a directory; give a file name, e.g. {target / 'eval.json'}")
+    existing = _nearest_existing(target.parent)
+    if not existing.is_dir():
+        raise CliError(f"{flag} {path}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path}: {existing} is not writable by this user; choose another path "
+                       "or fix its permissions")
+
+
 # -- train -----------------------------------------------------------------------------------------------
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # an option not given stays absent, so a config file value can show through
-    p.add_argument("--config", help="YAML/JSON file of options (field names as below); flags override it")
+    p.add_argument("--config", help="YAML/JSON file of options (field names or flag names as below, e.g. lr, "
+                                    "lora-r, no-progress); flags override it")
     g = p.add_argument_group("data")
     g.add_argument("--base", default=S, help=f"base model: '{DEFAULT_BASE}' (embedded default), a local dir or a hub id")
     g.add_argument("--data", default=S, help="training pairs: .jsonl, .csv or a datasets directory")
@@ -73,12 +191,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--response-field", dest="response_field", default=S,
                    help="field holding the response (default: response)")
     g.add_argument("--system-prompt", dest="system_prompt", default=S, help="system message put before each query")
-    g.add_argument("--max-length", dest="max_length", type=int, default=S, help="max tokens per example (default 512)")
+    g.add_argument("--max-length", dest="max_length", type=positive_int, default=S,
+                   help="max tokens per example (default 512)")
     g.add_argument("--too-long", dest="too_long", choices=["truncate", "skip"], default=S,
                    help="what to do with longer examples (default truncate)")
     g = p.add_argument_group("LoRA")
     # --lora-r: torchrun's own parser takes a bare --r for an abbreviation of its options and stops.
-    g.add_argument("--r", "--lora-r", dest="r", type=int, default=S, help="rank (default 16)")
+    g.add_argument("--r", "--lora-r", dest="r", type=positive_int, default=S, help="rank (default 16)")
     g.add_argument("--alpha", type=float, default=S, help="lora_alpha (default 32)")
     g.add_argument("--targets", type=_csv, default=S, help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default 0.05)")
@@ -88,13 +207,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=["nf4"], default=S, help="QLoRA: keep the frozen base in 4-bit NF4")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help="passes over the data (default 3)")
-    g.add_argument("--max-steps", dest="max_steps", type=int, default=S, help="optimizer steps; overrides --epochs")
+    g.add_argument("--max-steps", dest="max_steps", type=positive_int, default=S,
+                   help="optimizer steps; overrides --epochs")
     g.add_argument("--lr", type=float, default=S, help="peak learning rate (default 2e-4)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="examples per micro-batch (default 8)")
-    g.add_argument("--grad-accum", dest="grad_accum", type=int, default=S, help="micro-batches per step (default 1)")
-    g.add_argument("--warmup-ratio", dest="warmup_ratio", type=float, default=S, help="warmup share of steps")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=S, help="gradient clipping norm")
+    g.add_argument("--batch-size", dest="batch_size", type=positive_int, default=S,
+                   help="examples per micro-batch (default 8)")
+    g.add_argument("--grad-accum", dest="grad_accum", type=positive_int, default=S,
+                   help="micro-batches per step (default 1)")
+    g.add_argument("--warmup-ratio", dest="warmup_ratio", type=float, default=S,
+                   help="warmup share of steps (default 0.05)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
+                   help="AdamW weight decay (default 0.0)")
+    g.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=S,
+                   help="gradient clipping norm (default 1.0)")
     g.add_argument("--loraplus-lr-ratio", dest="loraplus_lr_ratio", type=float, default=S,
                    help="LoRA+: lr of the B matrices = lr * ratio")
     g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
@@ -107,10 +232,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp", action="store_true", default=S,
                    help="under torchrun: shard the model across the processes (FSDP) instead of a copy in each (DDP)")
     g = p.add_argument_group("bookkeeping")
-    g.add_argument("--eval-every", dest="eval_every", type=int, default=S, help="steps between eval-loss runs")
-    g.add_argument("--save-every", dest="save_every", type=int, default=S, help="steps between checkpoints")
-    g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=S, help="checkpoints kept (2)")
-    g.add_argument("--log-every", dest="log_every", type=int, default=S, help="steps between metrics.jsonl rows")
+    g.add_argument("--eval-every", dest="eval_every", type=non_negative_int, default=S,
+                   help="steps between eval-loss runs (default 0: only at the end)")
+    g.add_argument("--save-every", dest="save_every", type=non_negative_int, default=S,
+                   help="steps between checkpoints (default 0: none, except on Ctrl-C)")
+    g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=positive_int, default=S,
+                   help="checkpoints kept (default 2)")
+    g.add_argument("--log-every", dest="log_every", type=positive_int, default=S,
+                   help="steps between metrics.jsonl rows (default 1)")
     g.add_argument("--resume", action="store_true", default=S, help="continue from the last checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
 
@@ -120,8 +249,8 @@ def train_config_from_args(args: argparse.Namespace):
     from lorakit.train import TrainConfig
 
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    merged = merge_options({}, file_values, args, fields, source=f"config file {getattr(args, 'config', '')}")
+    file_values = read_config_options(args.config, _add_train_options) if getattr(args, "config", None) else {}
+    merged = merge_options({}, file_values, args, fields)
     if not merged.get("data"):
         raise CliError("no training data: pass --data FILE (or 'data:' in the --config file)")
     return TrainConfig(**merged)
@@ -146,7 +275,8 @@ EVAL_FIELDS = ("base", "adapter", "data", "query_field", "response_field", "syst
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
-    p.add_argument("--config", help="YAML/JSON file of options; flags override it")
+    p.add_argument("--config", help="YAML/JSON file of options (field or flag names, e.g. json, no-base); "
+                                    "flags override it")
     p.add_argument("--base", default=S, help=f"base model (default {DEFAULT_BASE})")
     p.add_argument("--adapter", default=S, help="adapter directory (or a full fine-tuned model directory)")
     p.add_argument("--data", default=S, help="held-out pairs: .jsonl, .csv or a datasets directory")
@@ -154,26 +284,38 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-field", dest="query_field", default=S, help="default: what the adapter trained with, or query")
     p.add_argument("--response-field", dest="response_field", default=S, help="default: as trained, or response")
     p.add_argument("--system-prompt", dest="system_prompt", default=S, help="default: as the adapter was trained")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="generation batch size (default 16)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S,
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int, default=S,
+                   help="generation batch size (default 16)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=positive_int, default=S,
                    help="default: longest reference answer + 8 tokens")
     p.add_argument("--exact-match", dest="exact_match", action="store_true", default=S,
                    help="score whole-answer equality instead of key facts")
     p.add_argument("--no-base", dest="include_base", action="store_false", default=S, help="skip the base model")
-    p.add_argument("--limit", type=int, default=S, help="score only the first N rows")
+    p.add_argument("--limit", type=positive_int, default=S, help="score only the first N rows (default: all)")
     p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for generation and perplexity")
     p.add_argument("--quantize", choices=["nf4"], default=S,
                    help="score on the NF4-rounded base (default: what the adapter was trained on)")
     p.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
 
 
+def eval_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """evaluate()'s keyword arguments from its defaults < --config file < flags, checked before any loading."""
+    file_values = read_config_options(args.config, _add_eval_options) if getattr(args, "config", None) else {}
+    opts = merge_options({"base": DEFAULT_BASE}, file_values, args, EVAL_FIELDS)
+    if not opts.get("data"):
+        raise CliError("no eval data: pass --data FILE")
+    if opts.get("include_base") is False and not opts.get("adapter"):
+        raise CliError("--no-base without --adapter leaves nothing to score: pass --adapter DIR, "
+                       "or drop --no-base to score the base model")
+    if opts.get("json_out"):
+        check_output_file(opts["json_out"], "--json")
+    return opts
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.evaluate import evaluate
 
-    file_values = load_config_file(args.config) if args.config else {}
-    opts = merge_options({"base": DEFAULT_BASE}, file_values, args, EVAL_FIELDS, source=f"config file {args.config}")
-    if not opts.get("data"):
-        raise CliError("no eval data: pass --data FILE")
+    opts = eval_options_from_args(args)
     report = evaluate(**opts)
     print(report.table())
     if opts.get("json_out"):
@@ -184,22 +326,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # -- generate / chat ---------------------------------------------------------------------------------------
 
+def check_adapter_dir(path: str) -> None:
+    """Refuse a full model directory given as --adapter, pointing to --base (loading it would fail obscurely)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "adapter_config.json").is_file() and (p / "config.json").is_file():
+        raise CliError(f"--adapter {path} is a full model directory (config.json, no adapter_config.json), as "
+                       f"`lorakit train --full` and `lorakit merge` write; pass it as --base {path} instead")
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, path) per --adapter DIR or NAME=DIR: an unnamed first one is 'default', later ones their folder name."""
+    adapters: list[tuple[str, str]] = []
+    for i, spec in enumerate(specs):
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or (Path(path).name if i else "default")
+        same_name = [other for other_name, other in adapters if other_name == name]
+        if same_name:
+            raise CliError(f"two adapters are named {name!r} ({same_name[0]} and {path}); name them with "
+                           f"--adapter NAME=PATH, e.g. --adapter {name}2={path}")
+        check_adapter_dir(path)
+        adapters.append((name, path))
+    return adapters
+
+
 def _load_for_inference(base: str, adapters: Sequence[str]):
     """Base model plus adapters given as DIR or NAME=DIR; returns (model, tokenizer, adapter names)."""
     from lorakit import PeftModel
     from lorakit.models import load_base_model
 
+    named = parse_adapter_specs(adapters)  # before the slow model load
     model, tokenizer = load_base_model(base)
-    names = []
-    for i, spec in enumerate(adapters):
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        name = name or (Path(path).name if i else "default")
-        if not names:
+    for i, (name, path) in enumerate(named):
+        if i == 0:
             model = PeftModel.from_pretrained(model, path, adapter_name=name)
         else:
             model.load_adapter(path, adapter_name=name)
-        names.append(name)
-    return model, tokenizer, names
+    return model, tokenizer, [name for name, _ in named]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -207,7 +369,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from lorakit.generation import generate
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # `echo "q" | lorakit generate` adds a newline the user did not type, and the model would answer it differently
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         raise CliError("empty prompt: pass it as an argument or on stdin")
     model, tokenizer, _ = _load_for_inference(args.base, [args.adapter] if args.adapter else [])
@@ -276,17 +439,36 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # -- merge / inspect -------------------------------------------------------------------------------------
 
+def check_merge_out(adapter: str, out: str, force: bool) -> None:
+    """Fail before loading anything when --out could not be written, or replacing it would destroy something."""
+    adapter_dir, out_dir = Path(adapter).resolve(), Path(out).resolve()
+    if out_dir == adapter_dir or out_dir in adapter_dir.parents or adapter_dir in out_dir.parents:
+        where = ("is" if out_dir == adapter_dir else "contains" if out_dir in adapter_dir.parents else "is inside")
+        raise CliError(f"--out {out} {where} the adapter directory {adapter}; the merged model would replace or mix "
+                       "with the adapter and its checkpoints. Choose an --out outside it.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out {out} is a file; merge writes a model directory there. Choose another --out.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise CliError(f"{out} exists and is not empty; pass --force to replace it")
+        if not (out_dir / "config.json").is_file():
+            raise CliError(f"--out {out} is not empty and holds no model (no config.json); --force replaces only "
+                           "an earlier merged model. Choose another --out or empty it.")
+    existing = _nearest_existing(out_dir.parent)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: {existing} is not writable by this user. Choose another --out, "
+                       "or fix its permissions.")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
-    import os
-    import shutil
     import tempfile
 
     from lorakit import PeftModel
     from lorakit.models import load_base_model
 
+    check_adapter_dir(args.adapter)
+    check_merge_out(args.adapter, args.out, args.force)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise CliError(f"{out} exists and is not empty; pass --force to replace it")
     model, tokenizer = load_base_model(args.base)
     model = PeftModel.from_pretrained(model, args.adapter)
     merged = model.merge_and_unload()
@@ -306,31 +488,46 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_adapter(path: str) -> dict[str, Any]:
-    """What an adapter directory holds: config, targets, ranks, parameter count, size on disk."""
-    from safetensors import safe_open
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CliError(f"{path} is not valid JSON ({e}); the file is damaged: re-save or re-copy it") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path} must hold a JSON object, not {type(data).__name__}; re-save or re-copy it")
+    return data
 
-    from lorakit.train import read_train_info
+
+def inspect_adapter(path: str) -> dict[str, Any]:
+    """What an adapter directory holds: config, targets, ranks, parameter count, weights and directory size."""
+    from safetensors import SafetensorError, safe_open
+
+    from lorakit.train import TRAIN_INFO
 
     root = Path(path)
     config_path = root / "adapter_config.json"
     if not config_path.is_file():
         raise CliError(f"{root} has no adapter_config.json; pass a directory written by `lorakit train` or PEFT")
-    config = json.loads(config_path.read_text())
+    config = _read_json_file(config_path)
     weights = root / "adapter_model.safetensors"
     params, modules, tensors = 0, set(), 0
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                params += n
-                tensors += 1
-                if ".lora_A" in key or ".lora_embedding_A" in key:
-                    modules.add(key.split(".lora_")[0])
-    size = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                for key in f.keys():
+                    shape = f.get_slice(key).get_shape()
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    params += n
+                    tensors += 1
+                    if ".lora_A" in key or ".lora_embedding_A" in key:
+                        modules.add(key.split(".lora_")[0])
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CliError(f"{weights} cannot be read ({e}); it is truncated or corrupt: re-save or re-copy "
+                           "the adapter") from None
+    weights_file = next((root / name for name in ("adapter_model.safetensors", "adapter_model.bin")
+                         if (root / name).is_file()), None)
     info = {
         "path": str(root),
         "base_model_name_or_path": config.get("base_model_name_or_path"),
@@ -346,9 +543,12 @@ def inspect_adapter(path: str) -> dict[str, Any]:
         "adapted_modules": len(modules),
         "tensors": tensors,
         "parameters": params,
-        "size_bytes": size,
+        "weights_file": weights_file.name if weights_file else None,
+        "weights_bytes": weights_file.stat().st_size if weights_file else 0,
+        # metrics, the loss curve and checkpoints too: what deleting the directory would free
+        "directory_bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
     }
-    trained = read_train_info(root)
+    trained = _read_json_file(root / TRAIN_INFO) if (root / TRAIN_INFO).is_file() else None
     if trained:
         result = trained.get("result", {})
         info["training"] = {k: result.get(k) for k in ("steps", "epochs", "first_loss", "final_loss", "eval_loss")}
@@ -375,19 +575,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("target modules", targets),
         ("adapted layers", info["adapted_modules"]),
         ("parameters", f"{info['parameters']:,d} in {info['tensors']} tensors"),
-        ("size on disk", _human_bytes(info["size_bytes"])),
+        ("weights size", f"{_human_bytes(info['weights_bytes'])} ({info['weights_file'] or 'no weights file'})"),
+        ("directory size", f"{_human_bytes(info['directory_bytes'])} (all files, checkpoints included)"),
     ]
     if info["rank_pattern"]:
         lines.append(("rank pattern", info["rank_pattern"]))
     if "training" in info:
         t = info["training"]
-        lines.append(("trained", f"{t['steps']} steps on {t['data']}, loss {t['first_loss']:.3f} -> "
+        lines.append(("trained", f"{_count(t['steps'], 'step')} on {t['data']}, loss {t['first_loss']:.3f} -> "
                                  f"{t['final_loss']:.3f}" + (f", eval loss {t['eval_loss']:.3f}"
                                                               if t.get("eval_loss") is not None else "")))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _human_bytes(n: int) -> str:
@@ -425,9 +630,36 @@ def demo_data_dir() -> Path:
     return d
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import shutil
+# What a demo run writes into --out; only a directory holding nothing else is cleared for a new run.
+DEMO_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "lorakit_train.json", "metrics.jsonl",
+                "loss_curve.png", "eval.json", "checkpoints")
 
+
+def _is_demo_output(name: str) -> bool:
+    # a leftover of an interrupted atomic write is named .<file>.<random>.tmp
+    return name in DEMO_OUTPUTS or (name.endswith(".tmp") and any(name.startswith(f".{o}.") for o in DEMO_OUTPUTS))
+
+
+def clear_earlier_demo_output(out: Path) -> None:
+    """Delete what an earlier demo run left in `out`; refuse a directory that holds anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CliError(f"--out {out} is a file; choose another --out")
+    entries = list(out.iterdir())
+    names = {entry.name for entry in entries}
+    from_lorakit = "lorakit_train.json" in names or "checkpoints" in names
+    if entries and not (from_lorakit and all(_is_demo_output(name) for name in names)):
+        raise CliError(f"--out {out} is not empty and is not the output of an earlier lorakit demo; choose another "
+                       "--out or empty it")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.evaluate import evaluate
     from lorakit.models import smollm2_dir
     from lorakit.train import train
@@ -439,8 +671,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config.max_steps = args.max_steps
     config.quantize = args.quantize
     out = Path(config.out)
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts fresh
+    clear_earlier_demo_output(out)  # the demo always starts fresh
     method = "QLoRA (NF4 base)" if config.quantize else "LoRA"
     print(f"lorakit demo: fine-tune {config.base} with {method} (r={config.r} on {','.join(config.targets)}) on "
           f"{config.data}, then score base vs adapter on {demo_data_dir() / 'eval.jsonl'}", flush=True)
@@ -524,23 +755,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="fine-tune SmolLM2 on the demo support data, then show base vs adapter accuracy")
-    p.add_argument("--out", default=DEMO_OUT, help=f"output directory (default {DEMO_OUT}; replaced on each run)")
+    p.add_argument("--out", default=DEMO_OUT, help=f"output directory (default {DEMO_OUT}); an earlier demo's output "
+                                                   "there is replaced, any other non-empty directory refused")
     p.add_argument("--base", default=DEFAULT_BASE, help=argparse.SUPPRESS)
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
-    p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=32, help="generation batch size")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the demo's number of epochs (default 2)")
+    p.add_argument("--eval-batch-size", dest="eval_batch_size", type=positive_int, default=32,
+                   help="generation batch size (default %(default)s)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="QLoRA: train on a 4-bit NF4 base")
-    p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help=argparse.SUPPRESS)  # quick checks
-    p.add_argument("--eval-limit", dest="eval_limit", type=int, default=None, help=argparse.SUPPRESS)
+    # quick checks
+    p.add_argument("--max-steps", dest="max_steps", type=positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eval-limit", dest="eval_limit", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", dest="system_prompt", default=None, help="system message")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256, help="reply length cap (256)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=positive_int, default=256,
+                   help="reply length cap (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="nucleus sampling (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

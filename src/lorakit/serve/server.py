@@ -28,7 +28,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "and through /v1/load_lora_adapter; nothing outside these is loaded at run time "
                              "(repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
     parser.add_argument("--max-adapters", type=int, default=8,
                         help="adapters kept in memory at once; the least recently used is evicted (default 8)")
     parser.add_argument("--max-batch-size", type=int, default=8,
@@ -38,14 +38,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-tokens", type=int, default=4096,
                         help="token budget for reusing the K/V of recent prompts' shared prefixes, e.g. the "
                              "chat template's system prompt (0 disables; default 4096)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the base weights")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="dtype of the base weights (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /playground "
                              "(default: $LORAKIT_API_KEY, else no key)")
     parser.add_argument("--scheduling", choices=("mixed", "per-adapter"), default="mixed",
                         help="'mixed' (default): requests for any adapters share a batch; 'per-adapter': one "
                              "adapter per batch (a baseline for benchmarks)")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="server log level (default %(default)s)")
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
