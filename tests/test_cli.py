@@ -398,3 +398,37 @@ def test_help_states_the_defaults(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for phrase in phrases:
             assert phrase in text, (command, phrase)
+
+
+def test_a_qlora_adapter_runs_and_merges_on_the_nf4_base_it_was_trained_on(trained, tiny_base, data_file, tmp_path,
+                                                                           capsys):
+    from lorakit.evaluate import _quantized_base
+    from lorakit.models import load_base_model
+
+    qlora = tmp_path / "qlora"
+    _run_main(["train", "--base", tiny_base, "--data", data_file, "--out", str(qlora), "--quantize", "nf4",
+               "--targets", "q_proj,v_proj", "--query-field", "question", "--response-field", "answer",
+               "--max-steps", "2", "--lr", "0.02", "--no-progress"])
+    assert "QLoRA" in _run_main(["inspect", str(qlora)])
+    stdout = _run_main(["merge", "--base", tiny_base, "--adapter", str(qlora), "--out", str(tmp_path / "merged")])
+    assert "trained on a nf4 base (QLoRA): using the nf4-rounded base weights" in stdout
+    nf4_base = _quantized_base(load_base_model(tiny_base)[0], "nf4", torch.float32)
+    expected = PeftModel.from_pretrained(nf4_base, str(qlora))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    x = torch.randint(0, 49152, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, expected(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    assert main(["generate", "--base", tiny_base, "--adapter", str(qlora), "--max-new-tokens", "3", "Hi"]) == 0
+    assert "nf4-rounded base" in capsys.readouterr().out
+    code, err = _exit_code_and_error(["chat", "--base", tiny_base, "--adapter", f"q={qlora}",
+                                      "--adapter", f"plain={trained[0]}"], capsys)
+    assert code == 2 and "on the full-precision base; load them in separate sessions" in err
+
+
+def test_without_base_the_adapter_runs_on_the_base_it_records(trained, tiny_base, capsys):
+    out, _ = trained
+    assert main(["generate", "--adapter", str(out), "--max-new-tokens", "5", "What is the code for room 3?"]) == 0
+    recorded = capsys.readouterr().out
+    assert main(["generate", "--base", tiny_base, "--adapter", str(out), "--max-new-tokens", "5",
+                 "What is the code for room 3?"]) == 0
+    assert recorded == capsys.readouterr().out

@@ -277,7 +277,8 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     p.add_argument("--config", help="YAML/JSON file of options (field or flag names, e.g. json, no-base); "
                                     "flags override it")
-    p.add_argument("--base", default=S, help=f"base model (default {DEFAULT_BASE})")
+    p.add_argument("--base", default=S, help=f"base model (default: the one the adapter records when it is here, else "
+                                             f"{DEFAULT_BASE})")
     p.add_argument("--adapter", default=S, help="adapter directory (or a full fine-tuned model directory)")
     p.add_argument("--data", default=S, help="held-out pairs: .jsonl, .csv or a datasets directory")
     p.add_argument("--json", dest="json_out", default=S, help="write the scores and every answer to this JSON file")
@@ -301,7 +302,8 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def eval_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """evaluate()'s keyword arguments from its defaults < --config file < flags, checked before any loading."""
     file_values = read_config_options(args.config, _add_eval_options) if getattr(args, "config", None) else {}
-    opts = merge_options({"base": DEFAULT_BASE}, file_values, args, EVAL_FIELDS)
+    opts = merge_options({}, file_values, args, EVAL_FIELDS)
+    opts["base"] = base_for(opts.get("base"), [opts["adapter"]] if opts.get("adapter") else [])
     if not opts.get("data"):
         raise CliError("no eval data: pass --data FILE")
     if opts.get("include_base") is False and not opts.get("adapter"):
@@ -349,19 +351,35 @@ def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     return adapters
 
 
-def _load_for_inference(base: str, adapters: Sequence[str]):
-    """Base model plus adapters given as DIR or NAME=DIR; returns (model, tokenizer, adapter names)."""
+def base_for(base: Optional[str], adapter_paths: Sequence[str]) -> str:
+    """--base when given; else the base the first adapter records, if that is here (the embedded model or an
+    existing directory: never an unasked hub download); else the embedded default."""
+    if base:
+        return base
+    for path in adapter_paths:
+        try:
+            recorded = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, str) and (recorded == DEFAULT_BASE or Path(recorded).is_dir()):
+            return recorded
+    return DEFAULT_BASE
+
+
+def _load_for_inference(base: Optional[str], adapters: Sequence[str]):
+    """Base model plus adapters given as DIR or NAME=DIR; returns (model, tokenizer, adapter names, base)."""
     from lorakit import PeftModel
-    from lorakit.models import load_base_model
+    from lorakit.evaluate import load_base_for_adapters
 
     named = parse_adapter_specs(adapters)  # before the slow model load
-    model, tokenizer = load_base_model(base)
+    base = base_for(base, [path for _, path in named])
+    model, tokenizer = load_base_for_adapters(base, [path for _, path in named])
     for i, (name, path) in enumerate(named):
         if i == 0:
             model = PeftModel.from_pretrained(model, path, adapter_name=name)
         else:
             model.load_adapter(path, adapter_name=name)
-    return model, tokenizer, [name for name, _ in named]
+    return model, tokenizer, [name for name, _ in named], base
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -373,7 +391,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         raise CliError("empty prompt: pass it as an argument or on stdin")
-    model, tokenizer, _ = _load_for_inference(args.base, [args.adapter] if args.adapter else [])
+    model, tokenizer, _, _ = _load_for_inference(args.base, [args.adapter] if args.adapter else [])
     messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + \
         [{"role": "user", "content": prompt}]
     torch.manual_seed(args.seed)
@@ -391,11 +409,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     from lorakit.generation import generate
 
-    model, tokenizer, names = _load_for_inference(args.base, args.adapter)
+    model, tokenizer, names, base = _load_for_inference(args.base, args.adapter)
     current: Optional[str] = names[0] if names else None
     history: list[dict[str, str]] = []
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    print(f"lorakit chat on {args.base}; adapters: {', '.join(names) or 'none'}; {CHAT_HELP}")
+    print(f"lorakit chat on {base}; adapters: {', '.join(names) or 'none'}; {CHAT_HELP}")
     while True:
         try:
             line = input(f"[{current or 'base'}] you> ")
@@ -464,12 +482,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import tempfile
 
     from lorakit import PeftModel
-    from lorakit.models import load_base_model
+    from lorakit.evaluate import load_base_for_adapters
+    from lorakit.io_utils import private_dir_made_ordinary
 
     check_adapter_dir(args.adapter)
     check_merge_out(args.adapter, args.out, args.force)
     out = Path(args.out)
-    model, tokenizer = load_base_model(args.base)
+    base = base_for(args.base, [args.adapter])
+    model, tokenizer = load_base_for_adapters(base, [args.adapter])  # a QLoRA adapter: the NF4-rounded base
     model = PeftModel.from_pretrained(model, args.adapter)
     merged = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -477,13 +497,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
+        private_dir_made_ordinary(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged {args.adapter} into {args.base}: standalone model saved to {out} "
+    print(f"merged {args.adapter} into {base}: standalone model saved to {out} "
           f"(load it with AutoModelForCausalLM.from_pretrained('{out}') or --base {out})")
     return 0
 
@@ -553,6 +573,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
         result = trained.get("result", {})
         info["training"] = {k: result.get(k) for k in ("steps", "epochs", "first_loss", "final_loss", "eval_loss")}
         info["training"]["data"] = trained.get("config", {}).get("data")
+        info["training"]["quantize"] = trained.get("config", {}).get("quantize")
     return info
 
 
@@ -585,6 +606,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines.append(("trained", f"{_count(t['steps'], 'step')} on {t['data']}, loss {t['first_loss']:.3f} -> "
                                  f"{t['final_loss']:.3f}" + (f", eval loss {t['eval_loss']:.3f}"
                                                               if t.get("eval_loss") is not None else "")))
+        if t.get("quantize"):
+            lines.append(("QLoRA", f"trained on the {t['quantize']}-rounded base; eval, generate, chat and merge "
+                                   "use that base too"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
@@ -721,20 +745,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="answer one prompt with the base model or an adapter")
     p.add_argument("prompt", nargs="?", help="the user message (read from stdin if omitted)")
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE})")
+    p.add_argument("--base", default=None, help=f"base model (default: the one the adapter records when it is here, else {DEFAULT_BASE})")
     p.add_argument("--adapter", help="adapter directory (omit for the base model)")
     _add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat; switch adapters with /adapter NAME, /base")
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE})")
+    p.add_argument("--base", default=None, help=f"base model (default: the one the adapter records when it is here, else {DEFAULT_BASE})")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="load an adapter (repeatable); the first one is active")
     _add_sampling_options(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a standalone transformers model directory")
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE})")
+    p.add_argument("--base", default=None, help=f"base model (default: the one the adapter records when it is here, else {DEFAULT_BASE})")
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

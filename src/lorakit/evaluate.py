@@ -265,6 +265,32 @@ def _train_info(adapter: Optional[str]) -> dict:
     return info.get("config", {})
 
 
+def base_quantization(adapters: list[str]) -> Optional[str]:
+    """"nf4" when the adapters were trained as QLoRA (lorakit_train.json says so), None when not.
+
+    They share one base, so a QLoRA adapter and a full-precision one cannot be loaded together.
+    """
+    methods = {a: _train_info(a).get("quantize") for a in adapters}
+    if len(set(methods.values())) > 1:
+        qlora = ", ".join(a for a, m in methods.items() if m)
+        plain = ", ".join(a for a, m in methods.items() if not m)
+        raise LoraKitError(f"{qlora} trained on an NF4-rounded base (QLoRA) and {plain} on the full-precision "
+                           "base; load them in separate sessions")
+    return next(iter(methods.values()), None)
+
+
+def load_base_for_adapters(base: str, adapters: list[str], dtype: torch.dtype = torch.float32,
+                           device: str = "cpu"):
+    """The base model as the adapters were trained on it: NF4-rounded for QLoRA adapters (with a note)."""
+    quantize = base_quantization(adapters)
+    model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device)
+    if quantize:
+        print(f"lorakit: {', '.join(adapters)} trained on a {quantize} base (QLoRA): using the {quantize}-rounded "
+              "base weights", flush=True)
+        model = _quantized_base(model, quantize, dtype)
+    return model, tokenizer
+
+
 def _is_full_model_dir(path: str) -> bool:
     p = Path(path)
     if not p.is_dir():
