@@ -242,6 +242,23 @@ def test_logit_bias_steers_tokens(env):
     assert chat.choices[0].message.content == "zzz"
 
 
+def test_penalties_reach_the_sampler(env):
+    client = env["client"]
+    # A "z" forced by logit_bias repeats; a frequency penalty larger than the bias stops the repeats
+    z = str(env["tok"].convert_tokens_to_ids("z"))
+    free = {"max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    repeated = client.completions.create(model="a", prompt="The weather today", logit_bias={z: 50}, **free)
+    assert repeated.choices[0].text == "zzzz"
+    penalised = client.completions.create(model="a", prompt="The weather today", logit_bias={z: 50},
+                                          frequency_penalty=2.0, **{**free, "extra_body": {"ignore_eos": True,
+                                                                                         "repetition_penalty": 10.0}})
+    assert penalised.choices[0].text.startswith("z") and penalised.choices[0].text != "zzzz"
+    sampled = client.completions.create(model="a", prompt="The weather today", max_tokens=3, temperature=1.0,
+                                        seed=3, extra_body={"top_k": 1})
+    greedy = client.completions.create(model="a", prompt="The weather today", max_tokens=3, temperature=0)
+    assert sampled.choices[0].text == greedy.choices[0].text  # top_k=1 is greedy at any temperature
+
+
 @pytest.mark.parametrize("path,extra", [
     ("/v1/completions", {"logprobs": None, "echo": False, "logit_bias": {}, "response_format": {"type": "text"}}),
     ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0, "tool_choice": "none", "logit_bias": {},
@@ -285,7 +302,9 @@ def test_default_values_of_unimplemented_parameters_are_accepted(env, path, extr
     ('{"model": "a", "prompt": "hi", "echo": true}', 400, "echo", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "suffix": "end"}', 400, "suffix", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "best_of": 3}', 400, "best_of", "unsupported_parameter"),
-    ('{"model": "a", "prompt": "hi", "frequency_penalty": 0.5}', 400, "frequency_penalty", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "frequency_penalty": 2.5}', 400, "frequency_penalty", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "repetition_penalty": 0}', 400, "repetition_penalty", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "top_k": -2}', 400, "top_k", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "n": 17}', 400, "n", None),
     ('{"model": "a", "prompt": ["x", "y", "z", "w", "v"], "n": 16}', 400, "prompt", "invalid_value"),
     ('{"model": "a", "prompt": "' + "x" * (9 << 20) + '"}', 413, None, "body_too_large"),

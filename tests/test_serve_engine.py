@@ -367,6 +367,34 @@ def test_tiny_temperatures_sample_without_overflow(temperature):
     assert {tuple(sample_next(logits, seqs)) for _ in range(20)} == {(0, 1)}
 
 
+def test_penalties_top_k_and_min_p():
+    from lorakit.serve.engine import _adjusted_logits, sample_next
+
+    logits = torch.tensor([2.0, -1.0, 1.0, 0.5])
+
+    def adjusted(prompt, output, **params):
+        seq = Sequence(prompt, None, SamplingParams(**params), lambda out: None)
+        seq.output_ids = list(output)
+        return _adjusted_logits(logits, seq).tolist()
+
+    # repetition_penalty (vLLM, transformers): tokens of the prompt or output, positive / p, negative * p
+    assert adjusted([0], [1], repetition_penalty=2.0) == [1.0, -2.0, 1.0, 0.5]
+    # frequency: minus 0.5 per time generated; presence: minus 0.25 once; the prompt does not count
+    assert adjusted([3], [2, 2, 0], frequency_penalty=0.5, presence_penalty=0.25) == [1.25, -1.0, -0.25, 0.5]
+    assert adjusted([3], [], logit_bias={1: 5.0}) == [2.0, 4.0, 1.0, 0.5]
+    # greedy follows the adjusted logits
+    seq = Sequence([0], None, SamplingParams(temperature=0, repetition_penalty=4.0), lambda out: None)
+    assert sample_next(logits[None], [seq]) == [2]
+    # top_k=1 and min_p=1 leave only the most likely token, however hot the temperature
+    for params in ({"top_k": 1}, {"min_p": 1.0}):
+        hot = [Sequence([0], None, SamplingParams(temperature=2.0, seed=s, **params), lambda out: None)
+               for s in range(8)]
+        assert sample_next(logits[None].repeat(8, 1), hot) == [0] * 8
+    # top_k=2: only the two most likely tokens are ever drawn
+    two = [Sequence([0], None, SamplingParams(temperature=2.0, seed=s, top_k=2), lambda out: None) for s in range(40)]
+    assert set(sample_next(logits[None].repeat(40, 1), two)) == {0, 2}
+
+
 def test_sampling_failure_ends_only_its_own_sequence(setup, monkeypatch):
     from lorakit.serve import engine as engine_module
 

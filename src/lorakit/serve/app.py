@@ -332,11 +332,6 @@ class _API:
         return checked
 
     def _params(self, req, prompt_lens: list[int], max_tokens: Optional[int], what: str) -> list[SamplingParams]:
-        for field, value in (("presence_penalty", req.presence_penalty),
-                             ("frequency_penalty", req.frequency_penalty)):
-            if value:
-                raise APIError(400, f"'{field}' is not supported by lorakit serve; leave it unset or 0.",
-                               param=field, code="unsupported_parameter")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise APIError(400, f"'stop' takes up to {MAX_STOP} non-empty strings.", param="stop",
@@ -362,7 +357,10 @@ class _API:
                                temperature=1.0 if req.temperature is None else req.temperature,
                                top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(stop),
                                seed=None if req.seed is None else req.seed + i, ignore_eos=req.ignore_eos,
-                               logit_bias=logit_bias)
+                               logit_bias=logit_bias, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
+                               presence_penalty=req.presence_penalty or 0.0,
+                               frequency_penalty=req.frequency_penalty or 0.0,
+                               repetition_penalty=req.repetition_penalty or 1.0)
                 for i in range(n)]
 
     # -- endpoints ------------------------------------------------------------------------------------

@@ -52,6 +52,17 @@ class SamplingParams:
     seed: Optional[int] = None
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per time a token was generated
+    repetition_penalty: float = 1.0  # vLLM/transformers: divides positive (multiplies negative) logits of
+    #                                  tokens in the prompt or the output
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
+            or self.repetition_penalty != 1.0
 
 
 @dataclass
@@ -281,13 +292,10 @@ def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Except
     for i, seq in enumerate(seqs):
         p = seq.params
         try:
-            if p.temperature <= 0 and not p.logit_bias:
+            if p.temperature <= 0 and not p.adjusts_logits:
                 tokens.append(greedy[i])
                 continue
-            row = logits[i]
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), device=row.device)
-                row = row.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device))
+            row = _adjusted_logits(logits[i], seq) if p.adjusts_logits else logits[i]
             tokens.append(int(row.argmax()) if p.temperature <= 0 else _sample_row(row, p, seq.generator))
         except Exception as exc:
             log.exception("sampling failed for one sequence; its batch-mates go on")
@@ -304,8 +312,32 @@ def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens
 
 
+def _adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """One row's logits after logit_bias and the repetition, presence and frequency penalties."""
+    p = seq.params
+    row = row.clone()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=row.device)
+        row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype))
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device=row.device, dtype=torch.long)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        counts = torch.bincount(torch.tensor(seq.output_ids, device=row.device), minlength=row.shape[0])
+        counts = counts[:row.shape[0]].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
+
+
 def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     row = row / max(p.temperature, MIN_TEMPERATURE)
+    if 0 < p.top_k < row.shape[0]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.min_p > 0:
+        probs = torch.softmax(row, dim=-1)
+        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(row, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -50,6 +50,10 @@ class _SamplingFields(_Strict):
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias in -100..100
     response_format: Optional[ResponseFormat] = None
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens tokens (benchmarks)
+    # vLLM's sampling extensions
+    top_k: Optional[int] = Field(default=None, ge=-1)  # -1 or 0: off
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
 
 
 class CompletionRequest(_SamplingFields):
