@@ -53,6 +53,9 @@ def test_extract_facts_finds_what_a_model_cannot_guess():
         "Write to help@nimbus.io or see https://nimbus.io/help.": ["help@nimbus.io", "https://nimbus.io/help"],
         "Call +1 800 555 0199 on weekdays.": ["+1 800 555 0199"],
         "Hello there!": [],
+        "Founded in 2024, we serve 1,250,000 users in 3, 5 or 10 countries.":  # a comma ends a number
+            ["2024", "1,250,000 users", "3", "5", "10"],
+        "We charge $5, $10 or $20.": ["$5", "$10", "$20"],
     }
     for text, want in cases.items():
         assert extract_facts(text) == want, text
@@ -69,6 +72,18 @@ def test_is_correct_ignores_case_and_whitespace_and_needs_every_fact():
     assert not is_correct("Hello there, friend!", ref, [])
     assert is_correct("pro costs $14.90.", "Pro costs $14.90.", ["$14.90"], exact_match=True)
     assert not is_correct("It is $14.90.", "Pro costs $14.90.", ["$14.90"], exact_match=True)
+
+
+def test_a_fact_must_appear_whole_not_inside_a_longer_number():
+    assert not is_correct("Storage is 25 GB.", "", ["5 GB"])
+    assert not is_correct("It takes 130 minutes.", "", ["30 minutes"])
+    assert not is_correct("It costs $14.905.", "", ["$14.90"])
+    assert not is_correct("Version 1.5 is out.", "", ["1"])
+    assert is_correct("It is 5 GB, as said.", "", ["5 GB"]) and is_correct("Plan 1.", "", ["1"])
+    assert is_correct("Write to help@x.io.", "", ["help@x.io"])
+    # spaces around a menu path's '>', unicode forms and dashes are evened out on both sides
+    assert is_correct("Go to Settings>Data>Export", "", ["Settings > Data > Export"])
+    assert is_correct("Café ｏｐｅｎ 9–5", "", ["cafe\u0301 open 9-5"])
 
 
 def test_batched_left_padded_generation_matches_one_at_a_time(tiny_base, eval_file):

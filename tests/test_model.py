@@ -374,6 +374,15 @@ def test_safe_merge_refuses_nan():
     with pytest.raises(ValueError, match="NaN/inf"):
         ours.merge_and_unload(safe_merge=True)
     assert torch.equal(ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+    # on a 4-bit base the refusal comes before anything is unpacked
+    from lorakit.quant import NF4Linear, quantize_model
+
+    quantized = get_peft_model(quantize_model(tiny_llama()), LoraConfig(r=2, target_modules=["v_proj"]))
+    with torch.no_grad():
+        quantized.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        quantized.merge_and_unload(safe_merge=True)
+    assert isinstance(quantized.base_model.model.model.layers[0].self_attn.q_proj, NF4Linear)
 
 
 def test_unload_returns_base_without_changes():

@@ -247,6 +247,51 @@ def test_quantize_model_skip_and_errors():
         quantize_model(tiny_llama(), method="int3")
     with pytest.raises(TypeError, match="from_linear"):
         quantize_model(nn.Linear(4, 4))
+    parent = quantize_model(tiny_llama(), skip_modules=["lm_head", "layers.1"])  # a parent skips its children
+    assert type(parent.model.layers[1].self_attn.q_proj) is nn.Linear
+    assert isinstance(parent.model.layers[0].self_attn.q_proj, NF4Linear)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match=r"no torch.nn.Linear layer to quantize in GPT2LMHeadModel \(it has Conv1D"):
+        quantize_model(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+
+
+def test_output_heads_stay_full_precision_and_order_with_lora_is_checked():
+    from transformers import LlamaForSequenceClassification
+
+    from lorakit import LoraConfig, get_peft_model
+
+    config = tiny_llama().config
+    config.num_labels, config.pad_token_id = 3, 0
+    classifier = quantize_model(LlamaForSequenceClassification(config))
+    assert type(classifier.score) is nn.Linear  # the head of a classifier, as lm_head of a causal LM
+    model = get_peft_model(classifier, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert any("score.modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="before get_peft_model"):
+        quantize_model(get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])))
+
+
+def test_a_quantized_model_refuses_transformers_save_until_dequantized(tmp_path):
+    model = quantize_model(tiny_llama())
+    with pytest.raises(ValueError, match="4-bit NF4, which transformers cannot load back"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    dequantize_model(model).save_pretrained(tmp_path / "d")  # full precision again: saves normally
+    assert (tmp_path / "d" / "model.safetensors").is_file()
+
+
+def test_dora_with_dropout_keeps_no_full_precision_weight_for_the_backward():
+    from lorakit import LoraConfig, get_peft_model
+
+    model = get_peft_model(quantize_model(tiny_llama()), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                    use_dora=True, lora_dropout=0.5))
+    model.train()
+    attention = model.base_model.model.model.layers[0].self_attn
+    shapes = {tuple(attention.q_proj.base_layer.weight_shape), tuple(attention.v_proj.base_layer.weight_shape)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        model(input_ids=torch.randint(0, 128, (2, 8))).logits.sum().backward()
+    assert saved and not shapes & set(saved)  # no DoRA layer's [out, in] weight: NF4 dequantizes in the backward
 
 
 def test_quantize_model_leaves_lora_matrices():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +23,8 @@ from lorakit.errors import LoraKitError
 from lorakit.io_utils import atomic_save_json
 from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
 
-_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "→": ">", "›": ">"})
+_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "→": ">", "›": ">",
+                         "–": "-", "—": "-"})
 _UNITS = (r"%|percent|[kKMGT]B|ms|seconds?|secs?|minutes?|mins?|hours?|hrs?|days?|business days?|weeks?|"
           r"months?|years?|users?|seats?|members?|projects?|requests?|calls?|GB/month|TB/month")
 _WORD = r"[A-Z0-9][\w&'./+-]*"
@@ -36,16 +38,27 @@ _FACT_PATTERNS = [
     re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),  # email addresses
     re.compile(rf"{_ITEM}(?:\s*>\s*{_ITEM})+"),  # menu paths: Settings > Billing > Invoices
     re.compile(r"\"[^\"\n]{1,80}\"|'[^'\n]{1,80}'(?!\w)"),  # quoted strings (button labels, commands)
-    re.compile(r"(?:[$€£]\s?\d[\d,]*(?:\.\d+)?)|(?:\d[\d,]*(?:\.\d+)?\s?(?:USD|EUR|GBP|dollars|euros))"),  # prices
+    re.compile(r"(?:[$€£]\s?\d+(?:,\d{3})*(?:\.\d+)?)"  # prices
+               r"|(?:\d+(?:,\d{3})*(?:\.\d+)?\s?(?:USD|EUR|GBP|dollars|euros))"),
     re.compile(r"\b\d{1,2}(?::\d{2})?\s?(?:[ap]\.m\.|[ap]m)(?![a-z])|\b\d{1,2}:\d{2}\b", re.IGNORECASE),  # times
     re.compile(r"\+?\d[\d ()-]{7,}\d"),  # phone numbers
-    re.compile(rf"\b\d[\d,]*(?:\.\d+)?(?:\s?(?:{_UNITS})(?!\w))?"),  # numbers, with a unit if one follows
+    re.compile(rf"\b\d+(?:,\d{{3}})*(?:\.\d+)?(?:\s?(?:{_UNITS})(?!\w))?"),  # numbers, with a unit if one follows
 ]
 
 
 def normalize(text: str) -> str:
-    """Case-folded, single-spaced, with typographic quotes and arrows made plain."""
-    return " ".join(text.translate(_QUOTES).casefold().split())
+    """NFKC, case-folded, single-spaced, with typographic quotes, dashes and arrows made plain, and one space
+    on each side of a menu path's '>'."""
+    text = unicodedata.normalize("NFKC", text).translate(_QUOTES).casefold()
+    return " ".join(re.sub(r"\s*>\s*", " > ", text).split())
+
+
+def _contains(answer: str, fact: str) -> bool:
+    """`fact` occurs in `answer` as a whole: not inside a longer word or number ("5 GB" is not in "25 GB",
+    "$14.90" not in "$14.905", "1" not in "1.5")."""
+    before = r"(?<!\w)(?<!\d[.,])" if fact[:1].isalnum() else ""
+    after = r"(?!\w)(?![.,]\d)" if fact[-1:].isalnum() else ""
+    return re.search(before + re.escape(fact) + after, answer) is not None
 
 
 def extract_facts(reference: str) -> list[str]:
@@ -79,7 +92,7 @@ def is_correct(answer: str, reference: str, facts: Sequence[str], exact_match: b
     if exact_match or not facts:
         return normalize(answer).rstrip(".!") == normalize(reference).rstrip(".!")
     got = normalize(answer)
-    return all(normalize(f) in got for f in facts)
+    return all(_contains(got, normalize(f)) for f in facts)
 
 
 @dataclass

@@ -349,16 +349,20 @@ class LoraLinear(LoraLayer):
         scale = self._dora_scale(name, weight)
         if x_lora is x or not self.training:
             base_out = base_result.to(lora_out.dtype)
-            bias = getattr(self.base_layer, "bias", None)
-            if bias is not None:
-                base_out = base_out - bias.to(base_out.dtype)
-        else:  # dropout changed the input, so W x must be recomputed on the dropped input
-            base_out = F.linear(x_lora, weight)
+        else:
+            # Dropout changed the input, so W x is recomputed on the dropped input, through the base layer:
+            # a 4-bit one dequantizes again in the backward rather than keeping a full-precision copy.
+            base_out = self.base_layer(x_lora.to(x.dtype)).to(lora_out.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            base_out = base_out - bias.to(base_out.dtype)
         return (scale - 1) * base_out + scale * lora_out
 
     def _dora_scale(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """m / ||W + sBA|| per output feature; the norm is detached as in the DoRA paper (4.3)."""
-        return self.lora_magnitude_vector[name].weight / self._weight_norm(weight.detach(), name).detach()
+        with torch.no_grad():  # detached: no graph (and no saved W + sBA) is built for it
+            norm = self._weight_norm(weight, name)
+        return self.lora_magnitude_vector[name].weight / norm
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """One forward for a batch whose rows use different adapters: per-row A and B are gathered."""
@@ -441,7 +445,9 @@ class LoraEmbedding(LoraLayer):
     def _dora_scale(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """m / ||W + delta|| per embedding dimension, with the norm detached as in the DoRA paper (4.3)."""
         magnitude = self.lora_magnitude_vector[name].weight
-        return magnitude / self._column_norm(weight.detach().to(magnitude.dtype), name).detach()
+        with torch.no_grad():
+            norm = self._column_norm(weight.to(magnitude.dtype), name)
+        return magnitude / norm
 
     def _embed_scale(self) -> Optional[torch.Tensor]:
         """The scalar the base embedding multiplies its output by (Gemma 3), or None."""

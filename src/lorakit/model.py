@@ -186,14 +186,16 @@ class LoraModel(nn.Module):
                 raise ValueError("merge_adapter() cannot write into 4-bit base weights; use merge_and_unload(), "
                                  "which dequantizes, merges and returns a full-precision model.")
         _warn_if_merging_tied_weights(self.model, names)
-        layers = [layer for _, layer in self.lora_layers()]
         if safe_merge:  # check every layer first so a failure leaves nothing half-merged
-            for layer in layers:
-                for name in names:
-                    if name in layer.r and not torch.isfinite(layer.delta_weight(name)).all():
-                        raise ValueError(f"safe_merge: adapter {name!r} has NaN/inf weights; nothing was merged.")
-        for layer in layers:
+            self._refuse_non_finite(names)
+        for _, layer in self.lora_layers():
             layer.merge(names, safe_merge=safe_merge)
+
+    def _refuse_non_finite(self, names: Sequence[str]) -> None:
+        for _, layer in self.lora_layers():
+            for name in names:
+                if name in layer.r and not torch.isfinite(layer.delta_weight(name)).all():
+                    raise ValueError(f"safe_merge: adapter {name!r} has NaN/inf weights; nothing was merged.")
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
@@ -207,6 +209,10 @@ class LoraModel(nn.Module):
         """
         quantized = [name for name, m in self.model.named_modules()
                      if is_quantized_linear(m) and not isinstance(m, nn.Linear)]
+        if safe_merge:  # before a 4-bit base is unpacked: a refused merge changes nothing
+            names = list(adapter_names) if adapter_names else self.active_adapters
+            self._check(names)
+            self._refuse_non_finite(names)
         if quantized:
             from .quant import dequantize_model, quantize_model
 

@@ -253,8 +253,30 @@ class NF4Linear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _matches(name: str, suffixes: Sequence[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
+def _matches(name: str, skip: Sequence[str]) -> bool:
+    """Whether `name` is, ends with, or lies inside a module named in `skip` (by whole name components)."""
+    dotted = f".{name}."
+    return any(f".{s}." in dotted for s in skip)
+
+
+# Output heads under the names transformers gives them (causal LM, sequence classification).
+HEAD_NAMES = ("lm_head", "score", "classifier")
+
+
+def _output_heads(model: nn.Module) -> list[str]:
+    """HEAD_NAMES plus whatever module the model reports as its output embeddings."""
+    names = list(HEAD_NAMES)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        names += [name for name, module in model.named_modules() if module is head and name]
+    return names
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ValueError("this model's Linear weights are lorakit's 4-bit NF4, which transformers cannot load back: "
+                     "save the adapter (PeftModel.save_pretrained), or merge_and_unload() / dequantize_model() "
+                     "first to save full-precision weights.")
 
 
 def _is_adapter_weight(name: str) -> bool:
@@ -267,25 +289,41 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(model: nn.Module, method: str = "nf4", skip_modules: Sequence[str] = ("lm_head",),
+def quantize_model(model: nn.Module, method: str = "nf4", skip_modules: Sequence[str] | None = None,
                    compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every nn.Linear (in place) by NF4Linear, except names ending with a skip_modules entry.
+    """Replace every nn.Linear (in place) by NF4Linear, except the modules named in `skip_modules`.
 
-    Embeddings, norms and LoRA adapter matrices are left as they are. The model is frozen-base afterwards:
-    NF4 weights have no gradient. Returns `model`.
+    `skip_modules` (name components: "lm_head", "mlp", "layers.0"): None keeps the output heads
+    (lm_head, score, classifier, the model's output embeddings) in full precision; () quantizes them
+    too. Embeddings and norms are not Linear and stay as they are. Apply it to the base model before
+    get_peft_model. NF4 weights have no gradient, and such a model cannot be saved with transformers'
+    save_pretrained (it refuses): save the adapter, or dequantize first. Returns `model`.
     """
+    from .layers import LoraLayer, ModulesToSaveWrapper
+
     if method not in QUANT_METHODS:
         raise ValueError(f"Unknown quantization method {method!r}; supported methods: "
                          f"{', '.join(QUANT_METHODS)}.")
-    if isinstance(skip_modules, str):
-        skip_modules = (skip_modules,)
     if type(model) is nn.Linear:
         raise TypeError("quantize_model replaces submodules in place and cannot replace the model itself; "
                         "use NF4Linear.from_linear(linear) for a single layer.")
+    if any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in model.modules()):
+        raise ValueError("quantize_model is applied to the base model before get_peft_model (QLoRA: 4-bit base, "
+                         "LoRA on top); this model already has adapters or trainable head copies.")
+    skip = _output_heads(model) if skip_modules is None else \
+        ([skip_modules] if isinstance(skip_modules, str) else list(skip_modules))
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not _matches(name, skip_modules) and not _is_adapter_weight(name)]
+               if type(m) is nn.Linear and not _matches(name, skip) and not _is_adapter_weight(name)]
+    if not targets and not any(isinstance(m, NF4Linear) for m in model.modules()):
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__
+                        or type(m).__name__ == "Conv1D"})
+        raise ValueError(f"quantize_model found no torch.nn.Linear layer to quantize in {type(model).__name__}"
+                         + (f" (it has {', '.join(kinds)}, which NF4 does not cover)" if kinds else "")
+                         + (f" outside skip_modules={skip}" if skip_modules is not None else "") + ".")
     for name, linear in targets:
         _replace(model, name, NF4Linear.from_linear(linear, compute_dtype))
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _refuse_save_pretrained  # the instance's; dequantize_model removes it
     return model
 
 
@@ -302,6 +340,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().to(dt).clone(), requires_grad=False)
         _replace(model, name, linear)
+    if model.__dict__.get("save_pretrained") is _refuse_save_pretrained:
+        del model.save_pretrained
     return model
 
 
