@@ -149,7 +149,13 @@ def test_evaluate_scores_base_and_adapter_and_writes_json(tiny_base, adapter_dir
     assert saved["rows"][3]["facts"] == []
     assert {"base_answer", "tuned_answer", "base_correct", "tuned_correct"} <= set(saved["rows"][0])
     assert "answer accuracy" in report.table() and "response perplexity" in report.table()
+    assert saved["base"]["perplexity_rows"] == 5 and "perplexity over" not in report.table()
     assert report.summary().startswith("eval on 5 rows")
+    # rows longer than max_length: the report says what the perplexity covers
+    lengths = sorted(len(item["input_ids"]) for item in data.items)
+    short = evaluate(base=tiny_base, data=eval_file, batch_size=2, progress=False, max_length=lengths[2] + 1)
+    assert short.base.perplexity_rows + short.base.perplexity_truncated >= 3
+    assert f"of 5 rows, {short.base.perplexity_truncated} of them cut at max_length" in short.table()
 
 
 def test_accuracy_counts_rows_whose_facts_all_appear(tiny_base, eval_file, monkeypatch):

@@ -270,7 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval ------------------------------------------------------------------------------------------------
 
 EVAL_FIELDS = ("base", "adapter", "data", "query_field", "response_field", "system_prompt", "batch_size",
-               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16", "quantize", "device")
+               "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16", "quantize", "device",
+               "max_length")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -293,6 +294,8 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="score whole-answer equality instead of key facts")
     p.add_argument("--no-base", dest="include_base", action="store_false", default=S, help="skip the base model")
     p.add_argument("--limit", type=positive_int, default=S, help="score only the first N rows (default: all)")
+    p.add_argument("--max-length", dest="max_length", type=positive_int, default=S,
+                   help="tokens per row for the perplexity pass; longer rows are cut (default 1024)")
     p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for generation and perplexity")
     p.add_argument("--quantize", choices=["nf4"], default=S,
                    help="score on the NF4-rounded base (default: what the adapter was trained on)")

@@ -102,6 +102,8 @@ class Scores:
     n: int
     perplexity: float
     answers: list[str] = field(default_factory=list, repr=False)
+    perplexity_rows: int = 0  # rows whose response fits max_length (at least in part)
+    perplexity_truncated: int = 0  # of those, rows cut at max_length
 
 
 @dataclass
@@ -127,6 +129,10 @@ class EvalReport:
         lines.append(f"{label:<{width}}" + "".join(f"{s.accuracy:>13.1%} " for _, s in cols))
         lines.append(f"{'correct / rows':<{width}}" + "".join(f"{f'{s.correct}/{s.n}':>14}" for _, s in cols))
         lines.append(f"{'response perplexity':<{width}}" + "".join(f"{s.perplexity:>14.3f}" for _, s in cols))
+        first = cols[0][1] if cols else None
+        if first is not None and (first.perplexity_rows < first.n or first.perplexity_truncated):
+            lines.append(f"(perplexity over {first.perplexity_rows} of {first.n} rows, {first.perplexity_truncated} "
+                         "of them cut at max_length: rows longer than --max-length lose their end)")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -140,7 +146,8 @@ class EvalReport:
     def to_dict(self) -> dict:
         def scores(s):
             return None if s is None else {"accuracy": s.accuracy, "correct": s.correct, "n": s.n,
-                                           "perplexity": s.perplexity}
+                                           "perplexity": s.perplexity, "perplexity_rows": s.perplexity_rows,
+                                           "perplexity_truncated": s.perplexity_truncated}
 
         return {"data": self.data, "n": self.n, "metric": self.metric, "adapter": self.tuned_name,
                 "max_new_tokens": self.max_new_tokens, "seconds": round(self.seconds, 2),
@@ -158,7 +165,8 @@ def _score(model, tokenizer, examples: list[Example], max_new_tokens: int, batch
     correct = sum(is_correct(a, e.reference, reference_facts(e), exact_match) for a, e in zip(answers, examples))
     tokenized = tokenize_examples(tokenizer, examples, max_length=max_length)
     loss = eval_loss(model, tokenized, tokenizer.pad_token_id, batch_size, bf16=bf16)
-    return Scores(correct / len(examples), correct, len(examples), math.exp(min(loss, 50.0)), answers)
+    return Scores(correct / len(examples), correct, len(examples), math.exp(min(loss, 50.0)), answers,
+                  len(tokenized), tokenized.truncated)
 
 
 def evaluate(
