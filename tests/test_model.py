@@ -490,3 +490,38 @@ def test_hf_trainer_trains_a_lorakit_model_as_it_trains_peft(tmp_path):
     for key, value in mine.items():
         assert torch.allclose(value, reference[key], atol=ATOL), key
     assert all((mine[k] - start[k]).abs().max() > 1e-3 for k in mine)  # every tensor trained
+
+
+def test_hf_trainer_checkpoints_and_resumes_a_model_with_tied_embeddings(tmp_path):
+    # SmolLM2, Llama 3.2 and small Qwens tie lm_head to the embedding. The Trainer saves a model that is not
+    # PEFT's class with safetensors, which refuses tensors that share memory: state_dict holds a tied weight once.
+    from transformers import Trainer, TrainingArguments
+
+    def tied_model():
+        base = tiny_llama()
+        base.config.tie_word_embeddings = True
+        base.tie_weights()
+        torch.manual_seed(1)
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+    def trainer(model, out):
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+                                 save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+        return Trainer(model=model.train(), args=args, train_dataset=_PairsDataset())
+
+    straight = tied_model()
+    trainer(straight, tmp_path / "a").train()
+    assert (tmp_path / "a" / "checkpoint-2" / "model.safetensors").is_file()
+    resumed = tied_model()
+    trainer(resumed, tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    want = {k: v for k, v in straight.state_dict().items() if "lora_" in k}
+    got = {k: v for k, v in resumed.state_dict().items() if "lora_" in k}
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    # the tied weight is stored once and loads back strictly
+    state = straight.state_dict()
+    assert "base_model.model.lm_head.weight" not in state and "base_model.model.model.embed_tokens.weight" in state
+    fresh = tied_model()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.base_model.model.lm_head.weight, straight.base_model.model.lm_head.weight)

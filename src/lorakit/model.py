@@ -323,6 +323,35 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    # -- state dict: tied weights once ----------------------------------------------------------------
+    def _tied_aliases(self) -> dict[str, str]:
+        """{name: the first name of the same Parameter} for weights shared between modules (tied embeddings)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            if id(param) in first:
+                aliases[name] = first[id(param)]
+            else:
+                first[id(param)] = name
+        return aliases
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """nn.Module's state dict with a tied weight stored once (under its first name), as transformers'
+        save_pretrained does: tensors that share memory cannot be saved by safetensors, which is what the
+        Hugging Face Trainer's checkpoints use for a model that is not PEFT's own class."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for alias in self._tied_aliases():
+            state.pop(prefix + alias, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, accepting a state dict that holds a tied weight once (as state_dict() writes it)."""
+        missing = {alias: source for alias, source in self._tied_aliases().items()
+                   if alias not in state_dict and source in state_dict}
+        if missing:
+            state_dict = {**state_dict, **{alias: state_dict[source] for alias, source in missing.items()}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # -- running ------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         if adapter_names is not None:
