@@ -92,6 +92,9 @@ def test_other_malformed_rows(tmp_path):
         ([{"messages": [{"role": "user", "content": "x"}]}], "no assistant turn"),
         ([{"messages": [{"role": "bot", "content": "x"}]}], "role 'bot'"),
         ([{"messages": [{"role": "user"}]}], "must be an object with 'role' and 'content'"),
+        ([{"messages": [{"role": "assistant", "content": "hi"}]}], r"messages\[0\] is an assistant turn with no user"),
+        ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}],
+         r"messages\[1\] is an empty assistant turn"),
         ([{"query": "a", "response": "b", "facts": "oops"}], None),  # a string of facts is split, not an error
         ([{"query": "a", "response": "b", "facts": [1]}], "'facts' must be a list of strings"),
     ]

@@ -154,6 +154,11 @@ def _check_messages(messages: Any, where: str, name: str) -> list[dict[str, str]
             raise DataError(f"{where}: {name}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: {name}[{i}] content must be a string")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: {name}[{i}] is an empty assistant turn; give the reply, or drop the turn")
+        if m["role"] == "assistant" and not any(o["role"] == "user" for o in out):
+            raise DataError(f"{where}: {name}[{i}] is an assistant turn with no user turn before it; a "
+                            "conversation starts with the user (after an optional system message)")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: {name} has no assistant turn, so there is nothing to train on")
