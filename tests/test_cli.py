@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit import PeftModel
-from lorakit.cli import (CliError, _add_train_options, build_parser, config_keys, eval_options_from_args, main,
-                         train_config_from_args)
+from lorakit.cli import _add_train_options, build_parser, eval_options_from_args, main, train_config_from_args
+from lorakit.options import CliError, config_keys
 
 SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
 
