@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lorakit.io_utils import nearest_existing
 from lorakit.models import DEFAULT_BASE
-from lorakit.options import (CliError, check_output_file, comma_list, merge_options, nearest_existing, non_negative_int,
-                             positive_int, read_config_options)
+from lorakit.options import (CliError, check_output_file, comma_list, merge_options, non_negative_int, positive_int,
+                             read_config_options)
 
 DEMO_OUT = "runs/demo"
 

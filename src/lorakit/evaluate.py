@@ -226,9 +226,7 @@ def evaluate(
     if model is None:
         dtype = torch.bfloat16 if bf16 else torch.float32  # under bf16 autocast the matmuls run in bf16 anyway
         device = resolve_device(device)
-        model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device)
-        if quantize:
-            model = _quantized_base(model, quantize, dtype)
+        model, tokenizer = _load_base(base, quantize, dtype, device)
         if full_model:
             if include_base:
                 base_scores = score(model, tokenizer)
@@ -264,6 +262,14 @@ def evaluate(
     if json_out:
         atomic_save_json(report.to_dict(), json_out)
     return report
+
+
+def _load_base(base: str, quantize: Optional[str], dtype: torch.dtype, device):
+    """The base model in `dtype`; with `quantize`, holding the NF4-rounded weights QLoRA trains on."""
+    model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device)
+    if quantize:
+        model = _quantized_base(model, quantize, dtype)
+    return model, tokenizer
 
 
 def _quantized_base(model, method: str, dtype: torch.dtype):
@@ -304,12 +310,10 @@ def load_base_for_adapters(base: str, adapters: list[str], dtype: torch.dtype = 
                            device: str = "cpu"):
     """The base model as the adapters were trained on it: NF4-rounded for QLoRA adapters (with a note)."""
     quantize = base_quantization(adapters)
-    model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device)
     if quantize:
         print(f"lorakit: {', '.join(adapters)} trained on a {quantize} base (QLoRA): using the {quantize}-rounded "
               "base weights", flush=True)
-        model = _quantized_base(model, quantize, dtype)
-    return model, tokenizer
+    return _load_base(base, quantize, dtype, device)
 
 
 def _is_full_model_dir(path: str) -> bool:

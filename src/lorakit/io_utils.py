@@ -29,6 +29,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself if it exists, else its closest existing parent (where a new file or directory would go)."""
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def current_umask() -> int:
     with contextlib.suppress(OSError, ValueError):  # Linux reports it without changing it
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -209,11 +209,11 @@ class LoraModel(nn.Module):
         """
         quantized = [name for name, m in self.model.named_modules()
                      if is_quantized_linear(m) and not isinstance(m, nn.Linear)]
-        if safe_merge:  # before a 4-bit base is unpacked: a refused merge changes nothing
-            names = list(adapter_names) if adapter_names else self.active_adapters
-            self._check(names)
-            self._refuse_non_finite(names)
         if quantized:
+            if safe_merge:  # before the 4-bit base is unpacked, so that a refused merge changes nothing
+                names = list(adapter_names) if adapter_names else self.active_adapters
+                self._check(names)
+                self._refuse_non_finite(names)
             from .quant import dequantize_model, quantize_model
 
             warnings.warn(f"merge_and_unload: {len(quantized)} layers are 4-bit quantized; they are dequantized "

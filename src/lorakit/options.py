@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lorakit.io_utils import nearest_existing
+
 
 class CliError(Exception):
     """A usage problem: printed as `lorakit <cmd>: error: ...`, exit status 2."""
@@ -150,10 +152,6 @@ def merge_options(defaults: dict[str, Any], file_values: dict[str, Any], flags: 
 
 
 # -- output paths ------------------------------------------------------------------------------------------
-
-def nearest_existing(path: Path) -> Path:
-    return next(p for p in (path, *path.parents) if p.exists())
-
 
 def check_output_file(path: str, flag: str) -> None:
     """Fail before minutes of work when a result file could not be written there."""

@@ -31,7 +31,7 @@ from lorakit.config import ALL_LINEAR
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
 from lorakit.errors import LoraKitError, TrainError
 from lorakit.fast import takes_fused_loss
-from lorakit.io_utils import atomic_save_json, atomic_write
+from lorakit.io_utils import atomic_save_json, atomic_write, nearest_existing
 from lorakit.model import PeftModel
 from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
 
@@ -140,9 +140,8 @@ def _check_field_types(config: TrainConfig) -> None:
             ok, expected = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of names"
         else:
             kind = {"bool": bool, "int": int, "float": float, "str": str}[declared]
-            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
+            accepted = (int, float) if kind is float else kind  # an integer is a fine float
+            ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
             expected = names[kind]
         if not ok:
             raise TrainError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
@@ -361,11 +360,10 @@ def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
         if frozen_bf16:
             model.to(torch.bfloat16)  # NF4 layers then dequantize straight to bf16; their constants stay fp32
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised randomly
-    if not config.full:
-        _check_every_target_exists(model, config.targets)
     if config.full:
         model.requires_grad_(True)
     else:
+        _check_every_target_exists(model, config.targets)
         targets = ALL_LINEAR if list(config.targets) == [ALL_LINEAR] else list(config.targets)
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=targets,
                           lora_dropout=config.dropout, use_dora=config.dora, use_rslora=config.rslora,
@@ -384,9 +382,9 @@ def _check_every_target_exists(model, targets: list[str]) -> None:
     """Each --targets name must name a module: a typo beside a correct name would otherwise just be skipped."""
     from lorakit.inject import candidate_names
 
-    names = [name for name, _ in model.named_modules()]
     if list(targets) == [ALL_LINEAR]:
         return
+    names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise TrainError(f"--targets {', '.join(missing)}: no module of this model has that name. Modules LoRA can "
@@ -421,7 +419,7 @@ def _check_out_dir(out: Path) -> None:
     """Fail before any loading when the run could not write its results."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; training writes a directory there. Choose another --out.")
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = nearest_existing(out)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainError(f"--out {out}: {existing} is not writable by this user. Choose another --out, or fix "
                          "its permissions.")
