@@ -194,13 +194,13 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(setup):
 
 
 def test_top_p_keeps_only_the_nucleus(setup):
-    from lorakit.serve.engine import sample_next
+    from lorakit.serve.engine import sample_each
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
     seq = Sequence([1], None, SamplingParams(temperature=1.0, top_p=0.5, seed=0), lambda out: None)
-    assert {sample_next(logits, [seq])[0] for _ in range(50)} == {0}  # p(0) = 0.70 >= 0.5
+    assert {sample_each(logits, [seq])[0] for _ in range(50)} == {0}  # p(0) = 0.70 >= 0.5
     seq.params.top_p = 0.9
-    assert {sample_next(logits, [seq])[0] for _ in range(200)} == {0, 1}  # 0.70 + 0.26 covers 0.9
+    assert {sample_each(logits, [seq])[0] for _ in range(200)} == {0, 1}  # 0.70 + 0.26 covers 0.9
 
 
 def test_stop_strings_are_trimmed_and_end_the_sequence(setup):
@@ -358,17 +358,17 @@ def test_prefix_cache_limits():
 
 @pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-3])
 def test_tiny_temperatures_sample_without_overflow(temperature):
-    from lorakit.serve.engine import sample_next
+    from lorakit.serve.engine import sample_each
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0]])
     seqs = [Sequence([1], None, SamplingParams(temperature=temperature, top_p=top_p, seed=0), lambda out: None)
             for top_p in (1.0, 0.9)]
     # Divided by the floor (0.01), a logit gap of 1 leaves the runner-up a probability of e^-100: greedy.
-    assert {tuple(sample_next(logits, seqs)) for _ in range(20)} == {(0, 1)}
+    assert {tuple(sample_each(logits, seqs)) for _ in range(20)} == {(0, 1)}
 
 
 def test_penalties_top_k_and_min_p():
-    from lorakit.serve.engine import _adjusted_logits, sample_next
+    from lorakit.serve.engine import _adjusted_logits, sample_each
 
     logits = torch.tensor([2.0, -1.0, 1.0, 0.5])
 
@@ -384,15 +384,15 @@ def test_penalties_top_k_and_min_p():
     assert adjusted([3], [], logit_bias={1: 5.0}) == [2.0, 4.0, 1.0, 0.5]
     # greedy follows the adjusted logits
     seq = Sequence([0], None, SamplingParams(temperature=0, repetition_penalty=4.0), lambda out: None)
-    assert sample_next(logits[None], [seq]) == [2]
+    assert sample_each(logits[None], [seq]) == [2]
     # top_k=1 and min_p=1 leave only the most likely token, however hot the temperature
     for params in ({"top_k": 1}, {"min_p": 1.0}):
         hot = [Sequence([0], None, SamplingParams(temperature=2.0, seed=s, **params), lambda out: None)
                for s in range(8)]
-        assert sample_next(logits[None].repeat(8, 1), hot) == [0] * 8
+        assert sample_each(logits[None].repeat(8, 1), hot) == [0] * 8
     # top_k=2: only the two most likely tokens are ever drawn
     two = [Sequence([0], None, SamplingParams(temperature=2.0, seed=s, top_k=2), lambda out: None) for s in range(40)]
-    assert set(sample_next(logits[None].repeat(40, 1), two)) == {0, 2}
+    assert set(sample_each(logits[None].repeat(40, 1), two)) == {0, 2}
 
 
 def test_sampling_failure_ends_only_its_own_sequence(setup, monkeypatch):

@@ -303,15 +303,6 @@ def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Except
     return tokens
 
 
-def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Like sample_each, but raises the first row's failure."""
-    tokens = sample_each(logits, seqs)
-    for token in tokens:
-        if isinstance(token, Exception):
-            raise token
-    return tokens
-
-
 def _adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """One row's logits after logit_bias and the repetition, presence and frequency penalties."""
     p = seq.params
