@@ -21,7 +21,8 @@ import torch
 
 from lorakit import LoraConfig, get_peft_model
 
-from train_step import emit, load_base, randomize_b  # noqa: E402  (benchmarks/ is the script's directory)
+# benchmarks/ is the script's directory
+from train_step import add_random_weights_option, emit, load_base, randomize_b  # noqa: E402
 
 VARIANTS = ("base", "lorakit", "lorakit_merged", "peft")
 
@@ -29,6 +30,7 @@ VARIANTS = ("base", "lorakit", "lorakit_merged", "peft")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), 'tiny', or a local model dir")
+    add_random_weights_option(p)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -113,7 +115,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():  # the merged model computes what the unmerged adapter computes
         logits = {k: models[k](input_ids=prompt).logits for k in ("base", "lorakit", "lorakit_merged", "peft")}
     result = {
-        "config": {"model": args.model, "rank": args.rank, "targets": args.targets, "dtype": args.dtype,
+        "config": {"model": args.model, "random_weights": args.random_weights, "rank": args.rank,
+                   "targets": args.targets, "dtype": args.dtype,
                    "device": args.device, "prompt_len": args.prompt_len, "tokens": args.tokens,
                    "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "per_token_ms_median": {k: round(1e3 * v, 3) for k, v in per_token.items()},

@@ -48,6 +48,7 @@ LORAKIT_VARIANTS = ("lorakit", "lorakit_plain_loss", "lorakit_plain_linear", "lo
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), 'tiny', or a local model dir")
+    add_random_weights_option(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
@@ -84,8 +85,23 @@ def emit(result: dict, out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
+def add_random_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the --model's architecture (its config.json alone) with random weights: for a machine "
+                             "the weights cannot reach. Timings and memory are the same; loss values are not")
+
+
 def load_base(args):
     dtype = getattr(torch, args.dtype)
+    if args.random_weights and args.model != "tiny":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from lorakit.models import resolve_base
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(resolve_base(args.model))
+        with torch.device(args.device):  # initialised where it runs: fast on a GPU
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if args.model == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -280,6 +296,8 @@ def measure_memory(args, name: str) -> dict:
             "--alpha", str(args.alpha), "--targets", args.targets, "--dtype", args.dtype,
             "--device", args.device, "--memory-steps", str(args.memory_steps),
             "--pad-fraction", str(args.pad_fraction), "--threads", str(args.threads)]
+    if args.random_weights:
+        argv.append("--random-weights")
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child for {name} failed:\n{proc.stderr[-3000:]}")
@@ -320,7 +338,8 @@ def main(argv=None) -> dict:
     tokens = int(batch["attention_mask"].sum())
     step_s = {k: statistics.median(t) for k, t in times.items()}
     result = {
-        "config": {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "rank": args.rank,
+        "config": {"model": args.model, "random_weights": args.random_weights, "batch": args.batch,
+                   "seq_len": args.seq_len, "rank": args.rank,
                    "alpha": args.alpha, "targets": args.targets, "dtype": args.dtype, "device": args.device,
                    "steps": args.steps, "warmup": args.warmup, "tokens_per_step": tokens,
                    "label_tokens": int((batch["labels"][:, 1:] != -100).sum()), "pad_fraction": args.pad_fraction,

@@ -395,3 +395,30 @@ def test_fused_loss_under_gradient_checkpointing():
     assert abs(fused.loss.item() - plain.loss.item()) < ATOL
     for name in fg:
         assert torch.allclose(fg[name], pg[name], atol=ATOL), name
+
+
+def test_bf16_base_with_float32_adapter_takes_the_fast_path_in_bf16():
+    """No autocast, a bf16 base and float32 LoRA weights (get_peft_model's default): the adapter is cast to
+    bf16 for the fused function, as autocast would; gradients reach the float32 weights as float32."""
+    torch.manual_seed(1)
+    layer = LoraLinear(nn.Linear(48, 40).bfloat16())
+    layer.add_adapter("default", r=6, alpha=12, scaling=2.0, dropout=0.0, init=False, use_dora=False)
+    layer.active_adapters = ["default"]
+    layer.base_layer.requires_grad_(False)
+    layer.train()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.dtype == B.dtype == torch.float32
+    x = torch.randn(3, 5, 48, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    out.float().pow(2).sum().backward()
+    assert A.grad.dtype == B.grad.dtype == torch.float32
+    ours = [x.grad.float(), A.grad.clone(), B.grad.clone()]
+    x.grad = A.grad = B.grad = None
+    ref = reference(x.float(), layer.base_layer.weight.float(), layer.base_layer.bias.float(), A, B, 2.0, 0.0)
+    assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    ref.pow(2).sum().backward()
+    for ours_grad, ref_grad in zip(ours, [x.grad.float(), A.grad, B.grad]):
+        assert (ours_grad - ref_grad).norm() <= 3e-2 * ref_grad.norm()
+    with torch.no_grad():  # decoding takes the general path: the adapter in float32, as PEFT computes it
+        assert (layer(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()

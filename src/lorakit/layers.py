@@ -304,11 +304,18 @@ class LoraLinear(LoraLayer):
             if not (base._forward_hooks or base._forward_pre_hooks):
                 base_params = base._parameters
                 W, A = base_params["weight"], a_modules[name]._parameters["weight"]
-                if x.dtype is A.dtype is W.dtype or torch.is_autocast_enabled(x.device.type):
+                B = b_modules[name]._parameters["weight"]
+                autocast = torch.is_autocast_enabled(x.device.type)
+                if x.dtype is W.dtype and A.dtype is not x.dtype and not autocast and torch.is_grad_enabled():
+                    # Training a bf16 base with float32 adapters (get_peft_model's default): the adapter runs in
+                    # bf16 too, as under autocast, and gradients reach A and B in float32. Without autograd the
+                    # general path is faster on the CPU (bf16 matrix-vector products are slow there).
+                    A, B = A.to(x.dtype), B.to(x.dtype)
+                if autocast or x.dtype is A.dtype is W.dtype:
                     dropout = dropout_modules[name]
                     p = dropout.p if dropout.training and type(dropout) is nn.Dropout else 0.0
-                    return lora_linear(x, W, base_params.get("bias"), A, b_modules[name]._parameters["weight"],
-                                       self.scaling[name], p, self.fan_in_fan_out)
+                    return lora_linear(x, W, base_params.get("bias"), A, B, self.scaling[name], p,
+                                       self.fan_in_fan_out)
         return self._general_forward(x, *args, **kwargs)
 
     def _find_fast_route(self) -> tuple | bool:
