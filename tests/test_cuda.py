@@ -1,8 +1,8 @@
 """The same code on a GPU: the fast LoRA path, the fused loss, bf16, merging, mixed-adapter batches, QLoRA,
 training against PEFT, and the serving engine, all on CUDA tensors.
 
-Skipped where torch sees no CUDA GPU (CI has none). LORAKIT_TEST_DEVICE=cpu runs the same checks on the CPU,
-which is how they are kept honest on machines without a GPU.
+Skipped where torch sees no CUDA GPU (CI has none). LORAKIT_TEST_DEVICE=cpu runs the same checks on the CPU, so
+that the checks themselves are exercised on machines without a GPU.
 """
 
 from __future__ import annotations
