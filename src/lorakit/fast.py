@@ -243,9 +243,14 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
         t = targets[r0:r0 + ROW_BLOCK]
         rows = h.shape[0]
         w_target = weight.index_select(0, t)
-        target_logit = (h.float() * w_target.float()).sum(1)
+        # The target's logit as the matmul below computes it: from inputs in the matmul's dtype (autocast
+        # casts them to bf16), rounded to that dtype. Taken exactly instead, a confident row's loss came out
+        # negative (the log-sum-exp of rounded logits below the exact logit).
+        dtype = _matmul_dtype(h, weight)
+        target_logit = (h.to(dtype).float() * w_target.to(dtype).float()).sum(1)
         if bias is not None:
-            target_logit += bias.index_select(0, t).float()
+            target_logit += bias.index_select(0, t).to(dtype).float()
+        target_logit = target_logit.to(dtype).float()
         m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=h.device)
         sumexp = torch.zeros(rows, dtype=torch.float32, device=h.device)
         acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
@@ -265,6 +270,13 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
         if need_h:
             grad_h[r0:r0 + rows] = acc.div_(sumexp[:, None]).sub_(w_target.float())
     return total, grad_h
+
+
+def _matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype `h @ weight.T` comes out in here (autocast's dtype, when it is on)."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.promote_types(h.dtype, weight.dtype)
 
 
 def _ce_row_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h: bool, need_w: bool,
