@@ -338,6 +338,7 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        result_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.r:
                 continue
@@ -346,8 +347,10 @@ class LoraLinear(LoraLayer):
             lora_out = F.linear(F.linear(x_lora, A), B) * self.scaling[name]
             if self.use_dora[name]:
                 lora_out = self._dora_output(name, x_lora, x, result, lora_out)
-            result = result + lora_out.to(result.dtype)
-        return result
+            # Summed in the adapter's (wider) dtype and rounded once at the end, as PEFT does: a bf16 base
+            # then gives PEFT's outputs to the bit.
+            result = result + lora_out
+        return result.to(result_dtype)
 
     def _dora_output(self, name: str, x_lora: torch.Tensor, x: torch.Tensor, base_result: torch.Tensor,
                      lora_out: torch.Tensor) -> torch.Tensor:
