@@ -21,7 +21,7 @@ from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.fast import lora_linear
 from lorakit.quant import NF4Linear, quantize_model
 from test_fast import CASES, leaves, padded_batch
-from tiny_models import VOCAB, tiny_llama
+from tiny_models import VOCAB, tiny_llama, train_steps
 
 DEVICE = torch.device(os.environ.get("LORAKIT_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -130,14 +130,7 @@ def test_training_steps_equal_peft():
     losses = []
     for model in (ours, theirs):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        run = []
-        for _ in range(4):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            run.append(loss.item())
-        losses.append(run)
+        losses.append(train_steps(model, optimizer, 4, **batch))
     assert losses[0][-1] < losses[0][0]
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
 
@@ -215,13 +208,7 @@ def test_qlora_on_the_device_trains_and_merges():
     assert 0 < error < 0.5
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=QKVO + ["down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, optimizer, 6, input_ids=ids, labels=ids)
     assert losses[-1] < losses[0] - 0.1, losses
     model.eval()
     with torch.no_grad():

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch, train_steps
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
@@ -327,16 +327,8 @@ def test_training_steps_equal_peft():
     ids, mask, labels = padded_batch()
     losses = []
     for model in (ours, theirs):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-2)
-        run = []
-        for _ in range(4):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            run.append(loss.item())
-        losses.append(run)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses.append(train_steps(model, optimizer, 4, input_ids=ids, attention_mask=mask, labels=labels))
     assert losses[0][0] > losses[0][-1]  # it learns
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
 

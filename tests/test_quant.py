@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import train_steps
 from torch import nn
 
 from lorakit.quant import (
@@ -357,12 +358,6 @@ def test_lora_trains_on_nf4_base():
     trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
-    losses = []
-    for _ in range(5):
-        loss = peft(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft, opt, 5, input_ids=ids, labels=ids)
     assert losses[-1] < losses[0]
     assert all(isinstance(m, NF4Linear) for n, m in peft.named_modules() if n.endswith("q_proj.base_layer"))

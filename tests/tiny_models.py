@@ -69,6 +69,18 @@ def outputs(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def train_steps(model, optimizer, steps: int, **inputs) -> list[float]:
+    """`steps` optimizer steps on the same batch (model(**inputs).loss); the loss of each."""
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def save_tiny_chat_base(directory) -> str:
     """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer and chat template, saved to `directory`.
 
