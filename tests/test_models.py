@@ -1,5 +1,7 @@
 """Base model loading: local dirs, error messages, the embedded model's cache."""
 
+import gc
+import os
 import importlib.util
 import json
 
@@ -36,6 +38,28 @@ def test_local_dir_loads_with_name_and_pad(tiny_dir):
     assert next(model.parameters()).dtype == torch.float32
     model16, _ = load_base_model(str(tiny_dir), dtype=torch.bfloat16)
     assert next(model16.parameters()).dtype == torch.bfloat16
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_cpu_weights_are_copied_out_of_the_file_mapping(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    weights = str(tiny_dir / "model.safetensors")
+    mapped = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert weights in _mapped_files()  # what transformers leaves: weights in a mapping of the file
+    reference = {k: v.clone() for k, v in mapped.state_dict().items()}
+    del mapped
+    gc.collect()
+    model, _ = load_base_model(str(tiny_dir))
+    assert weights not in _mapped_files()
+    assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
 
 
 def test_meta_device_builds_the_architecture_without_reading_weights(tiny_dir):

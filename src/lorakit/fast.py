@@ -30,6 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+# One cheap call (~0.15 us) answers "is any autocast on?"; `is_autocast_enabled(x.device.type)` costs ~1 us,
+# and decoding one token runs this check for every adapted layer. Older torch lacks it: ask per device.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device."""
+    return _any_autocast() and torch.is_autocast_enabled(x.device.type)
+
 # Logits held at once by the fused loss, in elements (4M floats = 16 MiB: a row chunk's buffer or a
 # vocabulary slice stays below glibc's mmap threshold, so freed memory is reused, not page-faulted anew).
 CHUNK_ELEMENTS = 1 << 22
@@ -106,8 +115,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     Without autograd (inference) it is three kernels: the base matmul, x A^T, and an in-place addmm.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(x):
+        device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

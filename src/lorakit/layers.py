@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .fast import lora_linear
+from .fast import autocast_enabled, lora_linear
 
 BASE_ADAPTER = "__base__"  # the row-adapter name that means "no adapter"
 # Assigning any of these attributes of a LoraLayer may change which forward path applies.
@@ -305,7 +305,7 @@ class LoraLinear(LoraLayer):
                 base_params = base._parameters
                 W, A = base_params["weight"], a_modules[name]._parameters["weight"]
                 B = b_modules[name]._parameters["weight"]
-                autocast = torch.is_autocast_enabled(x.device.type)
+                autocast = autocast_enabled(x)
                 if x.dtype is W.dtype and A.dtype is not x.dtype and not autocast and torch.is_grad_enabled():
                     # Training a bf16 base with float32 adapters (get_peft_model's default): the adapter runs in
                     # bf16 too, as under autocast, and gradients reach A and B in float32. Without autograd the
