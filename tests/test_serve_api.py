@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import json
 import os
 import re
@@ -16,9 +17,11 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
+from lorakit import PeftModel
 from lorakit.serve import ServerThread, add_serve_arguments, build_server
-from test_serve_helpers import (chat_ids, offline_text, save_base, save_random_adapter, tiny_model,
+from test_serve_helpers import (chat_ids, offline_ids, offline_text, save_base, save_random_adapter, tiny_model,
                                 tiny_tokenizer)
 
 KEY = "test-key-123"
@@ -156,6 +159,76 @@ def test_chat_completion_and_streaming(env):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
+def offline_logprobs(base, prompt_ids: list[int], out_ids: list[int], adapter_dir=None) -> torch.Tensor:
+    """log_softmax of the model's logits at each generated position: [len(out_ids), vocab]."""
+    model = copy.deepcopy(base)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + out_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(out_ids)]
+
+
+def test_completion_logprobs_are_the_models(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    ids = tok("The weather today")["input_ids"]
+    for model, adapter_dir in [(BASE, None), ("a", adapters / "a")]:
+        r = env["client"].completions.create(model=model, prompt="The weather today", max_tokens=12,
+                                             temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+        lp = r.choices[0].logprobs
+        out_ids = offline_ids(base, tok, ids, adapter_dir, 12)
+        assert len(out_ids) == 12  # no early end: every token is content
+        expected = offline_logprobs(base, ids, out_ids, adapter_dir)
+        # ignore_eos: special tokens are generated like any other; their text is in tokens, not in the text
+        assert lp.tokens == [tok.decode([i]) for i in out_ids]
+        special = set(tok.all_special_ids)
+        assert "".join(t for t, i in zip(lp.tokens, out_ids) if i not in special) == r.choices[0].text
+        assert lp.token_logprobs == pytest.approx(expected[torch.arange(12), out_ids].tolist(), abs=1e-4)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
+        for step, top in enumerate(lp.top_logprobs):
+            best = expected[step].topk(3)
+            assert list(top) == [tok.decode([i]) for i in best.indices.tolist()]
+            assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+            assert list(top.values())[0] == pytest.approx(lp.token_logprobs[step], abs=1e-6)  # greedy: the best
+    sampled = env["client"].completions.create(model="a", prompt="The weather today", max_tokens=8, temperature=1.5,
+                                               seed=7, logprobs=0, extra_body={"ignore_eos": True})
+    lp = sampled.choices[0].logprobs
+    id_of = {tok.decode([i]): i for i in range(len(tok))}  # one id per text in this tokenizer
+    out_ids = [id_of[t] for t in lp.tokens]
+    expected = offline_logprobs(base, ids, out_ids, adapters / "a")  # the model's, not the tempered ones
+    assert lp.token_logprobs == pytest.approx(expected[torch.arange(len(out_ids)), out_ids].tolist(), abs=1e-4)
+    assert lp.top_logprobs == [{}] * len(out_ids)
+    plain = env["client"].completions.create(model="a", prompt="The weather today", max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_streamed_and_not(env):
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    messages = [{"role": "user", "content": "What is LoRA?"}]
+    ask = dict(model="b", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    r = env["client"].chat.completions.create(**ask)
+    content = r.choices[0].logprobs.content
+    prompt_ids = chat_ids(tok, "What is LoRA?")
+    out_ids = offline_ids(base, tok, prompt_ids, adapters / "b", 10)
+    out_ids = out_ids[:out_ids.index(tok.eos_token_id)] if tok.eos_token_id in out_ids else out_ids
+    expected = offline_logprobs(base, prompt_ids, out_ids, adapters / "b")
+    assert [c.token for c in content] == [tok.decode([i]) for i in out_ids]  # the end token is not content
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert [c.logprob for c in content] == pytest.approx(expected[torch.arange(len(out_ids)), out_ids].tolist(),
+                                                         abs=1e-4)
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2 for c in content)
+    assert [c.top_logprobs[0].token for c in content] == [c.token for c in content]
+
+    chunks = list(env["client"].chat.completions.create(**ask, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in streamed] == \
+        [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in content]
+    # the same within float noise (the second request reuses the first one's prompt K/V from the prefix cache)
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    plain = env["client"].chat.completions.create(model="b", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
 def test_completion_streaming_and_raw_sse_format(env):
     tok, base, adapters = env["tok"], env["base"], env["adapters"]
     expected = offline_text(base, tok, tok("Once upon a time")["input_ids"], adapters / "c", 24)
@@ -290,8 +363,8 @@ def test_default_values_of_unimplemented_parameters_are_accepted(env, path, extr
     ('{"model": "a", "prompt": "hi", "max_tokens": 0}', 400, "max_tokens", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "context_length_exceeded"),
     ('{"model": "a", "prompt": [1, 2, 99999]}', 400, "prompt", "invalid_value"),
-    ('{"model": "a", "prompt": "hi", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
-    ('{"model": "a", "prompt": "hi", "logprobs": 0}', 400, "logprobs", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "logprobs": 21}', 400, "logprobs", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "logprobs": -1}', 400, "logprobs", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "response_format": {"type": "json_object"}}', 400, "response_format",
      "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "response_format": "json"}', 400, "response_format", "invalid_type"),
@@ -328,9 +401,11 @@ def test_chat_errors_and_prompt_too_long(env):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "tools": [tool]}),
                  400, "tools", "unsupported_parameter", match="Tool calling")
-    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "logprobs": True}),
-                 400, "logprobs", "unsupported_parameter")
-    for extra, param in [({"top_logprobs": 2}, "top_logprobs"), ({"tool_choice": "required"}, "tool_choice"),
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "top_logprobs": 2}),
+                 400, "top_logprobs", "invalid_value", match="needs 'logprobs'")
+    assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, "logprobs": True,
+                                                         "top_logprobs": 21}), 400, "top_logprobs", "invalid_value")
+    for extra, param in [({"tool_choice": "required"}, "tool_choice"),
                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                           "response_format")]:
         assert_error(http.post("/v1/chat/completions", json={"model": "a", "messages": hello, **extra}),

@@ -203,6 +203,19 @@ def test_top_p_keeps_only_the_nucleus(setup):
     assert {sample_each(logits, [seq])[0] for _ in range(200)} == {0, 1}  # 0.70 + 0.26 covers 0.9
 
 
+def test_logprobs_each_only_for_the_rows_that_ask():
+    from lorakit.serve.engine import logprobs_each
+
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    seqs = [Sequence([1], None, SamplingParams(logprobs=k), lambda out: None) for k in (2, None, 0)]
+    rows = logprobs_each(logits, seqs, [1, 1, RuntimeError("sampling failed")])
+    expected = torch.log_softmax(logits[0], dim=-1)
+    token, logprob, top = rows[0]
+    assert token == 1 and logprob == pytest.approx(float(expected[1]))
+    assert [i for i, _ in top] == [0, 1] and [lp for _, lp in top] == pytest.approx(expected[:2].tolist())
+    assert rows[1] is None and rows[2] is None  # did not ask; failed
+
+
 def test_stop_strings_are_trimmed_and_end_the_sequence(setup):
     tok, base, root = setup
     engine = make_engine(setup)

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import AdapterLoadError, LoraKitError
 
-from .engine import Engine, Output, SamplingParams, Sequence
+from .engine import Engine, Output, SamplingParams, Sequence, TokenLogprob
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .registry import AdapterBusyError, AdapterPathError, UnknownAdapterError
 from .schemas import (APIError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
@@ -331,7 +331,8 @@ class _API:
             checked[token] = value
         return checked
 
-    def _params(self, req, prompt_lens: list[int], max_tokens: Optional[int], what: str) -> list[SamplingParams]:
+    def _params(self, req, prompt_lens: list[int], max_tokens: Optional[int], what: str,
+                logprobs: Optional[int] = None) -> list[SamplingParams]:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise APIError(400, f"'stop' takes up to {MAX_STOP} non-empty strings.", param="stop",
@@ -360,19 +361,18 @@ class _API:
                                logit_bias=logit_bias, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
                                presence_penalty=req.presence_penalty or 0.0,
                                frequency_penalty=req.frequency_penalty or 0.0,
-                               repetition_penalty=req.repetition_penalty or 1.0)
+                               repetition_penalty=req.repetition_penalty or 1.0, logprobs=logprobs)
                 for i in range(n)]
 
     # -- endpoints ------------------------------------------------------------------------------------
     async def completions(self, request: Request):
         req = parse_body(CompletionRequest, await _json(request))
-        # logprobs 0 is not a no-op: it asks for the chosen tokens' log probabilities.
-        _refuse_unsupported(echo=bool(req.echo), logprobs=req.logprobs is not None, suffix=bool(req.suffix),
+        _refuse_unsupported(echo=bool(req.echo), suffix=bool(req.suffix),
                             best_of=req.best_of is not None and req.best_of != (req.n or 1))
         _refuse_response_format(req)
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         prompts = self._prompts(req)
-        params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt")
+        params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt", req.logprobs)
         jobs = [(ids, p) for ids in prompts for p in params]
         if len(jobs) > MAX_SEQUENCES_PER_REQUEST:
             raise APIError(400, f"This request asks for {len(jobs)} completions (prompts x n); the limit is "
@@ -383,7 +383,10 @@ class _API:
 
     async def chat(self, request: Request):
         req = parse_body(ChatCompletionRequest, await _json(request))
-        _refuse_unsupported(logprobs=bool(req.logprobs), top_logprobs=bool(req.top_logprobs), tools=bool(req.tools),
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs",
+                           code="invalid_value")
+        _refuse_unsupported(tools=bool(req.tools),
                             functions=bool(req.functions),
                             tool_choice=req.tool_choice not in (None, "none", "auto"),
                             function_call=req.function_call not in (None, "none", "auto"),
@@ -392,7 +395,8 @@ class _API:
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         ids = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._params(req, [len(ids)], max_tokens, "messages")
+        params = self._params(req, [len(ids)], max_tokens, "messages",
+                              (req.top_logprobs or 0) if req.logprobs else None)
         return await self._run(request, req, adapter, [(ids, p) for p in params], len(ids), chat=True)
 
     async def _run(self, request: Request, req, adapter: Optional[str], jobs, prompt_tokens: int, chat: bool):
@@ -410,12 +414,14 @@ class _API:
     async def _collect(self, request, results: _Results, seqs, rid, model, chat, prompt_tokens):
         watcher = asyncio.create_task(_cancel_on_disconnect(request, seqs))
         texts = [[] for _ in seqs]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in seqs]
         finals: dict[int, Output] = {}
         try:
             async for index, out in results:
                 if out.error is not None:
                     raise _sequence_error(out.error)
                 texts[index].append(out.text)
+                logprobs[index].extend(out.logprobs)
                 if out.finish_reason is not None:
                     finals[index] = out
         finally:
@@ -425,7 +431,8 @@ class _API:
         choices = []
         for i in range(len(seqs)):
             text = "".join(texts[i])
-            choice = {"index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
+            choice = {"index": i, "logprobs": _logprobs_body(seqs[i], logprobs[i], chat),
+                      "finish_reason": finals[i].finish_reason}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -449,6 +456,7 @@ class _API:
             return _sse(body)
 
         completion_tokens = 0
+        pending: dict[int, list[TokenLogprob]] = {}  # log probabilities of tokens whose text is held back
         try:
             if chat:
                 for i in range(len(seqs)):
@@ -460,17 +468,19 @@ class _API:
                     break
                 if out.finish_reason is not None:
                     completion_tokens += out.completion_tokens
+                pending.setdefault(index, []).extend(out.logprobs)
                 if not out.text and out.finish_reason is None:
                     continue
+                logprobs = _logprobs_body(seqs[index], pending.pop(index), chat)
                 if chat:
                     delta = {"content": out.text} if out.text else {}
                     if out.text and out.finish_reason is not None:  # text first, then the closing chunk
-                        yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
-                        delta = {}
-                    yield chunk([{"index": index, "delta": delta, "logprobs": None,
+                        yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+                        delta, logprobs = {}, None
+                    yield chunk([{"index": index, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": out.finish_reason}])
                 else:
-                    yield chunk([{"index": index, "text": out.text, "logprobs": None,
+                    yield chunk([{"index": index, "text": out.text, "logprobs": logprobs,
                                   "finish_reason": out.finish_reason}])
             else:
                 if include_usage:
@@ -481,6 +491,24 @@ class _API:
             for seq in seqs:
                 seq.cancel()
             self.engine.wake()
+
+
+def _logprobs_body(seq: Sequence, entries: list[TokenLogprob], chat: bool) -> Optional[dict]:
+    """OpenAI's `logprobs` object of a choice (or of one streamed chunk); None when it was not asked for."""
+    if seq.params.logprobs is None:
+        return None
+    if chat:
+        def one(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, _, lp in e.top]}
+                            for e in entries], "refusal": None}
+    offsets, at = [], 0  # the legacy format gives each token's start in the completion's text
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
 
 
 async def _cancel_on_disconnect(request: Request, seqs: list[Sequence]) -> None:

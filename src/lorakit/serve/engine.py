@@ -58,6 +58,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per time a token was generated
     repetition_penalty: float = 1.0  # vLLM/transformers: divides positive (multiplies negative) logits of
     #                                  tokens in the prompt or the output
+    logprobs: Optional[int] = None  # None: none; k: each token's log probability and the k most likely ones
 
     @property
     def adjusts_logits(self) -> bool:
@@ -94,6 +95,16 @@ class EngineConfig:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log probability under the model, and the most likely tokens at that step."""
+
+    token: str  # the token's own text (a lone piece of a multi-byte character decodes as U+FFFD)
+    token_id: int
+    logprob: float
+    top: list[tuple[str, int, float]] = field(default_factory=list)  # (text, id, logprob), most likely first
+
+
+@dataclass
 class Output:
     """One event for one sequence: new text since the last event, and the finish reason at the end."""
 
@@ -103,6 +114,7 @@ class Output:
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
     error: Optional[BaseException] = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # for the tokens of this event, when asked
 
 
 _ids = itertools.count()
@@ -301,6 +313,34 @@ def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Except
             log.exception("sampling failed for one sequence; its batch-mates go on")
             tokens.append(exc)
     return tokens
+
+
+# A sampled token, its log probability, and the k most likely (id, log probability) at that step.
+ChosenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+def logprobs_each(logits: torch.Tensor, seqs: list[Sequence],
+                  tokens: list[int | Exception]) -> list[Optional[ChosenLogprob]]:
+    """(token, its log probability, the k most likely (id, log probability)) for the rows that ask, else None.
+
+    The probabilities are the model's own (log_softmax of its logits), before temperature, penalties and
+    top-p/top-k, as vLLM reports them by default.
+    """
+    asks = [i for i, (seq, token) in enumerate(zip(seqs, tokens))
+            if seq.params.logprobs is not None and not isinstance(token, Exception)]
+    result: list[Optional[ChosenLogprob]] = [None] * len(seqs)
+    if not asks:
+        return result
+    logp = torch.log_softmax(logits[asks].float(), dim=-1)
+    chosen = logp[torch.arange(len(asks), device=logp.device),
+                  torch.tensor([tokens[i] for i in asks], device=logp.device)].tolist()
+    k = max(seqs[i].params.logprobs for i in asks)
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    for row, i in enumerate(asks):
+        wanted = seqs[i].params.logprobs
+        result[i] = (tokens[i], chosen[row], list(zip(top_ids[row][:wanted], top_lp[row][:wanted])))
+    return result
 
 
 def _adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -683,6 +723,7 @@ class Engine:
                 if self.prefix is not None:
                     self.prefix.store(seq.adapter, seq.prompt_ids, row_keys, row_values)
             tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
+            logprobs = logprobs_each(out.logits[:, -1, :], seqs, tokens)
         except Exception as exc:
             log.exception("prefill failed")
             for seq in seqs:
@@ -693,12 +734,12 @@ class Engine:
         now = time.monotonic()
         self.running.extend(seqs)
         done = []
-        for seq, token in zip(seqs, tokens):
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.cache_len = len(seq.prompt_ids)
             seq.first_token_at = now
             if self.metrics is not None:
                 self.metrics.first_token(seq.adapter or self.base_name, now - seq.arrival)
-            if self._advance_or_fail(seq, token):
+            if self._advance_or_fail(seq, token, logprob):
                 done.append(self.running.index(seq))
         for i in sorted(done, reverse=True):
             self._remove_row(i)
@@ -732,6 +773,7 @@ class Engine:
                                 attention_mask=mask[:, None, None, :], use_cache=True,
                                 **{self._cache_kw: self.slots})
             tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
+            logprobs = logprobs_each(out.logits[:, -1, :], seqs, tokens)
         except Exception as exc:
             log.exception("decode step failed; failing the %d sequences in the batch", n)
             for seq in seqs:
@@ -744,9 +786,9 @@ class Engine:
         if self.metrics is not None:
             self.metrics.step(n)
         finished = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+        for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
             seq.cache_len += 1
-            if self._advance_or_fail(seq, token):
+            if self._advance_or_fail(seq, token, logprob):
                 finished.append(i)
         for i in reversed(finished):
             self._remove_row(i)
@@ -762,25 +804,26 @@ class Engine:
         self._update_gauges()
 
     # -- per-token bookkeeping --------------------------------------------------------------------------
-    def _advance_or_fail(self, seq: Sequence, token: int | Exception) -> bool:
+    def _advance_or_fail(self, seq: Sequence, token: int | Exception,
+                         logprob: Optional[ChosenLogprob] = None) -> bool:
         """_advance, except that a failure of this one sequence (its sampling or its text) ends it alone."""
         try:
             if isinstance(token, Exception):
                 raise token
-            return self._advance(seq, token)
+            return self._advance(seq, token, logprob)
         except Exception as exc:
             if seq.finish_reason is None:
                 self._finish(seq, "error", error=exc)
             return True
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
+    def _advance(self, seq: Sequence, token: int, logprob: Optional[ChosenLogprob] = None) -> bool:
         """Append a sampled token, emit the new text, and return True if the sequence finished."""
         p = seq.params
         seq.output_ids.append(token)
         finish = None
         text_ids = seq.output_ids
         if token in self.eos_ids and not p.ignore_eos:
-            finish, text_ids = "stop", seq.output_ids[:-1]
+            finish, text_ids, logprob = "stop", seq.output_ids[:-1], None  # the end token is not content
         text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         ends_at_last_token = True
         if p.stop:
@@ -802,20 +845,27 @@ class Engine:
             end -= _held_back(text[:end], p.stop)
         delta = text[seq.sent: end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
+        logprobs = [self._token_logprob(*logprob)] if logprob is not None else []
         if finish is None:
-            self._emit(seq, Output(delta, None, len(seq.prompt_ids), len(seq.output_ids), [token]))
+            self._emit(seq, Output(delta, None, len(seq.prompt_ids), len(seq.output_ids), [token],
+                                   logprobs=logprobs))
             return False
-        self._finish(seq, finish, delta, [token])
+        self._finish(seq, finish, delta, [token], logprobs=logprobs)
         return True
 
+    def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        return TokenLogprob(decode([token]), token, logprob, [(decode([i]), i, lp) for i, lp in top])
+
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None,
-                error: Optional[BaseException] = None) -> None:
+                error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> None:
         seq.finish_reason = reason
         self._unpin(seq)
         if self.metrics is not None:
             self.metrics.finished(seq.adapter or self.base_name, reason, len(seq.prompt_ids), len(seq.output_ids),
                                   time.monotonic() - seq.arrival)
-        self._emit(seq, Output(text, reason, len(seq.prompt_ids), len(seq.output_ids), token_ids or [], error))
+        self._emit(seq, Output(text, reason, len(seq.prompt_ids), len(seq.output_ids), token_ids or [], error,
+                               logprobs or []))
 
     def _emit(self, seq: Sequence, output: Output) -> None:
         try:

@@ -33,6 +33,7 @@ class ResponseFormat(_Strict):
 
 
 Stop = Union[str, list[str], None]
+MAX_LOGPROBS = 20  # most likely tokens listed per position (OpenAI's chat limit; vLLM's default too)
 
 
 class _SamplingFields(_Strict):
@@ -60,7 +61,7 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -82,7 +83,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
     functions: Optional[list[Any]] = None  # the deprecated form of tools
