@@ -190,6 +190,12 @@ def test_completion_logprobs_are_the_models(env):
             assert list(top) == [tok.decode([i]) for i in best.indices.tolist()]
             assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
             assert list(top.values())[0] == pytest.approx(lp.token_logprobs[step], abs=1e-6)  # greedy: the best
+    stream = env["client"].completions.create(model="a", prompt="The weather today", max_tokens=12, temperature=0,
+                                              logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    parts = [c.choices[0].logprobs for c in stream if c.choices[0].logprobs is not None]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset  # offsets run on across chunks
+    assert [v for p in parts for v in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
     sampled = env["client"].completions.create(model="a", prompt="The weather today", max_tokens=8, temperature=1.5,
                                                seed=7, logprobs=0, extra_body={"ignore_eos": True})
     lp = sampled.choices[0].logprobs

@@ -30,15 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-# One cheap call (~0.15 us) answers "is any autocast on?"; `is_autocast_enabled(x.device.type)` costs ~1 us,
-# and decoding one token runs this check for every adapted layer. Older torch lacks it: ask per device.
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
-
-
-def autocast_enabled(x: torch.Tensor) -> bool:
-    """Whether autocast is on for x's device."""
-    return _any_autocast() and torch.is_autocast_enabled(x.device.type)
-
 # Logits held at once by the fused loss, in elements (4M floats = 16 MiB: a row chunk's buffer or a
 # vocabulary slice stays below glibc's mmap threshold, so freed memory is reused, not page-faulted anew).
 CHUNK_ELEMENTS = 1 << 22
@@ -50,6 +41,16 @@ CHUNK_ELEMENTS = 1 << 22
 GPU_CHUNK_ELEMENTS = 1 << 26
 # Rows per block of the frozen-head loss: its [rows x hidden] accumulators stay small.
 ROW_BLOCK = 4096
+
+
+# One cheap call (~0.15 us) answers "is any autocast on?"; `is_autocast_enabled(x.device.type)` costs ~1 us,
+# and decoding one token runs this check for every adapted layer. Older torch lacks it: ask per device.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device."""
+    return _any_autocast() and torch.is_autocast_enabled(x.device.type)
 
 
 # -- LoRA linear ---------------------------------------------------------------------------------------

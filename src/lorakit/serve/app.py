@@ -457,6 +457,7 @@ class _API:
 
         completion_tokens = 0
         pending: dict[int, list[TokenLogprob]] = {}  # log probabilities of tokens whose text is held back
+        offsets = [0] * len(seqs)  # completions: where each choice's next token starts in its text
         try:
             if chat:
                 for i in range(len(seqs)):
@@ -471,7 +472,9 @@ class _API:
                 pending.setdefault(index, []).extend(out.logprobs)
                 if not out.text and out.finish_reason is None:
                     continue
-                logprobs = _logprobs_body(seqs[index], pending.pop(index), chat)
+                entries = pending.pop(index)
+                logprobs = _logprobs_body(seqs[index], entries, chat, offsets[index])
+                offsets[index] += sum(len(e.token) for e in entries)
                 if chat:
                     delta = {"content": out.text} if out.text else {}
                     if out.text and out.finish_reason is not None:  # text first, then the closing chunk
@@ -493,8 +496,9 @@ class _API:
             self.engine.wake()
 
 
-def _logprobs_body(seq: Sequence, entries: list[TokenLogprob], chat: bool) -> Optional[dict]:
-    """OpenAI's `logprobs` object of a choice (or of one streamed chunk); None when it was not asked for."""
+def _logprobs_body(seq: Sequence, entries: list[TokenLogprob], chat: bool, start: int = 0) -> Optional[dict]:
+    """OpenAI's `logprobs` object of a choice (or of one streamed chunk, whose first token starts at `start` in
+    the completion's text); None when it was not asked for."""
     if seq.params.logprobs is None:
         return None
     if chat:
@@ -503,7 +507,7 @@ def _logprobs_body(seq: Sequence, entries: list[TokenLogprob], chat: bool) -> Op
 
         return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, _, lp in e.top]}
                             for e in entries], "refusal": None}
-    offsets, at = [], 0  # the legacy format gives each token's start in the completion's text
+    offsets, at = [], start  # the legacy format gives each token's start in the completion's text
     for e in entries:
         offsets.append(at)
         at += len(e.token)
