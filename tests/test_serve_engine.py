@@ -216,6 +216,22 @@ def test_logprobs_each_only_for_the_rows_that_ask():
     assert rows[1] is None and rows[2] is None  # did not ask; failed
 
 
+def test_token_bytes_join_up_into_the_characters():
+    from lorakit.models import smollm2_dir
+    from lorakit.serve.engine import token_text_and_bytes
+    from transformers import AutoTokenizer
+
+    text = "Grüße, naïve café 🐱!"
+    for tok in (byte_tokenizer(), AutoTokenizer.from_pretrained(smollm2_dir())):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        pieces = [token_text_and_bytes(tok, i) for i in ids]
+        assert b"".join(raw for _, raw in pieces) == text.encode("utf-8")
+        assert any(piece == "\ufffd" for piece, _ in pieces)  # some token is a piece of a character
+    tok = tiny_tokenizer()
+    assert token_text_and_bytes(tok, tok.eos_token_id) == ("<|im_end|>", b"<|im_end|>")
+    assert token_text_and_bytes(tok, tok(" ")["input_ids"][0]) == (" ", b" ")
+
+
 def test_stop_strings_are_trimmed_and_end_the_sequence(setup):
     tok, base, root = setup
     engine = make_engine(setup)

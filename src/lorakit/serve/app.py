@@ -502,17 +502,16 @@ def _logprobs_body(seq: Sequence, entries: list[TokenLogprob], chat: bool, start
     if seq.params.logprobs is None:
         return None
     if chat:
-        def one(text: str, logprob: float) -> dict:
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        def one(e: TokenLogprob) -> dict:
+            return {"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes)}
 
-        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, _, lp in e.top]}
-                            for e in entries], "refusal": None}
+        return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries], "refusal": None}
     offsets, at = [], start  # the legacy format gives each token's start in the completion's text
     for e in entries:
         offsets.append(at)
         at += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
 
 
 async def _cancel_on_disconnect(request: Request, seqs: list[Sequence]) -> None:

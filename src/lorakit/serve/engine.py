@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -99,9 +101,38 @@ class TokenLogprob:
     """A generated token's log probability under the model, and the most likely tokens at that step."""
 
     token: str  # the token's own text (a lone piece of a multi-byte character decodes as U+FFFD)
+    bytes: bytes  # the token's own bytes: pieces of one character join up into its UTF-8
     token_id: int
     logprob: float
-    top: list[tuple[str, int, float]] = field(default_factory=list)  # (text, id, logprob), most likely first
+    top: list["TokenLogprob"] = field(default_factory=list)  # the most likely tokens first (no `top` of their own)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2, Llama 3, Qwen, SmolLM2) character for each byte, reversed: char -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in kept}
+    for shift, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + shift)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def token_text_and_bytes(tokenizer, token_id: int) -> tuple[str, bytes]:
+    """A token's text and its bytes. Its text alone cannot give the bytes of a piece of a character (it
+    decodes as U+FFFD), so byte-level pieces and SentencePiece byte tokens (<0xE2>) are read as bytes."""
+    text = tokenizer.decode([token_id])
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            with contextlib.suppress(ValueError):
+                return text, bytes([int(piece[3:5], 16)])
+        if piece and all(c in _BYTE_OF_CHAR for c in piece):
+            raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
+            if raw.decode("utf-8", errors="replace") == text:  # it really is byte-level (not a look-alike)
+                return text, raw
+    return text, text.encode("utf-8")
 
 
 @dataclass
@@ -854,8 +885,10 @@ class Engine:
         return True
 
     def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        return TokenLogprob(decode([token]), token, logprob, [(decode([i]), i, lp) for i, lp in top])
+        def entry(token_id: int, value: float) -> TokenLogprob:
+            return TokenLogprob(*token_text_and_bytes(self.tokenizer, token_id), token_id, value)
+
+        return dataclasses.replace(entry(token, logprob), top=[entry(i, lp) for i, lp in top])
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None,
                 error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> None:
