@@ -208,6 +208,41 @@ def test_completion_logprobs_are_the_models(env):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_gives_the_prompt_and_its_log_probabilities(env):
+    """Scoring a text without generating (echo, logprobs, max_tokens 0), and echo with a completion."""
+    tok, base, adapters = env["tok"], env["base"], env["adapters"]
+    prompt = "The weather today is sunny"
+    ids = tok(prompt)["input_ids"]
+    scored = env["client"].completions.create(model="a", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                              temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert lp.tokens == [tok.decode([i]) for i in ids]
+    expected = offline_logprobs(base, ids[:1], ids[1:], adapters / "a")  # token j given tokens before it
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected[torch.arange(len(ids) - 1), ids[1:]].tolist(), abs=1e-4)
+    assert [list(top) for top in lp.top_logprobs[1:]] == [[tok.decode([int(row.argmax())])] for row in expected]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+
+    both = env["client"].completions.create(model="a", prompt=prompt, max_tokens=5, echo=True, logprobs=2,
+                                            temperature=0, extra_body={"ignore_eos": True})
+    out_ids = offline_ids(base, tok, ids, adapters / "a", 5)
+    assert both.choices[0].text == prompt + tok.decode(out_ids)
+    assert both.choices[0].logprobs.tokens == [tok.decode([i]) for i in ids + out_ids]
+    assert both.choices[0].logprobs.token_logprobs[:len(ids)] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    stream = env["client"].completions.create(model="a", prompt=prompt, max_tokens=5, echo=True, logprobs=2,
+                                              temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = [c.choices[0] for c in stream]
+    assert chunks[0].text == prompt and "".join(c.text for c in chunks) == both.choices[0].text
+    parts = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for p in parts for t in p.tokens] == both.choices[0].logprobs.tokens
+    assert [o for p in parts for o in p.text_offset] == both.choices[0].logprobs.text_offset
+
+    plain = env["client"].completions.create(model=BASE, prompt=ids, max_tokens=4, echo=True, temperature=0)
+    assert plain.choices[0].text == tok.decode(ids) + offline_text(base, tok, ids, None, 4)
+    assert plain.choices[0].logprobs is None
+
+
 def test_chat_logprobs_streamed_and_not(env):
     tok, base, adapters = env["tok"], env["base"], env["adapters"]
     messages = [{"role": "user", "content": "What is LoRA?"}]
@@ -378,7 +413,8 @@ def test_default_values_of_unimplemented_parameters_are_accepted(env, path, extr
     ('{"model": "a", "prompt": "hi", "logit_bias": {"99999": 5}}', 400, "logit_bias", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "logit_bias": {"5": 100.5}}', 400, "logit_bias", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "logit_bias": {"5": "up"}}', 400, "logit_bias.5", "invalid_type"),
-    ('{"model": "a", "prompt": "hi", "echo": true}', 400, "echo", "unsupported_parameter"),
+    ('{"model": "a", "prompt": "hi", "max_tokens": 0, "echo": false}', 400, "max_tokens", "invalid_value"),
+    ('{"model": "a", "prompt": "hi", "max_tokens": -1, "echo": true}', 400, "max_tokens", "invalid_value"),
     ('{"model": "a", "prompt": "hi", "suffix": "end"}', 400, "suffix", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "best_of": 3}', 400, "best_of", "unsupported_parameter"),
     ('{"model": "a", "prompt": "hi", "frequency_penalty": 2.5}', 400, "frequency_penalty", "invalid_value"),

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from lorakit import PeftModel
 from lorakit.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, _held_back
 from test_serve_helpers import byte_tokenizer, offline_ids, save_random_adapter, tiny_model, tiny_tokenizer
 
@@ -363,6 +364,41 @@ def test_bfloat16_base_serves_mixed_batches(setup):
     fp32 = [offline_ids(base, tok, ids, root / a if a else None, max_new_tokens=6) for ids, a in jobs]
     same = sum(x == y for (_, ids, _), ref in zip(results, fp32) for x, y in zip(ids, ref))
     assert same >= 20, same  # 24 here; a few bf16 flips are tolerated
+
+
+def test_prompt_logprobs_are_computed_whole_and_alone(setup):
+    tok, base, root = setup
+    engine = make_engine(setup)
+    system = "System: you are a careful assistant for Tidewren customers.\nUser: "
+    scored_ids = tok(system + "Where is my parcel?")["input_ids"]
+    try:
+        engine.generate(tok(system + "Hi")["input_ids"], "a", SamplingParams(max_tokens=2, temperature=0))
+        # Job 0 reuses the cached system prompt; job 1 wants its prompt scored, so it is prefilled alone and
+        # whole although the cache holds its prefix too; max_tokens 0: nothing generated.
+        calls = record_batches(engine)
+        jobs = [(tok(system + "Cancel my order")["input_ids"], "a"), (scored_ids, "a")]
+        params = iter([SamplingParams(max_tokens=4, temperature=0),
+                       SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=2)])
+        _, events = submit_together(engine, jobs, lambda: next(params))
+        outs = [events[1].get(timeout=60)]
+        collect(events[:1])
+    finally:
+        engine.stop()
+    assert engine.prefix.hits == 1 and outs[0].finish_reason == "length" and outs[0].completion_tokens == 0
+    prefills = [(names, width) for names, width in calls if width > 1]
+    assert [len(names) for names, _ in prefills] == [1, 1] and prefills[1][1] == len(scored_ids)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), root / "a").eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([scored_ids])).logits[0, :-1].float(), dim=-1)
+    entries = outs[0].prompt_logprobs
+    assert [e.token_id for e in entries] == scored_ids and entries[0].logprob is None
+    assert [e.logprob for e in entries[1:]] == pytest.approx(
+        expected[torch.arange(len(scored_ids) - 1), scored_ids[1:]].tolist(), abs=1e-4)
+    assert [[t.token_id for t in e.top] for e in entries[1:]] == expected.topk(2).indices.tolist()
+    with torch.no_grad():  # in blocks of rows (bounded memory for long prompts): the same entries
+        logits = model(input_ids=torch.tensor([scored_ids])).logits[0]
+    seq = Sequence(scored_ids, "a", SamplingParams(prompt_logprobs=2), lambda out: None)
+    assert engine._prompt_logprobs(seq, logits, rows_at_once=7) == engine._prompt_logprobs(seq, logits)
 
 
 def test_prefix_cache_limits():

@@ -301,6 +301,14 @@ class _API:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         return prompts
 
+    def _prompt_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """What echo repeats: the prompt strings as sent; prompts sent as token ids, decoded."""
+        if isinstance(req.prompt, str):
+            return [req.prompt]
+        if isinstance(req.prompt[0], str):
+            return list(req.prompt)
+        return [self.tokenizer.decode(ids) for ids in prompts]
+
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "This base model's tokenizer has no chat template; use /v1/completions.",
@@ -332,7 +340,7 @@ class _API:
         return checked
 
     def _params(self, req, prompt_lens: list[int], max_tokens: Optional[int], what: str,
-                logprobs: Optional[int] = None) -> list[SamplingParams]:
+                logprobs: Optional[int] = None, echo: bool = False) -> list[SamplingParams]:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise APIError(400, f"'stop' takes up to {MAX_STOP} non-empty strings.", param="stop",
@@ -344,9 +352,9 @@ class _API:
                            code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = self.max_len - longest
-        if max_tokens < 1:
-            raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}.", param="max_tokens",
-                           code="invalid_value")
+        if max_tokens < (0 if echo else 1):  # with echo, 0 asks for the prompt (and its log probabilities) only
+            raise APIError(400, f"'max_tokens' must be at least {0 if echo else 1}, got {max_tokens}.",
+                           param="max_tokens", code="invalid_value")
         if longest + max_tokens > self.max_len:
             raise APIError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
                            f"requested {longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} in "
@@ -361,25 +369,28 @@ class _API:
                                logit_bias=logit_bias, top_k=max(req.top_k or 0, 0), min_p=req.min_p or 0.0,
                                presence_penalty=req.presence_penalty or 0.0,
                                frequency_penalty=req.frequency_penalty or 0.0,
-                               repetition_penalty=req.repetition_penalty or 1.0, logprobs=logprobs)
+                               repetition_penalty=req.repetition_penalty or 1.0, logprobs=logprobs,
+                               prompt_logprobs=logprobs if echo else None)
                 for i in range(n)]
 
     # -- endpoints ------------------------------------------------------------------------------------
     async def completions(self, request: Request):
         req = parse_body(CompletionRequest, await _json(request))
-        _refuse_unsupported(echo=bool(req.echo), suffix=bool(req.suffix),
+        _refuse_unsupported(suffix=bool(req.suffix),
                             best_of=req.best_of is not None and req.best_of != (req.n or 1))
         _refuse_response_format(req)
         adapter = await asyncio.to_thread(self.adapter_for, req.model)
         prompts = self._prompts(req)
-        params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt", req.logprobs)
+        params = self._params(req, [len(p) for p in prompts], req.max_tokens, "prompt", req.logprobs, bool(req.echo))
         jobs = [(ids, p) for ids in prompts for p in params]
+        echoes = [text for text in self._prompt_texts(req, prompts) for _ in params] if req.echo else None
         if len(jobs) > MAX_SEQUENCES_PER_REQUEST:
             raise APIError(400, f"This request asks for {len(jobs)} completions (prompts x n); the limit is "
                            f"{MAX_SEQUENCES_PER_REQUEST}. Split it into several requests.", param="prompt",
                            code="invalid_value")
         # Every prompt counts once, however many choices (n) it gets; equal prompts each count.
-        return await self._run(request, req, adapter, jobs, sum(len(ids) for ids in prompts), chat=False)
+        return await self._run(request, req, adapter, jobs, sum(len(ids) for ids in prompts), chat=False,
+                               echoes=echoes)
 
     async def chat(self, request: Request):
         req = parse_body(ChatCompletionRequest, await _json(request))
@@ -399,21 +410,22 @@ class _API:
                               (req.top_logprobs or 0) if req.logprobs else None)
         return await self._run(request, req, adapter, [(ids, p) for p in params], len(ids), chat=True)
 
-    async def _run(self, request: Request, req, adapter: Optional[str], jobs, prompt_tokens: int, chat: bool):
+    async def _run(self, request: Request, req, adapter: Optional[str], jobs, prompt_tokens: int, chat: bool,
+                   echoes: Optional[list[str]] = None):
         results = _Results(len(jobs))
         seqs = [Sequence(ids, adapter, params, results.sink(i)) for i, (ids, params) in enumerate(jobs)]
         await self.wait(self.engine.submit(seqs))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(results, seqs, rid, req.model, chat, usage, prompt_tokens),
+            return StreamingResponse(self._stream(results, seqs, rid, req.model, chat, usage, prompt_tokens, echoes),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, results, seqs, rid, req.model, chat, prompt_tokens)
+        return await self._collect(request, results, seqs, rid, req.model, chat, prompt_tokens, echoes)
 
-    async def _collect(self, request, results: _Results, seqs, rid, model, chat, prompt_tokens):
+    async def _collect(self, request, results: _Results, seqs, rid, model, chat, prompt_tokens, echoes=None):
         watcher = asyncio.create_task(_cancel_on_disconnect(request, seqs))
-        texts = [[] for _ in seqs]
+        texts = [[echoes[i]] if echoes else [] for i in range(len(seqs))]
         logprobs: list[list[TokenLogprob]] = [[] for _ in seqs]
         finals: dict[int, Output] = {}
         try:
@@ -421,7 +433,7 @@ class _API:
                 if out.error is not None:
                     raise _sequence_error(out.error)
                 texts[index].append(out.text)
-                logprobs[index].extend(out.logprobs)
+                logprobs[index].extend(out.prompt_logprobs + out.logprobs)
                 if out.finish_reason is not None:
                     finals[index] = out
         finally:
@@ -444,7 +456,7 @@ class _API:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
-    async def _stream(self, results: _Results, seqs, rid, model, chat, include_usage, prompt_tokens):
+    async def _stream(self, results: _Results, seqs, rid, model, chat, include_usage, prompt_tokens, echoes=None):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -458,6 +470,7 @@ class _API:
         completion_tokens = 0
         pending: dict[int, list[TokenLogprob]] = {}  # log probabilities of tokens whose text is held back
         offsets = [0] * len(seqs)  # completions: where each choice's next token starts in its text
+        echoed: set[int] = set()
         try:
             if chat:
                 for i in range(len(seqs)):
@@ -469,6 +482,12 @@ class _API:
                     break
                 if out.finish_reason is not None:
                     completion_tokens += out.completion_tokens
+                if echoes and index not in echoed:  # the prompt first, with its log probabilities if asked
+                    echoed.add(index)
+                    yield chunk([{"index": index, "text": echoes[index],
+                                  "logprobs": _logprobs_body(seqs[index], out.prompt_logprobs, chat),
+                                  "finish_reason": None}])
+                    offsets[index] += sum(len(e.token) for e in out.prompt_logprobs)
                 pending.setdefault(index, []).extend(out.logprobs)
                 if not out.text and out.finish_reason is None:
                     continue
@@ -511,7 +530,9 @@ def _logprobs_body(seq: Sequence, entries: list[TokenLogprob], chat: bool, start
         offsets.append(at)
         at += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
+            # a prompt's first token has no log probability, and no alternatives (null, as OpenAI gives it)
+            "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 async def _cancel_on_disconnect(request: Request, seqs: list[Sequence]) -> None:

@@ -61,6 +61,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM/transformers: divides positive (multiplies negative) logits of
     #                                  tokens in the prompt or the output
     logprobs: Optional[int] = None  # None: none; k: each token's log probability and the k most likely ones
+    prompt_logprobs: Optional[int] = None  # the same for the prompt's tokens (its first token gets none)
 
     @property
     def adjusts_logits(self) -> bool:
@@ -103,7 +104,7 @@ class TokenLogprob:
     token: str  # the token's own text (a lone piece of a multi-byte character decodes as U+FFFD)
     bytes: bytes  # the token's own bytes: pieces of one character join up into its UTF-8
     token_id: int
-    logprob: float
+    logprob: Optional[float]  # None for a prompt's first token: nothing comes before it
     top: list["TokenLogprob"] = field(default_factory=list)  # the most likely tokens first (no `top` of their own)
 
 
@@ -146,6 +147,7 @@ class Output:
     token_ids: list[int] = field(default_factory=list)
     error: Optional[BaseException] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # for the tokens of this event, when asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # in the first event, when asked
 
 
 _ids = itertools.count()
@@ -672,6 +674,8 @@ class Engine:
             width = max([len(seq.prompt_ids)] + [len(s.prompt_ids) for s in chosen])
             if chosen and width * (len(chosen) + 1) > self.config.max_prefill_tokens:
                 break  # the rest is prefilled in a later iteration
+            if chosen and (seq.params.prompt_logprobs is not None or chosen[0].params.prompt_logprobs is not None):
+                break  # a prompt to score is prefilled alone: its forward keeps every position's logits
             if seq.adapter is not None and not seq.pinned:
                 try:
                     seq.pinned = self.registry.acquire(seq.adapter)
@@ -728,12 +732,16 @@ class Engine:
 
         started = time.perf_counter()
         try:
-            hits = [self.prefix.lookup(s.adapter, s.prompt_ids) if self.prefix else (0, None) for s in seqs]
+            # A prompt whose own log probabilities are asked for is computed whole, not from the prefix cache.
+            scored = [s.params.prompt_logprobs is not None for s in seqs]
+            hits = [self.prefix.lookup(s.adapter, s.prompt_ids) if self.prefix and not score else (0, None)
+                    for s, score in zip(seqs, scored)]
             past = [length for length, _ in hits]
             suffixes = [s.prompt_ids[length:] for s, (length, _) in zip(seqs, hits)]
             P, S = max(past), max(len(x) for x in suffixes)
             cache = DynamicCache(config=self._hf_config)
-            kwargs = {"use_cache": True, "logits_to_keep": 1, self._cache_kw: cache}
+            # A prompt to score (prefilled alone, see _admit) keeps every position's logits.
+            kwargs = {"use_cache": True, "logits_to_keep": 0 if any(scored) else 1, self._cache_kw: cache}
             if len(seqs) == 1 and P == 0:  # exactly what offline generate() runs
                 kwargs["input_ids"] = torch.tensor([seqs[0].prompt_ids], device=self.device)
             else:
@@ -753,6 +761,8 @@ class Engine:
                 self.slots.write(slot, row_keys, row_values)
                 if self.prefix is not None:
                     self.prefix.store(seq.adapter, seq.prompt_ids, row_keys, row_values)
+            prompt_logprobs = [self._prompt_logprobs(seq, out.logits[i, S - len(seq.prompt_ids):])
+                               if score else [] for i, (seq, score) in enumerate(zip(seqs, scored))]
             tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
             logprobs = logprobs_each(out.logits[:, -1, :], seqs, tokens)
         except Exception as exc:
@@ -765,11 +775,17 @@ class Engine:
         now = time.monotonic()
         self.running.extend(seqs)
         done = []
-        for seq, token, logprob in zip(seqs, tokens, logprobs):
+        for seq, token, logprob, scores in zip(seqs, tokens, logprobs, prompt_logprobs):
             seq.cache_len = len(seq.prompt_ids)
             seq.first_token_at = now
             if self.metrics is not None:
                 self.metrics.first_token(seq.adapter or self.base_name, now - seq.arrival)
+            if seq.params.max_tokens == 0:  # the prompt's log probabilities only (echo), nothing generated
+                self._finish(seq, "length", prompt_logprobs=scores)
+                done.append(self.running.index(seq))
+                continue
+            if scores:
+                self._emit(seq, Output("", None, len(seq.prompt_ids), 0, prompt_logprobs=scores))
             if self._advance_or_fail(seq, token, logprob):
                 done.append(self.running.index(seq))
         for i in sorted(done, reverse=True):
@@ -884,21 +900,35 @@ class Engine:
         self._finish(seq, finish, delta, [token], logprobs=logprobs)
         return True
 
-    def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        def entry(token_id: int, value: float) -> TokenLogprob:
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, rows_at_once: int = 256) -> list[TokenLogprob]:
+        """Each prompt token's log probability given the tokens before it (`logits`: the prompt's rows)."""
+        ids, k = seq.prompt_ids, seq.params.prompt_logprobs
+        entries = [self._token_logprob(ids[0], None, [])]
+        targets = torch.tensor(ids[1:], device=logits.device)
+        for start in range(0, len(ids) - 1, rows_at_once):  # row j predicts token j + 1
+            logp = torch.log_softmax(logits[start: min(start + rows_at_once, len(ids) - 1)].float(), dim=-1)
+            chosen = logp.gather(1, targets[start: start + len(logp), None])[:, 0].tolist()
+            top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+            for j, (value, best, best_lp) in enumerate(zip(chosen, top_ids.tolist(), top_lp.tolist())):
+                entries.append(self._token_logprob(ids[start + j + 1], value, list(zip(best, best_lp))))
+        return entries
+
+    def _token_logprob(self, token: int, logprob: Optional[float], top: list[tuple[int, float]]) -> TokenLogprob:
+        def entry(token_id: int, value: Optional[float]) -> TokenLogprob:
             return TokenLogprob(*token_text_and_bytes(self.tokenizer, token_id), token_id, value)
 
         return dataclasses.replace(entry(token, logprob), top=[entry(i, lp) for i, lp in top])
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None,
-                error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None) -> None:
+                error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None,
+                prompt_logprobs: Optional[list[TokenLogprob]] = None) -> None:
         seq.finish_reason = reason
         self._unpin(seq)
         if self.metrics is not None:
             self.metrics.finished(seq.adapter or self.base_name, reason, len(seq.prompt_ids), len(seq.output_ids),
                                   time.monotonic() - seq.arrival)
         self._emit(seq, Output(text, reason, len(seq.prompt_ids), len(seq.output_ids), token_ids or [], error,
-                               logprobs or []))
+                               logprobs or [], prompt_logprobs or []))
 
     def _emit(self, seq: Sequence, output: Output) -> None:
         try:
