@@ -284,7 +284,7 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
 
 def _matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype `h @ weight.T` comes out in here (autocast's dtype, when it is on)."""
-    if torch.is_autocast_enabled(h.device.type):
+    if autocast_enabled(h):
         return torch.get_autocast_dtype(h.device.type)
     return torch.promote_types(h.dtype, weight.dtype)
 

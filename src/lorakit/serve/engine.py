@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import inspect
 import itertools
 import logging
@@ -364,16 +363,21 @@ def logprobs_each(logits: torch.Tensor, seqs: list[Sequence],
     result: list[Optional[ChosenLogprob]] = [None] * len(seqs)
     if not asks:
         return result
-    logp = torch.log_softmax(logits[asks].float(), dim=-1)
-    chosen = logp[torch.arange(len(asks), device=logp.device),
-                  torch.tensor([tokens[i] for i in asks], device=logp.device)].tolist()
-    k = max(seqs[i].params.logprobs for i in asks)
-    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    chosen, top_ids, top_lp = _chosen_and_top(logits[asks], [tokens[i] for i in asks],
+                                              max(seqs[i].params.logprobs for i in asks))
     for row, i in enumerate(asks):
         wanted = seqs[i].params.logprobs
         result[i] = (tokens[i], chosen[row], list(zip(top_ids[row][:wanted], top_lp[row][:wanted])))
     return result
+
+
+def _chosen_and_top(logits: torch.Tensor, targets: list[int], k: int):
+    """Per row of `logits`: the log probability of its target, and the ids and log probabilities of its k
+    most likely tokens, as Python lists."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return chosen, top_ids.tolist(), top_lp.tolist()
 
 
 def _adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -904,20 +908,16 @@ class Engine:
         """Each prompt token's log probability given the tokens before it (`logits`: the prompt's rows)."""
         ids, k = seq.prompt_ids, seq.params.prompt_logprobs
         entries = [self._token_logprob(ids[0], None, [])]
-        targets = torch.tensor(ids[1:], device=logits.device)
         for start in range(0, len(ids) - 1, rows_at_once):  # row j predicts token j + 1
-            logp = torch.log_softmax(logits[start: min(start + rows_at_once, len(ids) - 1)].float(), dim=-1)
-            chosen = logp.gather(1, targets[start: start + len(logp), None])[:, 0].tolist()
-            top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-            for j, (value, best, best_lp) in enumerate(zip(chosen, top_ids.tolist(), top_lp.tolist())):
-                entries.append(self._token_logprob(ids[start + j + 1], value, list(zip(best, best_lp))))
+            targets = ids[start + 1: start + 1 + rows_at_once]
+            chosen, top_ids, top_lp = _chosen_and_top(logits[start: start + len(targets)], targets, k)
+            for token, value, best, best_lp in zip(targets, chosen, top_ids, top_lp):
+                entries.append(self._token_logprob(token, value, list(zip(best, best_lp))))
         return entries
 
     def _token_logprob(self, token: int, logprob: Optional[float], top: list[tuple[int, float]]) -> TokenLogprob:
-        def entry(token_id: int, value: Optional[float]) -> TokenLogprob:
-            return TokenLogprob(*token_text_and_bytes(self.tokenizer, token_id), token_id, value)
-
-        return dataclasses.replace(entry(token, logprob), top=[entry(i, lp) for i, lp in top])
+        alternatives = [TokenLogprob(*token_text_and_bytes(self.tokenizer, i), i, lp) for i, lp in top]
+        return TokenLogprob(*token_text_and_bytes(self.tokenizer, token), token, logprob, alternatives)
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None,
                 error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None,
