@@ -39,8 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per round and variant")
-    p.add_argument("--rounds", type=int, default=5)
+    # 10 x 48 timed tokens per variant: with 5 x 32, two runs of the same code differed by up to 1%.
+    p.add_argument("--tokens", type=int, default=48, help="tokens decoded per round and variant")
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="also write the JSON here")

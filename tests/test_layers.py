@@ -125,6 +125,29 @@ class _OneLinear(torch.nn.Module):
         return self.proj(x)
 
 
+def test_a_forward_replaced_on_the_base_layer_is_called():
+    """accelerate's offloading hooks replace the base layer's forward on the instance; the fast path must not
+    skip it."""
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    base = model.base_model.model.proj.base_layer
+    original, calls = base.forward, []
+
+    def replaced(x):
+        calls.append(x.shape)
+        return original(x)
+
+    base.forward = replaced
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        out = model(x)
+    del base.forward
+    with torch.no_grad():
+        model.base_model.model.proj._forget_fast_route()
+        assert torch.allclose(out, model(x), atol=1e-6)
+    assert calls == [x.shape]
+
+
 def test_cached_fast_route_follows_every_state_change():
     """LoraLinear caches which forward path applies; each change of adapter state must be seen at once."""
     torch.manual_seed(0)
@@ -157,6 +180,11 @@ def test_cached_fast_route_follows_every_state_change():
             layer.lora_B["b"].weight = torch.nn.Parameter(torch.randn_like(old_b))  # a new Parameter object
             assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
             layer.lora_B["b"].weight = old_b
+            old_a = layer.lora_A["b"]
+            layer.lora_A["b"] = torch.nn.Linear(12, 3, bias=False)  # a new module in the adapter's dict
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
+            layer.lora_A.update({"b": old_a})
+            assert torch.allclose(model(x), expected(x, "b"), atol=1e-6)
             calls = []
             handle = layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
             assert torch.allclose(model(x), expected(x, "b"), atol=1e-6) and calls == [1]
@@ -171,6 +199,16 @@ def test_cached_fast_route_follows_every_state_change():
     layer.lora_dropout["default"].p = 0.9  # ... then on
     assert not torch.allclose(model(x), expected(x, "default"), atol=1e-3)
     model.eval()
+    assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)
+
+    class Silence(torch.nn.Module):  # a dropout of the user's own: called, not skipped
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    layer.lora_dropout["default"] = Silence()
+    assert torch.allclose(model(x), expected(x), atol=1e-6)
+    layer.lora_dropout.pop("default")
+    layer.lora_dropout["default"] = torch.nn.Identity()
     assert torch.allclose(model(x), expected(x, "default"), atol=1e-6)
     model.set_adapter("b")
     model.delete_adapter("b")
