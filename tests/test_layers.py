@@ -1,5 +1,10 @@
 """LoRA layers: dropout, initialisation, mixed-adapter batches."""
 
+import copy
+import gc
+import pickle
+import weakref
+
 import peft
 import pytest
 import torch
@@ -146,6 +151,31 @@ def test_a_forward_replaced_on_the_base_layer_is_called():
         model.base_model.model.proj._forget_fast_route()
         assert torch.allclose(out, model(x), atol=1e-6)
     assert calls == [x.shape]
+
+
+def test_adapter_dicts_tell_their_own_layer_and_keep_no_cycle():
+    """lora_A/lora_B/lora_dropout forget the cached route of their layer; a copy's dicts tell the copy. They hold
+    the layer weakly, so deleting a model frees its weights at once, without the garbage collector."""
+    torch.manual_seed(0)
+    model = get_peft_model(_OneLinear(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            layer, twin_layer = model.base_model.model.proj, twin.base_model.model.proj
+            model(x), twin(x)
+            new_a = torch.nn.Linear(12, 2, bias=False)
+            twin_layer.lora_A["default"] = new_a
+            assert layer._fast_route and twin_layer._fast_route is None
+            expected = layer.base_layer(x) + layer.scaling["default"] * new_a(x) @ layer.lora_B["default"].weight.T
+            assert torch.allclose(twin(x), expected, atol=1e-6)
+
+    weight = weakref.ref(model.base_model.model.proj.base_layer.weight)
+    gc.disable()
+    try:
+        del model, twin, layer, twin_layer
+        assert weight() is None
+    finally:
+        gc.enable()
 
 
 def test_cached_fast_route_follows_every_state_change():

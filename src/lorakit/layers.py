@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional, Sequence
+import weakref
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,32 +48,47 @@ class DoraMagnitude(nn.Module):
 
 class AdapterModuleDict(nn.ModuleDict):
     """nn.ModuleDict (one module per adapter) that tells its layer when an entry is set or removed: the layer's
-    cached fast route holds the entries' parameter dicts, and must be worked out again."""
+    cached fast route holds the entries' parameter dicts, and must be worked out again.
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    The layer is held weakly: a reference cycle would keep the layer, and the base weights under it, alive after
+    `del model` until the garbage collector runs. Copies and unpickled layers link their dicts again
+    (LoraLayer.__setstate__)."""
+
+    def __init__(self, owner: nn.Module) -> None:
         super().__init__()
-        self.__dict__["_on_change"] = on_change
+        self.__dict__["_owner"] = weakref.ref(owner)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_owner", None)  # a weak reference neither pickles nor should follow a copy
+        return state
+
+    def _changed(self) -> None:
+        owner = self.__dict__.get("_owner")
+        owner = owner() if owner is not None else None
+        if owner is not None:
+            owner._forget_fast_route()
 
     def add_module(self, name: str, module: Optional[nn.Module]) -> None:  # d[name] = m and update() come here
         super().add_module(name, module)
-        self._on_change()
+        self._changed()
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if isinstance(value, nn.Module):
-            self._on_change()
+            self._changed()
 
     def __delitem__(self, key: str) -> None:  # pop() comes here
         super().__delitem__(key)
-        self._on_change()
+        self._changed()
 
     def __delattr__(self, name: str) -> None:
         super().__delattr__(name)
-        self._on_change()
+        self._changed()
 
     def clear(self) -> None:
         super().clear()
-        self._on_change()
+        self._changed()
 
 
 class LoraLayer(nn.Module):
@@ -85,7 +101,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
-        self.lora_dropout = AdapterModuleDict(self._forget_fast_route)
+        self.lora_dropout = AdapterModuleDict(self)
         self.lora_magnitude_vector = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -99,6 +115,12 @@ class LoraLayer(nn.Module):
         super().__setattr__(name, value)
         if name in _ROUTE_INPUTS:
             self.__dict__["_fast_route"] = None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for module in self._modules.values():  # copy.deepcopy and unpickling: the adapter dicts tell this copy
+            if isinstance(module, AdapterModuleDict):
+                module.__dict__["_owner"] = weakref.ref(self)
 
     def _forget_fast_route(self) -> None:
         """Call after changing adapters in place (adding, deleting, merging)."""
@@ -202,8 +224,8 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = AdapterModuleDict(self._forget_fast_route)
-        self.lora_B = AdapterModuleDict(self._forget_fast_route)
+        self.lora_A = AdapterModuleDict(self)
+        self.lora_B = AdapterModuleDict(self)
 
     # -- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
