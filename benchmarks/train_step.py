@@ -13,9 +13,10 @@ agree step by step. Peak memory is measured per variant in a separate child proc
 that variant: peak RSS (getrusage) on CPU, the allocator's peak on CUDA.
 
 Variants: lorakit, peft, forward (no_grad forward with labels), full (full fine-tuning), and ablations:
-lorakit_plain_loss (fused-loss path off, which also leaves the MLPs alone), lorakit_no_swiglu (fused loss
-on, MLPs alone), lorakit_plain_linear (LoRA linear as plain autograd ops), lorakit_plain (all off: the
-plain composition, like PEFT), lorakit_bf16 and peft_bf16 (bf16 autocast).
+lorakit_plain_loss (fused-loss path off, which also leaves the MLPs and norms alone), lorakit_no_swiglu
+(fused loss on, MLPs alone), lorakit_no_rmsnorm (fused loss on, RMSNorms alone), lorakit_plain_linear
+(LoRA linear as plain autograd ops), lorakit_plain (all off: the plain composition, like PEFT),
+lorakit_bf16 and peft_bf16 (bf16 autocast).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from lorakit import LoraConfig, get_peft_model
 
 DEFAULT_VARIANTS = "lorakit,peft,forward,full"
 LORAKIT_VARIANTS = ("lorakit", "lorakit_plain_loss", "lorakit_plain_linear", "lorakit_plain", "lorakit_no_swiglu",
-                    "lorakit_bf16")
+                    "lorakit_no_rmsnorm", "lorakit_bf16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,15 +166,15 @@ def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, f
 
 
 @contextlib.contextmanager
-def ablation(plain_linear: bool, swiglu: bool):
-    fast, fuse = lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU
+def ablation(plain_linear: bool, swiglu: bool, rmsnorm: bool):
+    saved = lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM
     if plain_linear:
         lorakit.layers.lora_linear = plain_lora_linear
-    lorakit.fast.FUSE_SWIGLU = swiglu
+    lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM = swiglu, rmsnorm
     try:
         yield
     finally:
-        lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU = fast, fuse
+        lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM = saved
 
 
 # -- variants -----------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Variant:
         self.plain_linear = name in ("lorakit_plain_linear", "lorakit_plain")
         self.autocast = name.endswith("_bf16") and args.dtype == "float32"
         self.swiglu = name != "lorakit_no_swiglu"
+        self.rmsnorm = name != "lorakit_no_rmsnorm"
         model = copy.deepcopy(base) if copy_base else base
         self.optimizer = None
         if name in LORAKIT_VARIANTS:
@@ -222,7 +224,7 @@ class Variant:
         if self.name == "forward":
             with torch.no_grad():
                 return float(self.model(**batch).loss)
-        with ablation(self.plain_linear, self.swiglu), autocast:
+        with ablation(self.plain_linear, self.swiglu, self.rmsnorm), autocast:
             loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()

@@ -154,7 +154,8 @@ def loss_and_grads(model, fused: bool, **kwargs):
     return out, grads
 
 
-@pytest.mark.parametrize("extra", [{}, {"lora_dropout": 0.2}, {"modules_to_save": ["lm_head"]}, {"use_dora": True}])
+@pytest.mark.parametrize("extra", [{}, {"lora_dropout": 0.2}, {"modules_to_save": ["lm_head"]}, {"use_dora": True},
+                                   {"modules_to_save": ["norm", "post_attention_layernorm"]}])  # norms that train
 def test_fused_loss_equals_transformers_loss_and_gradients(extra):
     model = lora_llama(**extra)
     ids, mask, labels = padded_batch()
@@ -363,17 +364,73 @@ def test_silu_mul_is_exactly_the_composition():
         assert torch.equal(ours, ref)
 
 
-def test_mlps_are_patched_only_during_the_fused_forward():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_trains", [False, True])
+@pytest.mark.parametrize("shape", [(3, 7, 20), (2, 3, 5, 20)])  # hidden states; per-head (Qwen3's q_norm)
+def test_rms_norm_equals_transformers(dtype, weight_trains, shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.fast import rms_norm
+
+    torch.manual_seed(6)
+    norm = LlamaRMSNorm(20, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(weight_trains)
+    x0, grad = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_(True)
+        norm.weight.grad = None
+        out = rms_norm(x, norm.weight, norm.variance_epsilon) if fused else norm(x)
+        out.backward(grad)
+        results.append((out, x.grad, norm.weight.grad))
+    assert type(results[0][0].grad_fn).__name__ == "RMSNormFunctionBackward"
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for ours, ref in zip(*results):
+        if ref is None:
+            assert ours is None
+        else:
+            assert ours.dtype == ref.dtype and torch.allclose(ours.float(), ref.float(), **tol)
+    with torch.no_grad():  # without autograd it is transformers' own arithmetic
+        assert torch.equal(rms_norm(x0, norm.weight, norm.variance_epsilon), norm(x0))
+
+
+def test_rms_norm_keeps_float32_statistics_under_autocast():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.fast import rms_norm
+
+    torch.manual_seed(6)
+    norm = LlamaRMSNorm(64).requires_grad_(False)
+    x0 = torch.randn(5, 64) * 1000 + 3000  # a large mean: a bf16 sum of squares would be off by about 1%
+    results = []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = rms_norm(x, norm.weight, norm.variance_epsilon) if fused else norm(x)
+        out.sum().backward()
+        results.append((out, x.grad))
+    for ours, ref in zip(*results):
+        assert ours.dtype == ref.dtype == torch.float32 and torch.allclose(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_mlps_and_norms_are_patched_only_during_the_fused_forward():
     model = lora_llama(target_modules=["q_proj", "up_proj"])  # a LoRA layer inside the MLP too
-    mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+    decoder = model.get_base_model().model
+    patched = [layer.mlp for layer in decoder.layers] + [decoder.norm] + \
+        [norm for layer in decoder.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
     seen = []
-    hook = mlps[0].register_forward_hook(lambda m, i, o: seen.append("forward" in m.__dict__))
+    hooks = [module.register_forward_hook(lambda m, i, o: seen.append(("forward" in m.__dict__, o.grad_fn)))
+             for module in (decoder.layers[0].mlp, decoder.layers[0].post_attention_layernorm)]
     ids, mask, labels = padded_batch()
     fused, fg = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, labels=labels)
     plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels)
-    hook.remove()
-    assert seen == [True, False]
-    assert all("forward" not in m.__dict__ for m in mlps)
+    for hook in hooks:
+        hook.remove()
+    assert [patched for patched, _ in seen] == [True, True, False, False]
+    assert type(seen[0][1]).__name__ == "RMSNormFunctionBackward"  # the norm's hook runs first
+    assert all("forward" not in m.__dict__ for m in patched)
     assert abs(fused.loss.item() - plain.loss.item()) < ATOL
     for name in fg:
         assert torch.allclose(fg[name], pg[name], atol=ATOL), name

@@ -15,7 +15,8 @@ Two pieces, both used automatically by `get_peft_model`'s model:
   transformers' ForCausalLMLoss (shifted labels, ignore_index, mean or sum / num_items_in_batch).
   The returned output computes `logits` from the final hidden states only if they are read.
   During that forward, SiLU-gated MLPs compute silu(gate) * up as one autograd node that keeps two
-  tensors instead of three (`swiglu_mlps`). Set `peft_model.fused_loss = False` to always take the
+  tensors instead of three, and RMSNorms are one node whose backward makes four passes over the input
+  instead of about ten (`fused_blocks`). Set `peft_model.fused_loss = False` to always take the
   ordinary path.
 """
 
@@ -168,11 +169,65 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-# Set to False to leave MLPs alone in the fused-loss forward (used by benchmarks/train_step.py's ablation).
+# -- RMSNorm: one autograd node saving x and the per-row rstd ---------------------------------------
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x / rms(x)), computed as transformers' Llama-family RMSNorm computes it (the statistics in
+    float32, the normalised x cast back to x's dtype before the weight). Autograd's composition runs about
+    ten passes over x in its backward; this one runs four, and saves x and a [rows x 1] rstd, as it does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = _row_dot(x32, x32).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
+        normed = (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        if weight.dtype == normed.dtype:
+            return normed.mul_(weight)
+        return weight * normed
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x.float()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            normed = (x32 * rstd).to(x.dtype)
+            grad_w = (grad * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # With y = x * rstd * w and d = grad * w: dx = rstd * d - x * rstd^3 * mean(d * x).
+            d = (grad * weight).float()
+            coef = _row_dot(d, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+            grad_x = d.mul_(rstd).addcmul_(x32, coef, value=-1).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Float32 dot products along the last dimension; autocast would run vecdot in bf16."""
+    return (a * b).sum(-1) if autocast_enabled(a) else torch.linalg.vecdot(a, b)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm forward, as one autograd node when a gradient is needed."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormFunction.apply(x, weight, eps)
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+# -- the decoder's own blocks during the fused-loss forward ------------------------------------------
+
+# Set to False to leave MLPs / norms alone in the fused-loss forward (benchmarks/train_step.py's ablations).
 FUSE_SWIGLU = True
+FUSE_RMSNORM = True
 # transformers MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "OlmoMLP", "Olmo2MLP",
                          "GemmaMLP"})
+# transformers norms whose forward is exactly LlamaRMSNorm's (Olmo2's casts after the weight, Gemma's adds
+# 1 to it: not these).
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm",
+                       "Phi3RMSNorm"})
 
 
 def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -180,27 +235,38 @@ def _swiglu_forward(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: down_proj(silu_mul(gate_proj(x), up_proj(x)))
 
 
-@contextlib.contextmanager
-def swiglu_mlps(decoder: nn.Module):
-    """Within the block, the decoder's SiLU-gated MLPs use `silu_mul` (same math, one tensor less saved).
+def _rms_norm_forward(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: rms_norm(x, norm.weight, norm.variance_epsilon)
 
-    Only for the forward it wraps; the modules are unchanged afterwards. Skipped under gradient
-    checkpointing, whose recomputation must save exactly what the first forward saved.
+
+def _patchable(module: nn.Module, classes: frozenset) -> bool:
+    """One of `classes`, and no forward of its own on the instance (then someone else has wrapped it)."""
+    return type(module).__name__ in classes and "forward" not in module.__dict__
+
+
+@contextlib.contextmanager
+def fused_blocks(decoder: nn.Module):
+    """Within the block, the decoder's SiLU-gated MLPs use `silu_mul` and its RMSNorms `rms_norm`.
+
+    Same math, fewer passes and fewer saved tensors. Only for the forward it wraps; the modules are
+    unchanged afterwards. Skipped under gradient checkpointing, whose recomputation (after this block)
+    must save exactly what the first forward saved.
     """
     patched = []
-    layers = getattr(decoder, "layers", None)
-    if FUSE_SWIGLU and isinstance(layers, nn.ModuleList) and not getattr(decoder, "gradient_checkpointing", False):
-        for layer in layers:
-            mlp = getattr(layer, "mlp", None)
-            if type(mlp).__name__ in SWIGLU_MLPS and "forward" not in mlp.__dict__ \
-                    and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
-                mlp.forward = _swiglu_forward(mlp)
-                patched.append(mlp)
+    if not getattr(decoder, "gradient_checkpointing", False):
+        for module in decoder.modules():
+            if FUSE_SWIGLU and _patchable(module, SWIGLU_MLPS) \
+                    and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
+                module.forward = _swiglu_forward(module)
+                patched.append(module)
+            elif FUSE_RMSNORM and _patchable(module, RMS_NORMS) and isinstance(module.weight, torch.Tensor):
+                module.forward = _rms_norm_forward(module)
+                patched.append(module)
     try:
         yield
     finally:
-        for mlp in patched:
-            del mlp.forward
+        for module in patched:
+            del module.forward
 
 
 # -- fused output head + cross-entropy -------------------------------------------------------------
@@ -265,9 +331,17 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
         sumexp = torch.zeros(rows, dtype=torch.float32, device=h.device)
         acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         step = max(256, chunk_elements // rows)
+        # One buffer for every slice's logits: a fresh allocation of this size page-faults on each slice.
+        # Autocast skips ops given out=, so the matmul's inputs are cast here, as autocast would cast them.
+        buffer = torch.empty(rows * min(step, vocab), dtype=dtype, device=h.device)
+        h_mm = h.to(dtype)
         for v0 in range(0, vocab, step):
             w = weight[v0:v0 + step]
-            logits = torch.addmm(bias[v0:v0 + step], h, w.t()) if bias is not None else h @ w.t()
+            logits = buffer[:rows * w.shape[0]].view(rows, w.shape[0])
+            if bias is not None:
+                torch.addmm(bias[v0:v0 + step].to(dtype), h_mm, w.to(dtype).t(), out=logits)
+            else:
+                torch.mm(h_mm, w.to(dtype).t(), out=logits)
             z = logits.float()  # the loss is taken in float32, as transformers does
             m_new = torch.maximum(m, z.amax(1))
             rescale = (m - m_new).exp_()
@@ -444,7 +518,7 @@ def causal_lm_loss_forward(model: nn.Module, kwargs: dict) -> Optional[Any]:
     kwargs = dict(kwargs)
     labels = kwargs.pop("labels")
     loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
-    with swiglu_mlps(decoder):
+    with fused_blocks(decoder):
         outputs = decoder(**kwargs)
     hidden = outputs.last_hidden_state
     ignore_index = loss_kwargs.get("ignore_index", IGNORE_INDEX)
