@@ -159,6 +159,7 @@ def test_adapter_dicts_tell_their_own_layer_and_keep_no_cycle():
     torch.manual_seed(0)
     model = get_peft_model(_OneLinear(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
     x = torch.randn(1, 1, 12)
+    assert "(lora_A): ModuleDict(" in repr(model)  # printed as PEFT's model prints
     with torch.no_grad():
         for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             layer, twin_layer = model.base_model.model.proj, twin.base_model.model.proj

@@ -58,6 +58,9 @@ class AdapterModuleDict(nn.ModuleDict):
         super().__init__()
         self.__dict__["_owner"] = weakref.ref(owner)
 
+    def _get_name(self) -> str:
+        return "ModuleDict"  # print(model) reads as PEFT's does
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("_owner", None)  # a weak reference neither pickles nor should follow a copy
