@@ -192,8 +192,12 @@ def test_errors_are_one_line_with_exit_status_2(tiny_base, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-def test_demo_command_on_a_tiny_base(tiny_base, tmp_path):
+@pytest.mark.parametrize("bf16_speedup", [1.7, 0.15])  # a CPU with bf16 units; an AVX2-only one
+def test_demo_command_on_a_tiny_base(tiny_base, tmp_path, monkeypatch, bf16_speedup):
     """The demo's wiring (train on the shipped data, score, report); the real run is `make demo`."""
+    import lorakit.models
+
+    monkeypatch.setattr(lorakit.models, "bf16_matmul_speedup", lambda device: bf16_speedup)
     out = tmp_path / "demo"
     (out / "checkpoints" / "step-000005").mkdir(parents=True)  # what an earlier demo run left
     (out / "checkpoints" / "step-000005" / "trainable.safetensors").write_text("stale")
@@ -207,6 +211,16 @@ def test_demo_command_on_a_tiny_base(tiny_base, tmp_path):
     assert not (out / "checkpoints").exists() and (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "lorakit_train.json").read_text())["result"]["steps"] == 2
     assert json.loads((out / "eval.json").read_text())["n"] == 3
+    bf16 = bf16_speedup > 1
+    assert f"precision: {'bf16 autocast' if bf16 else 'float32'} (bf16 matmuls run {bf16_speedup:.2f}x" in stdout
+    assert json.loads((out / "lorakit_train.json").read_text())["config"]["bf16"] is bf16
+
+
+def test_bf16_matmul_speedup_is_measured_on_the_cpu():
+    from lorakit.models import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup("cpu")
+    assert 0.01 < speedup < 100
 
 
 def _exit_code_and_error(args, capsys):

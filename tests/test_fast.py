@@ -174,6 +174,33 @@ def test_fused_loss_equals_transformers_loss_and_gradients(extra):
         assert torch.allclose(fused["logits"], plain["logits"], atol=ATOL)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_fused_loss_on_other_families_equals_transformers(family):
+    """Qwen3 normalises q and k per head (RMSNorms on [.., heads, head_dim]); Mistral is Llama's twin."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else \
+        (MistralConfig, MistralForCausalLM)
+    torch.manual_seed(0)
+    base = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                    max_position_embeddings=128, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM")).train()
+    norms = [m for m in base.modules() if type(m).__name__.endswith("RMSNorm")]
+    calls = []
+    for norm in norms:
+        norm.register_forward_hook(lambda m, i, o: calls.append(type(o.grad_fn).__name__))
+    ids, mask, labels = padded_batch()
+    fused, fg = loss_and_grads(model, True, input_ids=ids, attention_mask=mask, labels=labels)
+    assert "RMSNormFunctionBackward" in calls
+    plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels)
+    assert type(fused).__name__ == "FusedCausalLMOutput"
+    assert abs(fused.loss.item() - plain.loss.item()) < ATOL
+    for name in fg:
+        assert torch.allclose(fg[name], pg[name], atol=ATOL), name
+
+
 def test_fused_loss_with_num_items_in_batch_shift_labels_and_ignore_index():
     model = lora_llama()
     ids, mask, labels = padded_batch()

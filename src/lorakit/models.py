@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -148,6 +149,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ModelLoadError(f"device {device!r} was asked for, but this torch build sees no CUDA GPU; "
                              "use --device cpu (or auto)")
     return resolved
+
+
+def bf16_matmul_speedup(device: str | torch.device = "cpu") -> float:
+    """How many times faster a bfloat16 matmul runs than a float32 one on `device` (measured, ~0.1 s).
+
+    CPUs differ by far: with AVX512-BF16 or AMX units bf16 ran about 1.7x faster, on an AVX2-only CPU about
+    4x slower (oneDNN has no bf16 kernels for it). On a GPU that supports bf16 it is taken as faster.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return 2.0 if torch.cuda.is_bf16_supported() else 0.5
+    if device.type != "cpu":
+        return 1.0
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        best = float("inf")
+        for _ in range(4):  # the first call also warms the kernel up
+            start = time.perf_counter()
+            a @ b.t()
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
+    return timings[torch.float32] / timings[torch.bfloat16]
 
 
 def load_base_model(
