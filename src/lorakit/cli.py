@@ -488,12 +488,13 @@ def demo_config(out: str = DEMO_OUT, base: str = DEFAULT_BASE, data: Optional[Pa
     return TrainConfig(
         base=base, data=str(data / "train.jsonl"), eval_data=None, out=out,
         r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.0,
-        # 2 epochs at a high LoRA learning rate fit the 15-minute budget on 2 CPU cores; batches of 4 (456
-        # steps) held out 91.5% where batches of 8 (228 steps) gave 81-88% for 10% less time. Measured there:
-        # On a CPU with bf16 units, bf16 (autocast over a bf16 frozen base; the adapter stays fp32) was ~1.7x
-        # faster than fp32 and eager attention beat SDPA's CPU kernels on these ~80-token rows by ~13%; in
-        # float32 on an AVX2-only CPU, SDPA beat eager by ~30%. Dropout's random masks alone cost ~10% of a
-        # step (held-out accuracy without them: 87.7%, with them: 86.2%).
+        # 2 epochs at a high LoRA learning rate fit the 15-minute budget on 2 CPU cores with bf16 units (float32
+        # on an AVX2-only CPU: 24 minutes); batches of 4 (456 steps) held out 91.5% (in bf16 and in float32)
+        # where batches of 8 (228 steps) gave 81-88% for 10% less time. On a CPU with bf16 units, bf16
+        # (autocast over a bf16 frozen base; the adapter stays fp32) was ~1.7x faster than fp32 and eager
+        # attention beat SDPA's CPU kernels on these ~80-token rows by ~13%; in float32 on an AVX2-only CPU,
+        # SDPA beat eager by ~30%. Dropout's random masks alone cost ~10% of a step (held-out accuracy
+        # without them: 87.7%, with them: 86.2%).
         epochs=2, lr=3e-3, batch_size=4, warmup_ratio=0.05, max_length=256, seed=0,
         system_prompt=None, bf16=bf16, attention="eager" if bf16 else "sdpa",
     )
