@@ -541,10 +541,8 @@ def clear_earlier_demo_output(out: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.evaluate import evaluate
-    from lorakit.models import smollm2_dir
+    from lorakit.models import bf16_matmul_speedup, resolve_device, smollm2_dir
     from lorakit.train import train
-
-    from lorakit.models import bf16_matmul_speedup, resolve_device
 
     t0 = time.perf_counter()
     speedup = bf16_matmul_speedup(resolve_device("auto"))

@@ -152,10 +152,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def bf16_matmul_speedup(device: str | torch.device = "cpu") -> float:
-    """How many times faster a bfloat16 matmul runs than a float32 one on `device` (measured, ~0.1 s).
+    """How many times faster a bfloat16 matmul runs than a float32 one on `device` (measured in under a second).
 
-    CPUs differ by far: with AVX512-BF16 or AMX units bf16 ran about 1.7x faster, on an AVX2-only CPU about
-    4x slower (oneDNN has no bf16 kernels for it). On a GPU that supports bf16 it is taken as faster.
+    CPUs differ by far: with AVX512-BF16 or AMX units bf16 ran about 1.7x faster, on an AVX2-only CPU 5-8x
+    slower (oneDNN has no fast bf16 kernels for it). On a GPU that supports bf16 it is taken as faster.
     """
     device = torch.device(device)
     if device.type == "cuda":
