@@ -455,7 +455,7 @@ def test_mlps_and_norms_are_patched_only_during_the_fused_forward():
     plain, pg = loss_and_grads(model, False, input_ids=ids, attention_mask=mask, labels=labels)
     for hook in hooks:
         hook.remove()
-    assert [patched for patched, _ in seen] == [True, True, False, False]
+    assert [was_patched for was_patched, _ in seen] == [True, True, False, False]
     assert type(seen[0][1]).__name__ == "RMSNormFunctionBackward"  # the norm's hook runs first
     assert all("forward" not in m.__dict__ for m in patched)
     assert abs(fused.loss.item() - plain.loss.item()) < ATOL
