@@ -126,3 +126,10 @@ def test_stale_cache_record_triggers_conversion(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", lambda gguf, t: calls.append((gguf.name, t)))
     assert models.smollm2_dir() == target
     assert calls == [(models.SMOLLM2_GGUF, target)]
+
+
+def test_bf16_matmul_speedup_is_measured_on_the_cpu():
+    from lorakit.models import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup("cpu")
+    assert 0.01 < speedup < 100
