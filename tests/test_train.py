@@ -196,10 +196,10 @@ def test_full_finetuning_saves_a_loadable_model(tiny_base, data_file, tmp_path):
 
 
 def test_bf16_and_nf4_runs(tiny_base, data_file, tmp_path, monkeypatch, capsys):
-    import lorakit.train
+    import lorakit.models
 
     pytest.importorskip("lorakit.quant")
-    monkeypatch.setattr(lorakit.train, "bf16_matmul_speedup", lambda device: 0.25)  # an AVX2-only CPU
+    monkeypatch.setattr(lorakit.models, "bf16_matmul_speedup", lambda device: 0.25)  # an AVX2-only CPU
     r = train(cfg(tiny_base, data_file, tmp_path / "bf16", bf16=True, max_steps=2, attention="eager"))
     assert r.steps == 2 and r.final_loss == r.final_loss  # finite, not NaN
     assert "bf16 matmuls run 4.0x slower than float32 ones on this CPU" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from lorakit.data import Example, load_examples, tokenize_examples
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import atomic_save_json
-from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device
+from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device, slow_bf16_warning
 
 _QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "→": ">", "›": ">",
                          "–": "-", "—": "-"})
@@ -226,6 +227,9 @@ def evaluate(
     if model is None:
         dtype = torch.bfloat16 if bf16 else torch.float32  # under bf16 autocast the matmuls run in bf16 anyway
         device = resolve_device(device)
+        warning = slow_bf16_warning(device) if bf16 else None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         model, tokenizer = _load_base(base, quantize, dtype, device)
         if full_model:
             if include_base:

@@ -174,6 +174,17 @@ def bf16_matmul_speedup(device: str | torch.device = "cpu") -> float:
     return timings[torch.float32] / timings[torch.bfloat16]
 
 
+def slow_bf16_warning(device: torch.device) -> str | None:
+    """A warning to print when bf16 was asked for on a CPU where it runs slower than float32, else None."""
+    if device.type != "cpu":
+        return None
+    speedup = bf16_matmul_speedup(device)
+    if speedup >= 1:
+        return None
+    return (f"lorakit: warning: bf16 matmuls run {1 / speedup:.1f}x slower than float32 ones on this CPU (it has no "
+            "bf16 units, such as AVX512-BF16 or AMX): without --bf16 this will be faster")
+
+
 def load_base_model(
     name_or_path: str = DEFAULT_BASE,
     dtype: torch.dtype = torch.float32,

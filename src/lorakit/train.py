@@ -33,7 +33,7 @@ from lorakit.errors import LoraKitError, TrainError
 from lorakit.fast import takes_fused_loss
 from lorakit.io_utils import atomic_save_json, atomic_write, nearest_existing
 from lorakit.model import PeftModel
-from lorakit.models import DEFAULT_BASE, bf16_matmul_speedup, load_base_model, resolve_device
+from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device, slow_bf16_warning
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TRAIN_INFO = "lorakit_train.json"  # next to the adapter: how it was trained (eval reuses the prompt format)
@@ -453,11 +453,9 @@ def _train(config: TrainConfig, world: distributed.World, device: torch.device) 
     say(f"lorakit: train data {config.data}: {train_data.summary()}", flush=True)
     if eval_data is not None:
         say(f"lorakit: eval data {config.eval_data}: {eval_data.summary()}", flush=True)
-    if config.bf16 and device.type == "cpu" and main:
-        speedup = bf16_matmul_speedup(device)
-        if speedup < 1:
-            say(f"lorakit: warning: bf16 matmuls run {1 / speedup:.1f}x slower than float32 ones on this CPU (it has "
-                "no bf16 units, such as AVX512-BF16 or AMX): training without --bf16 will be faster", flush=True)
+    warning = slow_bf16_warning(device) if config.bf16 and main else None
+    if warning:
+        say(warning, flush=True)
 
     # FSDP: process 0 loads the base on the CPU; the others build it on the meta device (no memory) and
     # receive their shards of process 0's weights when it is sharded.
