@@ -4,11 +4,11 @@
 """
 
 from lorakit.evaluate import evaluate
-from lorakit.models import bf16_matmul_speedup
+from lorakit.models import BF16_MIN_SPEEDUP, bf16_matmul_speedup
 from lorakit.train import TrainConfig, train
 
 # bf16 autocast only where it is the faster: CPUs without bf16 units (AVX2 only) run it 5-8x slower.
-bf16 = bf16_matmul_speedup() >= 1.2
+bf16 = bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 config = TrainConfig(
     base="smollm2",  # the embedded SmolLM2-135M-Instruct; or a local model directory / hub id

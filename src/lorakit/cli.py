@@ -507,9 +507,6 @@ def demo_data_dir() -> Path:
     return d
 
 
-# The demo trains in bf16 where bf16 matmuls are at least this much faster than float32 ones.
-BF16_MIN_SPEEDUP = 1.2
-
 # What a demo run writes into --out; only a directory holding nothing else is cleared for a new run.
 DEMO_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "lorakit_train.json", "metrics.jsonl",
                 "loss_curve.png", "eval.json", "checkpoints")
@@ -541,7 +538,7 @@ def clear_earlier_demo_output(out: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.evaluate import evaluate
-    from lorakit.models import bf16_matmul_speedup, resolve_device, smollm2_dir
+    from lorakit.models import BF16_MIN_SPEEDUP, bf16_matmul_speedup, resolve_device, smollm2_dir
     from lorakit.train import train
 
     t0 = time.perf_counter()
