@@ -19,7 +19,10 @@ ATOL = 1e-5
 
 def reference(x, weight, bias, a, b, scaling, p, fan_in_fan_out=False):
     """The plain composition PEFT uses: base + B(A(dropout(x))) * scaling."""
-    base = x @ weight + bias if fan_in_fan_out else F.linear(x, weight, bias)
+    if fan_in_fan_out:
+        base = x @ weight + bias if bias is not None else x @ weight
+    else:
+        base = F.linear(x, weight, bias)
     x_lora = F.dropout(x, p, training=True) if p > 0 else x
     return base + F.linear(F.linear(x_lora, a), b) * scaling
 
@@ -55,6 +58,47 @@ def test_lora_linear_matches_reference(case):
         results.append((out, [t.grad if t is not None else None for t in (x, w, bias, a, b)]))
     (ours, our_grads), (ref, ref_grads) = results
     assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
+    for name, g1, g2 in zip("x w bias A B".split(), our_grads, ref_grads):
+        assert (g1 is None) == (g2 is None), name
+        if g1 is not None:
+            assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5), name
+
+
+def random_case(seed: int):
+    """A random LoRA-linear setting: shapes, rank, scaling, bias, dropout, layout and which inputs need a grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=g))
+
+    d_in, d_out, r = pick(1, 80), pick(1, 80), pick(1, 16)
+    lead = tuple(pick(1, 6) for _ in range(pick(0, 3)))
+    flags = torch.rand(5, generator=g) < 0.5
+    dropout = 0.0 if flags[0] else round(float(torch.rand((), generator=g)) * 0.8 + 0.05, 3)
+    scaling = round(float(torch.rand((), generator=g)) * 4, 3)
+    # x needs no grad in a model's first adapted layer (its input comes from a frozen embedding).
+    grads = (bool(flags[1]) or d_in % 3 != 0, bool(flags[2]), bool(flags[3]), True, True)
+    return d_in, d_out, r, lead, bool(flags[3]), dropout, bool(flags[4]), scaling, grads
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_lora_linear_random_settings_match_reference(seed):
+    d_in, d_out, r, lead, with_bias, p, fan_in_fan_out, scaling, grad_flags = random_case(seed)
+    torch.manual_seed(seed)
+    shape = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
+    tensors = (torch.randn(*lead, d_in), torch.randn(shape), torch.randn(d_out) if with_bias else None,
+               torch.randn(r, d_in), torch.randn(d_out, r))
+    grad_out = torch.randn(*lead, d_out)
+    results = []
+    for fn in (lora_linear, reference):
+        inputs = leaves(*tensors, grad_flags=grad_flags)
+        torch.manual_seed(1000 + seed)  # the same dropout mask for both
+        out = fn(*inputs, scaling, p, fan_in_fan_out)
+        out.backward(grad_out)
+        results.append((out, [t.grad if t is not None else None for t in inputs]))
+    (ours, our_grads), (ref, ref_grads) = results
+    assert ours.shape == ref.shape == (*lead, d_out)
     assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
     for name, g1, g2 in zip("x w bias A B".split(), our_grads, ref_grads):
         assert (g1 is None) == (g2 is None), name
@@ -359,6 +403,52 @@ def test_training_steps_equal_peft():
         losses.append(train_steps(model, optimizer, 4, input_ids=ids, attention_mask=mask, labels=labels))
     assert losses[0][0] > losses[0][-1]  # it learns
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_training_steps_equal_peft_for_bias_modes_and_dropout(bias, dropout):
+    """Projections with biases (attention_bias / mlp_bias), each bias mode, dropout on and off: the fast path's
+    losses, gradients and trained weights equal PEFT's, step by step, through the ordinary call."""
+    from transformers import LlamaForCausalLM
+
+    def base():
+        model = tiny_llama()
+        config = model.config
+        config.attention_bias = config.mlp_bias = True
+        torch.manual_seed(4)
+        return LlamaForCausalLM(config).eval()
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], lora_dropout=dropout,
+                  bias=bias, init_lora_weights=False, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(**kwargs)).train()
+    ours = get_peft_model(base(), LoraConfig(**kwargs)).train()
+    ours.load_state_dict(theirs.state_dict())
+    trainable = sorted(n for n, p in theirs.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    assert any(n.endswith(".bias") for n in trainable) == (bias != "none")
+    ids, mask, labels = padded_batch()
+    runs = []
+    for model in (ours, theirs):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(11)  # the same dropout draws in both
+        losses, grads = [], []
+        for _ in range(3):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            losses.append(out.loss.item())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append((type(out).__name__, losses, grads, dict(model.named_parameters())))
+    (our_output, our_losses, our_grads, our_params), (_, their_losses, their_grads, their_params) = runs
+    assert our_output == "FusedCausalLMOutput"  # the fast path ran
+    assert max(abs(a - b) for a, b in zip(our_losses, their_losses)) < 1e-5, (our_losses, their_losses)
+    for step_ours, step_theirs in zip(our_grads, their_grads):
+        for name in trainable:
+            assert torch.allclose(step_ours[name], step_theirs[name], atol=1e-5), name
+    for name in trainable:
+        assert torch.allclose(our_params[name], their_params[name], atol=1e-5), name
 
 
 def test_trainable_head_gets_the_same_gradient_through_the_fused_loss():
