@@ -10,18 +10,25 @@ token by token, in a fresh random order for every token, so that no variant alwa
 follows the same one. The JSON gives each variant's median per-token latency and its ratio to the base
 model: the median, over tokens, of the variant's time over the base's for the same token (paired, so the
 drifts of a shared machine cancel).
+
+`--ablation` adds lorakit_wrapper_only: lorakit's model with the adapter's arithmetic (x A^T, then B) taken out
+of its layers' forward, the wrapper and its Python kept; it computes the base model's outputs. Its ratio to the
+base is what the wrapper costs; the rest of lorakit's is the arithmetic.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import random
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
+import lorakit.layers
 from lorakit import LoraConfig, get_peft_model
 
 # benchmarks/ is the script's directory
@@ -44,9 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--ablation", action="store_true", help="also time lorakit_wrapper_only (see above)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    args.seq_len, args.variants = args.prompt_len, list(VARIANTS)
+    args.seq_len, args.variants = args.prompt_len, list(VARIANTS) + (["lorakit_wrapper_only"] if args.ablation else [])
     return args
 
 
@@ -69,15 +77,35 @@ def build(args):
     # mapping of the safetensors file decoded 1-2.5% slower than a copy's, which flattered every ratio to an
     # uncopied base (lorakit's loader now copies them out; other loaders may not).
     models = {"base": copy.deepcopy(base), "lorakit": ours, "lorakit_merged": merged, "peft": theirs}
+    if args.ablation:
+        models["lorakit_wrapper_only"] = ours  # the same model; its Decoder runs it without the adapter's arithmetic
     return {k: m.eval() for k, m in models.items()}
+
+
+def base_linear_only(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, fan_in_fan_out=False):
+    """In place of lorakit.fast.lora_linear: the base layer's output alone."""
+    if fan_in_fan_out:
+        return torch.matmul(x, weight) + (bias if bias is not None else 0)
+    return F.linear(x, weight, bias)
+
+
+@contextlib.contextmanager
+def without_adapter_arithmetic(enabled: bool):
+    saved = lorakit.layers.lora_linear
+    if enabled:
+        lorakit.layers.lora_linear = base_linear_only
+    try:
+        yield
+    finally:
+        lorakit.layers.lora_linear = saved
 
 
 class Decoder:
     """Greedy decoding with the KV cache, one token per call, so variants can alternate token by token."""
 
-    def __init__(self, model, prompt: torch.Tensor):
-        self.model = model
-        with torch.no_grad():
+    def __init__(self, model, prompt: torch.Tensor, wrapper_only: bool = False):
+        self.model, self.wrapper_only = model, wrapper_only
+        with torch.no_grad(), without_adapter_arithmetic(wrapper_only):
             out = model(input_ids=prompt, use_cache=True)
         self.cache_key = "cache" if "cache" in out.keys() else "past_key_values"
         self.cache = out[self.cache_key]
@@ -86,7 +114,8 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> None:
-        out = self.model(input_ids=self.next_id, use_cache=True, **{self.cache_key: self.cache})
+        with without_adapter_arithmetic(self.wrapper_only):
+            out = self.model(input_ids=self.next_id, use_cache=True, **{self.cache_key: self.cache})
         self.cache = out[self.cache_key]
         self.next_id = out.logits[:, -1:].argmax(-1)
         self.ids.append(self.next_id)
@@ -104,7 +133,8 @@ def main(argv=None) -> dict:
     generated = {}
     order = random.Random(0)
     for round_ in range(args.warmup + args.rounds):
-        decoders = {name: Decoder(model, prompt) for name, model in models.items()}
+        decoders = {name: Decoder(model, prompt, wrapper_only=name == "lorakit_wrapper_only")
+                    for name, model in models.items()}
         names = list(decoders)
         for token in range(args.tokens):
             order.shuffle(names)  # a fresh order every token: no variant always runs first or after the same one
@@ -141,6 +171,8 @@ def main(argv=None) -> dict:
             "max_abs_logit_diff_adapter_vs_base": float(f"{(logits['lorakit'] - logits['base']).abs().max():.3g}"),
             "same_greedy_tokens_lorakit_peft": bool(torch.equal(generated["lorakit"], generated["peft"])),
             "merged_model_type": type(models["lorakit_merged"]).__name__,
+            **({"same_greedy_tokens_wrapper_only_base": bool(torch.equal(generated["lorakit_wrapper_only"],
+                                                                          generated["base"]))} if args.ablation else {}),
         },
     }
     emit(result, args.out)

@@ -324,18 +324,24 @@ def main(argv=None) -> dict:
     variants = [Variant(name, base, args, state) for name in args.variants]
     times = {v.name: [] for v in variants}
     cpu_times = {v.name: [] for v in variants}
+    system_times = {v.name: [] for v in variants}
+    page_faults = {v.name: [] for v in variants}
     losses = {v.name: [] for v in variants}
     for round_ in range(args.warmup + args.steps):
         for v in variants:
             sync(args.device)
             start, cpu_start = time.perf_counter(), time.process_time()
+            usage_start = resource.getrusage(resource.RUSAGE_SELF)
             loss = v.step(batch)
             sync(args.device)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             losses[v.name].append(loss)
             if round_ >= args.warmup:
                 times[v.name].append(elapsed)
                 cpu_times[v.name].append(cpu)
+                system_times[v.name].append(usage.ru_stime - usage_start.ru_stime)
+                page_faults[v.name].append(usage.ru_minflt - usage_start.ru_minflt)
             print(f"round {round_} {v.name}: {elapsed:.3f} s, loss {loss:.6f}", file=sys.stderr, flush=True)
     tokens = int(batch["attention_mask"].sum())
     step_s = {k: statistics.median(t) for k, t in times.items()}
@@ -352,6 +358,10 @@ def main(argv=None) -> dict:
         # CPU seconds of this process per step (all threads): less sensitive than wall time to other
         # jobs on a shared machine, though spinning worker threads count too.
         "cpu_s_median": {k: round(statistics.median(t), 4) for k, t in cpu_times.items()},
+        # Kernel time and minor page faults per step: memory that the allocator hands back to the system after
+        # each step (glibc maps very large blocks anew every time) has to be faulted in and zeroed again.
+        "system_s_median": {k: round(statistics.median(t), 4) for k, t in system_times.items()},
+        "page_faults_median": {k: int(statistics.median(t)) for k, t in page_faults.items()},
         "ratios": {},
         "loss": {k: [round(x, 6) for x in v] for k, v in losses.items()},
     }
