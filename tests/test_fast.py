@@ -74,11 +74,12 @@ def random_case(seed: int):
 
     d_in, d_out, r = pick(1, 80), pick(1, 80), pick(1, 16)
     lead = tuple(pick(1, 6) for _ in range(pick(0, 3)))
-    flags = torch.rand(5, generator=g) < 0.5
+    flags = torch.rand(6, generator=g) < 0.5
     dropout = 0.0 if flags[0] else round(float(torch.rand((), generator=g)) * 0.8 + 0.05, 3)
     scaling = round(float(torch.rand((), generator=g)) * 4, 3)
-    # x needs no grad in a model's first adapted layer (its input comes from a frozen embedding).
-    grads = (bool(flags[1]) or d_in % 3 != 0, bool(flags[2]), bool(flags[3]), True, True)
+    # x needs no grad in a model's first adapted layer (its input comes from a frozen embedding); a base bias
+    # trains with bias="all"/"lora_only" and stays frozen with "none".
+    grads = (bool(flags[1]) or d_in % 3 != 0, bool(flags[2]), bool(flags[5]), True, True)
     return d_in, d_out, r, lead, bool(flags[3]), dropout, bool(flags[4]), scaling, grads
 
 
