@@ -19,7 +19,6 @@ base is what the wrapper costs; the rest of lorakit's is the arithmetic.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import random
 import statistics
@@ -28,11 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import lorakit.layers
 from lorakit import LoraConfig, get_peft_model
 
 # benchmarks/ is the script's directory
-from train_step import add_random_weights_option, emit, load_base, randomize_b  # noqa: E402
+from train_step import ablation, add_random_weights_option, emit, load_base, randomize_b  # noqa: E402
 
 VARIANTS = ("base", "lorakit", "lorakit_merged", "peft")
 
@@ -89,23 +87,12 @@ def base_linear_only(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, fa
     return F.linear(x, weight, bias)
 
 
-@contextlib.contextmanager
-def without_adapter_arithmetic(enabled: bool):
-    saved = lorakit.layers.lora_linear
-    if enabled:
-        lorakit.layers.lora_linear = base_linear_only
-    try:
-        yield
-    finally:
-        lorakit.layers.lora_linear = saved
-
-
 class Decoder:
     """Greedy decoding with the KV cache, one token per call, so variants can alternate token by token."""
 
     def __init__(self, model, prompt: torch.Tensor, wrapper_only: bool = False):
         self.model, self.wrapper_only = model, wrapper_only
-        with torch.no_grad(), without_adapter_arithmetic(wrapper_only):
+        with torch.no_grad(), ablation(base_linear_only if wrapper_only else None):
             out = model(input_ids=prompt, use_cache=True)
         self.cache_key = "cache" if "cache" in out.keys() else "past_key_values"
         self.cache = out[self.cache_key]
@@ -114,7 +101,7 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> None:
-        with without_adapter_arithmetic(self.wrapper_only):
+        with ablation(base_linear_only if self.wrapper_only else None):
             out = self.model(input_ids=self.next_id, use_cache=True, **{self.cache_key: self.cache})
         self.cache = out[self.cache_key]
         self.next_id = out.logits[:, -1:].argmax(-1)
@@ -171,10 +158,11 @@ def main(argv=None) -> dict:
             "max_abs_logit_diff_adapter_vs_base": float(f"{(logits['lorakit'] - logits['base']).abs().max():.3g}"),
             "same_greedy_tokens_lorakit_peft": bool(torch.equal(generated["lorakit"], generated["peft"])),
             "merged_model_type": type(models["lorakit_merged"]).__name__,
-            **({"same_greedy_tokens_wrapper_only_base": bool(torch.equal(generated["lorakit_wrapper_only"],
-                                                                          generated["base"]))} if args.ablation else {}),
         },
     }
+    if args.ablation:
+        result["checks"]["same_greedy_tokens_wrapper_only_base"] = bool(
+            torch.equal(generated["lorakit_wrapper_only"], generated["base"]))
     emit(result, args.out)
     return result
 

@@ -166,10 +166,12 @@ def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, f
 
 
 @contextlib.contextmanager
-def ablation(plain_linear: bool, swiglu: bool, rmsnorm: bool):
+def ablation(lora_linear=None, swiglu: bool = True, rmsnorm: bool = True):
+    """Within the block, LoRA layers call `lora_linear` (when given) instead of lorakit.fast.lora_linear, and the
+    fused-loss forward fuses SwiGLU MLPs / RMSNorms as told."""
     saved = lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM
-    if plain_linear:
-        lorakit.layers.lora_linear = plain_lora_linear
+    if lora_linear is not None:
+        lorakit.layers.lora_linear = lora_linear
     lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM = swiglu, rmsnorm
     try:
         yield
@@ -224,7 +226,7 @@ class Variant:
         if self.name == "forward":
             with torch.no_grad():
                 return float(self.model(**batch).loss)
-        with ablation(self.plain_linear, self.swiglu, self.rmsnorm), autocast:
+        with ablation(plain_lora_linear if self.plain_linear else None, self.swiglu, self.rmsnorm), autocast:
             loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()

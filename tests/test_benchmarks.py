@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import single_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -12,15 +13,12 @@ import train_step  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with single_thread():
+        yield
 
 
-TINY = ["--model", "tiny", "--seq-len", "32", "--threads", "1"]
+TINY = ["--model", "tiny", "--seq-len", "32"]
 
 
 def test_train_step_benchmark_reports_every_variant_and_equal_losses(capsys):
@@ -51,8 +49,7 @@ def test_train_step_benchmark_measures_peak_memory_in_child_processes():
 
 
 def test_inference_benchmark_checks_outputs_and_times_the_ablation():
-    result = inference.main(["--model", "tiny", "--tokens", "4", "--rounds", "1", "--prompt-len", "8", "--ablation",
-                             "--threads", "1"])
+    result = inference.main(["--model", "tiny", "--tokens", "4", "--rounds", "1", "--prompt-len", "8", "--ablation"])
     assert set(result["ratio_to_base"]) == {"lorakit", "lorakit_merged", "peft", "lorakit_wrapper_only"}
     checks = result["checks"]
     assert checks["max_abs_logit_diff_lorakit_vs_peft"] < 1e-5

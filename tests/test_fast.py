@@ -41,6 +41,25 @@ CASES = [  # (in, out, r, batch shape, bias, dropout, fan_in_fan_out, weight tra
 ]
 
 
+def assert_lora_linear_matches_reference(tensors, grad_flags, scaling, p, fan_in_fan_out, grad_out, mask_seed):
+    """lora_linear and the plain composition on copies of `tensors` (x, W, bias, A, B): the same output and grads."""
+    results = []
+    for fn in (lora_linear, reference):
+        inputs = leaves(*tensors, grad_flags=grad_flags)
+        torch.manual_seed(mask_seed)  # the same dropout mask for both
+        out = fn(*inputs, scaling, p, fan_in_fan_out)
+        out.backward(grad_out)
+        results.append((out, [t.grad if t is not None else None for t in inputs]))
+    (ours, our_grads), (ref, ref_grads) = results
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
+    for name, g1, g2 in zip("x w bias A B".split(), our_grads, ref_grads):
+        assert (g1 is None) == (g2 is None), name
+        if g1 is not None:
+            assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5), name
+    return ours
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_lora_linear_matches_reference(case):
     d_in, d_out, r, lead, with_bias, p, fan_in_fan_out, train_w = case
@@ -49,20 +68,8 @@ def test_lora_linear_matches_reference(case):
     x0, w0, a0, b0 = torch.randn(*lead, d_in), torch.randn(shape), torch.randn(r, d_in), torch.randn(d_out, r)
     bias0 = torch.randn(d_out) if with_bias else None
     grad_out = torch.randn(*lead, d_out)
-    results = []
-    for fn in (lora_linear, reference):
-        x, w, bias, a, b = leaves(x0, w0, bias0, a0, b0, grad_flags=(True, train_w, with_bias, True, True))
-        torch.manual_seed(123)  # same dropout mask for both
-        out = fn(x, w, bias, a, b, 0.7, p, fan_in_fan_out)
-        out.backward(grad_out)
-        results.append((out, [t.grad if t is not None else None for t in (x, w, bias, a, b)]))
-    (ours, our_grads), (ref, ref_grads) = results
-    assert ours.shape == ref.shape
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
-    for name, g1, g2 in zip("x w bias A B".split(), our_grads, ref_grads):
-        assert (g1 is None) == (g2 is None), name
-        if g1 is not None:
-            assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5), name
+    assert_lora_linear_matches_reference((x0, w0, bias0, a0, b0), (True, train_w, with_bias, True, True), 0.7, p,
+                                         fan_in_fan_out, grad_out, mask_seed=123)
 
 
 def random_case(seed: int):
@@ -91,20 +98,9 @@ def test_lora_linear_random_settings_match_reference(seed):
     tensors = (torch.randn(*lead, d_in), torch.randn(shape), torch.randn(d_out) if with_bias else None,
                torch.randn(r, d_in), torch.randn(d_out, r))
     grad_out = torch.randn(*lead, d_out)
-    results = []
-    for fn in (lora_linear, reference):
-        inputs = leaves(*tensors, grad_flags=grad_flags)
-        torch.manual_seed(1000 + seed)  # the same dropout mask for both
-        out = fn(*inputs, scaling, p, fan_in_fan_out)
-        out.backward(grad_out)
-        results.append((out, [t.grad if t is not None else None for t in inputs]))
-    (ours, our_grads), (ref, ref_grads) = results
-    assert ours.shape == ref.shape == (*lead, d_out)
-    assert torch.allclose(ours, ref, atol=ATOL, rtol=1e-5)
-    for name, g1, g2 in zip("x w bias A B".split(), our_grads, ref_grads):
-        assert (g1 is None) == (g2 is None), name
-        if g1 is not None:
-            assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-5), name
+    ours = assert_lora_linear_matches_reference(tensors, grad_flags, scaling, p, fan_in_fan_out, grad_out,
+                                                mask_seed=1000 + seed)
+    assert ours.shape == (*lead, d_out)
 
 
 @pytest.mark.parametrize("lead", [(2, 5), (1, 1), (1,), ()])  # prefill, one decoded token, 2D, 1D
