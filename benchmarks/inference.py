@@ -81,7 +81,7 @@ def build(args):
 
 
 def base_linear_only(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, fan_in_fan_out=False):
-    """In place of lorakit.fast.lora_linear: the base layer's output alone."""
+    """In place of lorakit.kernels.lora_linear: the base layer's output alone."""
     if fan_in_fan_out:
         return torch.matmul(x, weight) + (bias if bias is not None else 0)
     return F.linear(x, weight, bias)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lorakit.fast
+import lorakit.fused_loss
 import lorakit.layers
 from lorakit import LoraConfig, get_peft_model
 
@@ -159,7 +159,7 @@ def randomize_b(model, seed: int = 7) -> None:
 # -- plain reference LoRA linear (for the ablation) -----------------------------------------------------
 
 def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, fan_in_fan_out=False):
-    """The ordinary autograd composition (what PEFT does), used in place of lorakit.fast.lora_linear."""
+    """The ordinary autograd composition (what PEFT does), used in place of lorakit.kernels.lora_linear."""
     base = x @ weight + (bias if bias is not None else 0) if fan_in_fan_out else F.linear(x, weight, bias)
     x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
     return base + F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
@@ -167,16 +167,16 @@ def plain_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, f
 
 @contextlib.contextmanager
 def ablation(lora_linear=None, swiglu: bool = True, rmsnorm: bool = True):
-    """Within the block, LoRA layers call `lora_linear` (when given) instead of lorakit.fast.lora_linear, and the
+    """Within the block, LoRA layers call `lora_linear` (when given) instead of lorakit.kernels.lora_linear, and the
     fused-loss forward fuses SwiGLU MLPs / RMSNorms as told."""
-    saved = lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM
+    saved = lorakit.layers.lora_linear, lorakit.fused_loss.FUSE_SWIGLU, lorakit.fused_loss.FUSE_RMSNORM
     if lora_linear is not None:
         lorakit.layers.lora_linear = lora_linear
-    lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM = swiglu, rmsnorm
+    lorakit.fused_loss.FUSE_SWIGLU, lorakit.fused_loss.FUSE_RMSNORM = swiglu, rmsnorm
     try:
         yield
     finally:
-        lorakit.layers.lora_linear, lorakit.fast.FUSE_SWIGLU, lorakit.fast.FUSE_RMSNORM = saved
+        lorakit.layers.lora_linear, lorakit.fused_loss.FUSE_SWIGLU, lorakit.fused_loss.FUSE_RMSNORM = saved
 
 
 # -- variants -----------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
 """
 
 from lorakit.evaluate import evaluate
-from lorakit.models import BF16_MIN_SPEEDUP, bf16_matmul_speedup
-from lorakit.train import TrainConfig, train
+from lorakit.precision import BF16_MIN_SPEEDUP, bf16_matmul_speedup
+from lorakit.train import TrainConfig, lora_recipe, train
 
 # bf16 autocast only where it is the faster: CPUs without bf16 units (AVX2 only) run it 5-8x slower.
 bf16 = bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
@@ -14,7 +14,7 @@ config = TrainConfig(
     base="smollm2",  # the embedded SmolLM2-135M-Instruct; or a local model directory / hub id
     data="src/lorakit/demo_data/train.jsonl",
     out="runs/example-adapter",
-    r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.0,
+    lora=lora_recipe(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
     epochs=1, lr=1e-3, batch_size=8, max_length=256, bf16=bf16,
 )
 result = train(config)

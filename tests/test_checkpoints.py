@@ -52,12 +52,14 @@ def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_f
     with pytest.raises(TrainError, match=r"lr: 0\.005 -> 0\.001"):
         train(cfg(tiny_base, data_file, out, max_steps=2, lr=1e-3, resume=True))
     with pytest.raises(TrainError, match=r"dora: False -> True"):
-        train(cfg(tiny_base, data_file, out, max_steps=2, dora=True, resume=True))
+        train(cfg(tiny_base, data_file, out, lora={"use_dora": True}, max_steps=2, resume=True))
     # A checkpoint written before a setting existed resumes when that setting keeps its default.
     for state_file in out.glob("checkpoints/*/trainer_state.pt"):
         state = torch.load(state_file, weights_only=False)
-        for newer in ("dora", "rslora", "attention"):
+        for newer in ("attention", "lr_scheduler"):
             state["config"].pop(newer)
+        for newer in ("use_dora", "use_rslora"):
+            state["config"]["lora"].pop(newer)
         torch.save(state, state_file)
     assert train(cfg(tiny_base, data_file, out, max_steps=2, resume=True)).steps == 2
     # the same file with other rows would not continue the run; the order of --targets does not matter
@@ -68,7 +70,8 @@ def test_existing_checkpoints_and_changed_settings_are_refused(tiny_base, data_f
         train(cfg(tiny_base, tmp_path / "mine.jsonl", tmp_path / "run2", max_steps=2, resume=True))
     shutil.copy(data_file, tmp_path / "mine.jsonl")
     again = cfg(tiny_base, tmp_path / "mine.jsonl", tmp_path / "run2", max_steps=2, resume=True)
-    assert train(dataclasses.replace(again, targets=list(reversed(again.targets)))).steps == 2
+    reversed_targets = dataclasses.replace(again.lora, target_modules=list(reversed(again.lora.target_modules)))
+    assert train(dataclasses.replace(again, lora=reversed_targets)).steps == 2
     with pytest.raises(TrainError, match="full fine-tuning cannot train 4-bit"):
         TrainConfig(data="x", full=True, quantize="nf4")
     with pytest.raises(TrainError, match="--data"):
@@ -104,7 +107,7 @@ RUNNER = textwrap.dedent("""
 
 def test_resume_after_sigint_and_sigkill_matches_an_uninterrupted_run(tiny_base, data_file, tmp_path):
     # dropout > 0, accumulation and a short last step per epoch: RNG and data position must be restored
-    settings = dict(epochs=4, batch_size=5, grad_accum=2, dropout=0.1, save_every=2, lr=5e-3)
+    settings = dict(epochs=4, batch_size=5, grad_accum=2, lora={"lora_dropout": 0.1}, save_every=2, lr=5e-3)
     reference = train(cfg(tiny_base, data_file, tmp_path / "ref", **settings))
     assert reference.steps == 12
 

@@ -15,8 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit import PeftModel
-from lorakit.cli import _add_train_options, build_parser, eval_options_from_args, main, train_config_from_args
-from lorakit.options import CliError, config_keys
+from lorakit.cli import build_parser, main
+from lorakit.cli.evaluate import eval_options_from_args
+from lorakit.cli.options import CliError, config_keys
+from lorakit.cli.train import add_train_options, train_config_from_args
 
 SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
 
@@ -72,17 +74,17 @@ def test_config_file_values_are_overridden_by_flags(tmp_path):
     yaml_file.write_text("data: from_file.jsonl\nr: 4\nlr: 0.01\ntargets: [q_proj, v_proj]\nmax-steps: 7\nbf16: true\n")
     parser = build_parser()
     config = train_config_from_args(parser.parse_args(["train", "--config", str(yaml_file), "--r", "8"]))
-    assert (config.data, config.r, config.lr, config.targets, config.max_steps, config.bf16) == \
+    assert (config.data, config.lora.r, config.lr, config.lora.target_modules, config.max_steps, config.bf16) == \
         ("from_file.jsonl", 8, 0.01, ["q_proj", "v_proj"], 7, True)
-    assert config.alpha == 32 and config.epochs == 3  # untouched: the dataclass defaults
+    assert config.lora.lora_alpha == 32 and config.epochs == 3  # untouched: the dataclass defaults
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps({"data": "a.jsonl", "lr": 0.5, "targets": "k_proj,o_proj"}))
     config = train_config_from_args(parser.parse_args(["train", "--config", str(json_file), "--lr", "0.25",
                                                        "--data", "b.jsonl"]))
-    assert (config.data, config.lr, config.targets) == ("b.jsonl", 0.25, ["k_proj", "o_proj"])
+    assert (config.data, config.lr, config.lora.target_modules) == ("b.jsonl", 0.25, ["k_proj", "o_proj"])
     config = train_config_from_args(parser.parse_args(["train", "--data", "a.jsonl", "--dora", "--rslora"]))
-    assert config.dora and config.rslora and not train_config_from_args(
-        parser.parse_args(["train", "--data", "a.jsonl"])).dora
+    assert config.lora.use_dora and config.lora.use_rslora and not train_config_from_args(
+        parser.parse_args(["train", "--data", "a.jsonl"])).lora.use_dora
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x\nlearning_rate: 0.1\n")
     with pytest.raises(CliError, match="unknown option.*learning_rate.*valid options:.*lr"):
@@ -195,9 +197,9 @@ def test_errors_are_one_line_with_exit_status_2(tiny_base, tmp_path, capsys):
 @pytest.mark.parametrize("bf16_speedup", [1.7, 0.15])  # a CPU with bf16 units; an AVX2-only one
 def test_demo_command_on_a_tiny_base(tiny_base, tmp_path, monkeypatch, bf16_speedup):
     """The demo's wiring (train on the shipped data, score, report); the real run is `make demo`."""
-    import lorakit.models
+    import lorakit.precision
 
-    monkeypatch.setattr(lorakit.models, "bf16_matmul_speedup", lambda device: bf16_speedup)
+    monkeypatch.setattr(lorakit.precision, "bf16_matmul_speedup", lambda device: bf16_speedup)
     out = tmp_path / "demo"
     (out / "checkpoints" / "step-000005").mkdir(parents=True)  # what an earlier demo run left
     (out / "checkpoints" / "step-000005" / "trainable.safetensors").write_text("stale")
@@ -275,7 +277,8 @@ def test_config_file_values_are_checked_and_converted_to_the_option_types(tmp_pa
     # PyYAML reads 1e-3 as a string; flag spellings from --help work as keys
     config = train_config("data: a.jsonl\nlr: 1e-3\nlora-r: 8\nno-progress: true\nbf16: 'no'\n"
                           "targets: q_proj, v_proj\nmax_steps: '5'\nalpha: 16\n")
-    assert (config.lr, config.r, config.progress, config.bf16, config.targets, config.max_steps, config.alpha) == \
+    assert (config.lr, config.lora.r, config.progress, config.bf16, config.lora.target_modules, config.max_steps,
+            config.lora.lora_alpha) == \
         (0.001, 8, False, False, ["q_proj", "v_proj"], 5, 16.0)
     assert train_config("data: a.jsonl\nprogress: false\ndora: yes\n").progress is False
     for line, message in (("r: four", "r: expected a positive integer, got 'four'"),
@@ -393,7 +396,7 @@ def test_generate_drops_the_newline_that_ends_a_piped_prompt(tiny_base, monkeypa
 def test_help_states_the_defaults(capsys):
     from lorakit.train import TrainConfig
 
-    options = config_keys(_add_train_options)
+    options = config_keys(add_train_options)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for dest in ("warmup_ratio", "weight_decay", "max_grad_norm", "eval_every", "save_every", "log_every",
                  "keep_checkpoints"):
@@ -410,8 +413,7 @@ def test_help_states_the_defaults(capsys):
 
 def test_a_qlora_adapter_runs_and_merges_on_the_nf4_base_it_was_trained_on(trained, tiny_base, data_file, tmp_path,
                                                                            capsys):
-    from lorakit.evaluate import _quantized_base
-    from lorakit.models import load_base_model
+    from lorakit.models import load_base_for_adapters
 
     qlora = tmp_path / "qlora"
     _run_main(["train", "--base", tiny_base, "--data", data_file, "--out", str(qlora), "--quantize", "nf4",
@@ -420,7 +422,7 @@ def test_a_qlora_adapter_runs_and_merges_on_the_nf4_base_it_was_trained_on(train
     assert "QLoRA" in _run_main(["inspect", str(qlora)])
     stdout = _run_main(["merge", "--base", tiny_base, "--adapter", str(qlora), "--out", str(tmp_path / "merged")])
     assert "trained on a nf4 base (QLoRA): using the nf4-rounded base weights" in stdout
-    nf4_base = _quantized_base(load_base_model(tiny_base)[0], "nf4", torch.float32)
+    nf4_base = load_base_for_adapters(tiny_base, quantize="nf4")[0]
     expected = PeftModel.from_pretrained(nf4_base, str(qlora))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     x = torch.randint(0, 49152, (2, 10))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
-from lorakit.fast import lora_linear
+from lorakit.kernels import lora_linear
 from lorakit.quant import NF4Linear, quantize_model
 from test_fast import CASES, leaves, padded_batch
 from tiny_models import VOCAB, tiny_llama, train_steps

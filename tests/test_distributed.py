@@ -42,6 +42,8 @@ def cli_args(config: dict) -> list[str]:
     flags = {"base": "--base", "data": "--data", "eval_data": "--eval-data", "out": "--out", "r": "--lora-r",
              "alpha": "--alpha", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "epochs": "--epochs",
              "lr": "--lr", "dropout": "--dropout", "save_every": "--save-every", "max_steps": "--max-steps"}
+    lora = config["lora"]
+    config = {**config, "r": lora["r"], "alpha": lora["lora_alpha"], "dropout": lora["lora_dropout"]}
     args = [part for key, flag in flags.items() if config.get(key) is not None for part in (flag, str(config[key]))]
     switches = [f"--{key}" for key in ("resume", "fsdp") if config.get(key)]
     return args + switches + ["--no-progress"]
@@ -117,7 +119,10 @@ RUNNER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGTERM)
     register_optimizer_step_post_hook(hook)
     result = train(TrainConfig(**config))
-    print("RESULT", os.environ["RANK"], json.dumps({"steps": result.steps, "interrupted": result.interrupted}))
+    # one write per process: two processes' prints to one pipe would interleave word by word
+    line = "RESULT " + os.environ["RANK"] + " " + json.dumps({"steps": result.steps, "interrupted": result.interrupted})
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
 """)
 
 
@@ -125,12 +130,12 @@ RUNNER = textwrap.dedent("""
 def test_sigterm_to_one_process_checkpoints_all_and_resume_matches_an_uninterrupted_run(
         tiny_base, data_file, tmp_path, capsys, fsdp):
     # dropout > 0: each process's RNG must come back from the checkpoint, not just process 0's
-    reference = settings(tiny_base, data_file, tmp_path / "ref", dropout=0.1, save_every=2, fsdp=fsdp)
+    reference = settings(tiny_base, data_file, tmp_path / "ref", lora={"lora_dropout": 0.1}, save_every=2, fsdp=fsdp)
     ran = torchrun("-m", "lorakit", "train", *cli_args(reference))
     assert ran.returncode == 0, ran.stderr[-3000:]
 
     out = tmp_path / "stopped"
-    config = settings(tiny_base, data_file, out, dropout=0.1, save_every=2, fsdp=fsdp)
+    config = settings(tiny_base, data_file, out, lora={"lora_dropout": 0.1}, save_every=2, fsdp=fsdp)
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     first = torchrun(str(runner), json.dumps(config), "3")

@@ -173,7 +173,7 @@ def test_accuracy_counts_rows_whose_facts_all_appear(tiny_base, eval_file, monke
 
 @pytest.mark.parametrize("speedup", [0.2, 1.7])  # an AVX2-only CPU; one with bf16 units
 def test_bf16_on_a_cpu_without_bf16_units_warns(tiny_base, eval_file, monkeypatch, capsys, speedup):
-    monkeypatch.setattr("lorakit.models.bf16_matmul_speedup", lambda device: speedup)
+    monkeypatch.setattr("lorakit.precision.bf16_matmul_speedup", lambda device: speedup)
     report = evaluate(base=tiny_base, data=eval_file, limit=1, progress=False, bf16=True, device="cpu")
     assert report.n == 1
     warned = "bf16 matmuls run 5.0x slower than float32 ones on this CPU" in capsys.readouterr().err

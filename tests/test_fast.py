@@ -10,8 +10,9 @@ from tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch, train_steps
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-import lorakit.fast
-from lorakit.fast import fused_linear_cross_entropy, lora_linear
+import lorakit.fused_loss
+from lorakit.fused_loss import fused_linear_cross_entropy
+from lorakit.kernels import lora_linear
 from lorakit.layers import LoraLinear
 
 ATOL = 1e-5
@@ -297,7 +298,7 @@ def test_fused_linear_cross_entropy_chunks(chunk_elements):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_frozen_head_loss_online_softmax_over_vocab_slices(chunk_elements, with_bias, monkeypatch):
     # A frozen head takes the vocabulary-sliced path; several row blocks and uneven last slices too.
-    monkeypatch.setattr(lorakit.fast, "ROW_BLOCK", 16)
+    monkeypatch.setattr(lorakit.fused_loss, "ROW_BLOCK", 16)
     torch.manual_seed(3)
     vocab = 1000
     hidden0, weight = torch.randn(40, 32) * 2, torch.randn(vocab, 32) / 2
@@ -463,7 +464,7 @@ def test_trainable_head_gets_the_same_gradient_through_the_fused_loss():
 
 
 def test_silu_mul_is_exactly_the_composition():
-    from lorakit.fast import silu_mul
+    from lorakit.fused_loss import silu_mul
 
     torch.manual_seed(4)
     gate0, up0, grad = torch.randn(3, 7, 20), torch.randn(3, 7, 20), torch.randn(3, 7, 20)
@@ -484,7 +485,7 @@ def test_silu_mul_is_exactly_the_composition():
 def test_rms_norm_equals_transformers(dtype, weight_trains, shape):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from lorakit.fast import rms_norm
+    from lorakit.fused_loss import rms_norm
 
     torch.manual_seed(6)
     norm = LlamaRMSNorm(20, eps=1e-5).to(dtype)
@@ -513,7 +514,7 @@ def test_rms_norm_equals_transformers(dtype, weight_trains, shape):
 def test_rms_norm_keeps_float32_statistics_under_autocast():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from lorakit.fast import rms_norm
+    from lorakit.fused_loss import rms_norm
 
     torch.manual_seed(6)
     norm = LlamaRMSNorm(64).requires_grad_(False)

@@ -129,7 +129,7 @@ def test_stale_cache_record_triggers_conversion(tmp_path, monkeypatch):
 
 
 def test_bf16_matmul_speedup_is_measured_on_the_cpu():
-    from lorakit.models import bf16_matmul_speedup
+    from lorakit.precision import bf16_matmul_speedup
 
     speedup = bf16_matmul_speedup("cpu")
     assert 0.01 < speedup < 100

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from lorakit import PeftModel
-from lorakit.serve.engine import Engine, EngineConfig, SamplingParams, Sequence, _held_back
+from lorakit.serve.detokenize import held_back
+from lorakit.serve.engine import Engine, EngineConfig, Sequence
+from lorakit.serve.sampling import SamplingParams
 from test_serve_helpers import byte_tokenizer, offline_ids, save_random_adapter, tiny_model, tiny_tokenizer
 
 PROMPTS = ["The weather today", "Hello there, how", "Once upon a time", "abc def ghi", "Numbers: 1 2 3"]
@@ -195,7 +197,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(setup):
 
 
 def test_top_p_keeps_only_the_nucleus(setup):
-    from lorakit.serve.engine import sample_each
+    from lorakit.serve.sampling import sample_each
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
     seq = Sequence([1], None, SamplingParams(temperature=1.0, top_p=0.5, seed=0), lambda out: None)
@@ -205,7 +207,7 @@ def test_top_p_keeps_only_the_nucleus(setup):
 
 
 def test_logprobs_each_only_for_the_rows_that_ask():
-    from lorakit.serve.engine import logprobs_each
+    from lorakit.serve.sampling import logprobs_each
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     seqs = [Sequence([1], None, SamplingParams(logprobs=k), lambda out: None) for k in (2, None, 0)]
@@ -219,7 +221,7 @@ def test_logprobs_each_only_for_the_rows_that_ask():
 
 def test_token_bytes_join_up_into_the_characters():
     from lorakit.models import smollm2_dir
-    from lorakit.serve.engine import token_text_and_bytes
+    from lorakit.serve.detokenize import token_text_and_bytes
     from transformers import AutoTokenizer
 
     text = "Grüße, naïve café 🐱!"
@@ -256,9 +258,9 @@ def test_stop_strings_are_trimmed_and_end_the_sequence(setup):
 
 
 def test_held_back_suffix():
-    assert _held_back("hello wor", ("world",)) == 3
-    assert _held_back("hello", ("xyz",)) == 0
-    assert _held_back("ab", ("abc", "b!")) == 2
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("xyz",)) == 0
+    assert held_back("ab", ("abc", "b!")) == 2
 
 
 def test_cancel_frees_the_row(setup):
@@ -402,7 +404,7 @@ def test_prompt_logprobs_are_computed_whole_and_alone(setup):
 
 
 def test_prefix_cache_limits():
-    from lorakit.serve.engine import PrefixCache
+    from lorakit.serve.kv_cache import PrefixCache
 
     cache = PrefixCache(max_tokens=100)
     kv = lambda n: ([torch.zeros(2, n, 4)], [torch.zeros(2, n, 4)])
@@ -423,7 +425,7 @@ def test_prefix_cache_limits():
 
 @pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-3])
 def test_tiny_temperatures_sample_without_overflow(temperature):
-    from lorakit.serve.engine import sample_each
+    from lorakit.serve.sampling import sample_each
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0]])
     seqs = [Sequence([1], None, SamplingParams(temperature=temperature, top_p=top_p, seed=0), lambda out: None)
@@ -433,14 +435,14 @@ def test_tiny_temperatures_sample_without_overflow(temperature):
 
 
 def test_penalties_top_k_and_min_p():
-    from lorakit.serve.engine import _adjusted_logits, sample_each
+    from lorakit.serve.sampling import adjusted_logits, sample_each
 
     logits = torch.tensor([2.0, -1.0, 1.0, 0.5])
 
     def adjusted(prompt, output, **params):
         seq = Sequence(prompt, None, SamplingParams(**params), lambda out: None)
         seq.output_ids = list(output)
-        return _adjusted_logits(logits, seq).tolist()
+        return adjusted_logits(logits, seq).tolist()
 
     # repetition_penalty (vLLM, transformers): tokens of the prompt or output, positive / p, negative * p
     assert adjusted([0], [1], repetition_penalty=2.0) == [1.0, -2.0, 1.0, 0.5]
@@ -461,10 +463,10 @@ def test_penalties_top_k_and_min_p():
 
 
 def test_sampling_failure_ends_only_its_own_sequence(setup, monkeypatch):
-    from lorakit.serve import engine as engine_module
+    from lorakit.serve import sampling as sampling_module
 
     tok, base, root = setup
-    real = engine_module._sample_row
+    real = sampling_module.sample_row
     calls = collections.Counter()
 
     def flaky(row, params, generator):  # seed 666 fails at once (prefill), seed 777 at its 3rd token (decode)
@@ -473,7 +475,7 @@ def test_sampling_failure_ends_only_its_own_sequence(setup, monkeypatch):
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(row, params, generator)
 
-    monkeypatch.setattr(engine_module, "_sample_row", flaky)
+    monkeypatch.setattr(sampling_module, "sample_row", flaky)
     engine = make_engine(setup)
     p, q = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[1])["input_ids"]
     specs = [(p, "a", 0.0, None), (q, "b", 1.0, 666), (q, None, 0.0, None), (p, "c", 1.0, 777)]

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorakit.data import collate
-from lorakit.fast import takes_fused_loss
-from lorakit.train import (TrainConfig, TrainError, accumulate_gradients, batch_loss, build_optimizer, load_data,
-                           lr_lambda, prepare_model, train)
+from lorakit.fused_loss import takes_fused_loss
+from lorakit.loss import accumulate_gradients, batch_loss
+from lorakit.optim import build_optimizer, lr_multiplier
+from lorakit.train import TrainConfig, TrainError, load_data, lora_recipe, prepare_model, train
 from tiny_models import tiny_train_config as cfg
 from tiny_models import write_code_pairs
 
@@ -25,14 +26,14 @@ def data_file(tmp_path_factory):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    values = [lr_lambda(s, 10, 100) for s in range(100)]
+    values = [lr_multiplier(s, 10, 100) for s in range(100)]
     assert values[0] == pytest.approx(1 / 11)
     assert all(a < b for a, b in zip(values[:10], values[1:11]))  # rising during warmup
     assert values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5)  # halfway through the cosine
     assert values[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
-    assert lr_lambda(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_optimizer_holds_only_trainable_params_and_loraplus_group(tiny_base, data_file, tmp_path):
@@ -164,7 +165,7 @@ def test_lora_run_writes_adapter_metrics_and_plot_and_peft_loads_it(tiny_base, d
 def test_dora_and_rslora_runs_load_in_peft(tiny_base, data_file, tmp_path):
     peft = pytest.importorskip("peft")
     out = tmp_path / "dora"
-    result = train(cfg(tiny_base, data_file, out, dora=True, rslora=True, max_steps=3, lr=1e-2))
+    result = train(cfg(tiny_base, data_file, out, lora={"use_dora": True, "use_rslora": True}, max_steps=3, lr=1e-2))
     assert result.steps == 3 and result.final_loss < result.first_loss
     info = json.loads((out / "adapter_config.json").read_text())
     assert info["use_dora"] is True and info["use_rslora"] is True
@@ -177,10 +178,10 @@ def test_dora_and_rslora_runs_load_in_peft(tiny_base, data_file, tmp_path):
     pf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(out))
     with torch.no_grad():
         torch.testing.assert_close(lk(input_ids=x).logits, pf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
-    r = train(cfg(tiny_base, data_file, tmp_path / "dora_bf16", dora=True, bf16=True, max_steps=2))
+    r = train(cfg(tiny_base, data_file, tmp_path / "dora_bf16", lora={"use_dora": True}, bf16=True, max_steps=2))
     assert r.steps == 2 and r.final_loss == r.final_loss  # finite under a bf16 base
     with pytest.raises(TrainError, match="LoRA options"):
-        cfg(tiny_base, data_file, tmp_path / "z", full=True, dora=True)
+        cfg(tiny_base, data_file, tmp_path / "z", full=True, lora={"use_dora": True})
 
 
 def test_full_finetuning_saves_a_loadable_model(tiny_base, data_file, tmp_path):
@@ -196,10 +197,10 @@ def test_full_finetuning_saves_a_loadable_model(tiny_base, data_file, tmp_path):
 
 
 def test_bf16_and_nf4_runs(tiny_base, data_file, tmp_path, monkeypatch, capsys):
-    import lorakit.models
+    import lorakit.precision
 
     pytest.importorskip("lorakit.quant")
-    monkeypatch.setattr(lorakit.models, "bf16_matmul_speedup", lambda device: 0.25)  # an AVX2-only CPU
+    monkeypatch.setattr(lorakit.precision, "bf16_matmul_speedup", lambda device: 0.25)  # an AVX2-only CPU
     r = train(cfg(tiny_base, data_file, tmp_path / "bf16", bf16=True, max_steps=2, attention="eager"))
     assert r.steps == 2 and r.final_loss == r.final_loss  # finite, not NaN
     assert "bf16 matmuls run 4.0x slower than float32 ones on this CPU" in capsys.readouterr().out
@@ -259,8 +260,8 @@ def test_bad_row_fails_before_the_model_loads(tiny_base, tmp_path, monkeypatch):
 def test_every_target_name_must_exist_and_all_linear_works(tiny_base, data_file, tmp_path):
     with pytest.raises(TrainError, match=r"--targets foo_proj: no module of this model has that name\. Modules LoRA "
                                          r"can wrap here: .*q_proj"):
-        train(cfg(tiny_base, data_file, tmp_path / "typo", targets=["q_proj", "foo_proj"], max_steps=1))
-    train(cfg(tiny_base, data_file, tmp_path / "all", targets=["all-linear"], max_steps=1))
+        train(cfg(tiny_base, data_file, tmp_path / "typo", lora={"target_modules": ["q_proj", "foo_proj"]}, max_steps=1))
+    train(cfg(tiny_base, data_file, tmp_path / "all", lora={"target_modules": "all-linear"}, max_steps=1))
     saved = load_file(str(tmp_path / "all" / "adapter_model.safetensors"))
     assert any("mlp.down_proj.lora_A" in k for k in saved) and not any("lm_head" in k for k in saved)
 
@@ -269,7 +270,7 @@ def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path, all_threads
     """The one test on the embedded model: a few real steps, the loss drops, the saved adapter reloads."""
     from lorakit import PeftModel
     from lorakit.models import load_base_model
-    from lorakit.train import eval_loss
+    from lorakit.loss import eval_loss
 
     facts = [("What is the Zorblat plan price?", "The Zorblat plan costs $41.75 per seat."),
              ("How much does Zorblat cost?", "The Zorblat plan costs $41.75 per seat."),
@@ -277,8 +278,8 @@ def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path, all_threads
              ("Quillon office hours?", "The Quillon office is open 6:15 to 13:40.")]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"query": q, "response": r}) + "\n" for q, r in facts))
-    config = TrainConfig(data=str(path), out=str(tmp_path / "out"), r=8, alpha=16, lr=2e-3, batch_size=4,
-                         max_steps=6, dropout=0.0, warmup_ratio=0.0, progress=False, max_length=96)
+    config = TrainConfig(data=str(path), out=str(tmp_path / "out"), lora=lora_recipe(r=8, lora_alpha=16, lora_dropout=0.0),
+                         lr=2e-3, batch_size=4, max_steps=6, warmup_ratio=0.0, progress=False, max_length=96)
     result = train(config)
     assert result.steps == 6
     model, tok = load_base_model("smollm2")

@@ -120,10 +120,11 @@ def write_code_pairs(path, rows: int) -> str:
     return str(path)
 
 
-def tiny_train_config(tiny_base: str, data_file: str, out, **changes):
-    """A TrainConfig that trains a tiny base in well under a second (LoRA r=4, one epoch, no dropout)."""
-    from lorakit.train import TrainConfig
+def tiny_train_config(tiny_base: str, data_file: str, out, lora: dict | None = None, **changes):
+    """A TrainConfig that trains a tiny base in well under a second (LoRA r=4, one epoch, no dropout); `lora`
+    changes the adapter's LoraConfig fields, `changes` the run's settings."""
+    from lorakit.train import TrainConfig, lora_recipe
 
-    settings = dict(base=tiny_base, data=data_file, out=str(out), r=4, alpha=8, batch_size=4, epochs=1, lr=5e-3,
-                    dropout=0.0, progress=False)
-    return TrainConfig(**{**settings, **changes})
+    settings = dict(base=tiny_base, data=data_file, out=str(out), batch_size=4, epochs=1, lr=5e-3, progress=False)
+    adapter = lora_recipe(**{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, **(lora or {})})
+    return TrainConfig(lora=adapter, **{**settings, **changes})

@@ -14,31 +14,28 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from lorakit import distributed
+from lorakit.adapter_folder import CHECKPOINTS_NAME
 from lorakit.errors import TrainError
 from lorakit.io_utils import atomic_save_safetensors, atomic_write, private_dir_made_ordinary
+from lorakit.train_config import TrainConfig, lora_recipe
 
-if TYPE_CHECKING:
-    from lorakit.train import TrainConfig
-
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 # Changing any of these between a run and its resume would change the result, so resume refuses.
-RESUME_MUST_MATCH = ("base", "data", "r", "alpha", "targets", "dropout", "dora", "rslora", "epochs", "max_steps",
-                     "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+RESUME_MUST_MATCH = ("base", "data", "lora", "epochs", "max_steps", "lr", "lr_scheduler", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                      "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
                      "max_length", "too_long", "full", "quantize", "attention")
 
 
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first (incomplete ones never get a step-* name)."""
-    root = Path(out) / CHECKPOINTS
+    root = Path(out) / CHECKPOINTS_NAME
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
@@ -46,7 +43,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
-    return Path(out) / CHECKPOINTS / f"step-{step:06d}"
+    return Path(out) / CHECKPOINTS_NAME / f"step-{step:06d}"
 
 
 def _rng_state() -> dict:
@@ -64,14 +61,14 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: "TrainConfig",
+def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
                     process_rngs: Optional[list[dict]] = None, gathered: Optional[dict] = None) -> Path:
     """Write step-N/ (trainable weights, optimizer, scheduler, RNG, data position) atomically.
 
     Under torchrun (from process 0, which writes): `process_rngs`, every process's RNG state; with FSDP,
     `gathered`, the whole trainable weights and optimizer state (gather_sharded_state).
     """
-    root = out / CHECKPOINTS
+    root = out / CHECKPOINTS_NAME
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(out, position["step"])
     if (final / STATE_FILE).is_file():
@@ -86,7 +83,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
             model.save_pretrained(tmp, state_dict=trainable if gathered else None)
         state = {"optimizer": gathered["optimizer"] if gathered else optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": _rng_state(), "position": dict(position),
-                 "config": dataclasses.asdict(config)}
+                 "config": config.to_dict()}
         if gathered:
             state["optimizer_by_name"] = True  # keyed by parameter name, as FSDP's state-dict API writes it
         if process_rngs is not None:
@@ -101,7 +98,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, position: dict, conf
     return final
 
 
-def write_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: "TrainConfig",
+def write_checkpoint(out: Path, model, optimizer, scheduler, position: dict, config: TrainConfig,
                      world: distributed.World) -> str:
     """save_checkpoint by process 0, with every process's RNG state; all processes take part and wait for it."""
     rngs = distributed.gather_objects(world, _rng_state()) if world.is_distributed else None
@@ -128,7 +125,7 @@ def whole_trainable(model) -> dict[str, torch.Tensor]:
     return {n: distributed.full(p).detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, config: "TrainConfig",
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig,
                     world: distributed.World = distributed.World()) -> dict:
     """Restore a checkpoint in place; returns the data position to continue from."""
     from safetensors.torch import load_file
@@ -136,9 +133,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: "TrainConfi
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     # A setting newer than the checkpoint had its default value in the interrupted run.
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **state["config"]}
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_MUST_MATCH
-               if _norm(k, saved.get(k)) != _norm(k, getattr(config, k))]
+    saved = {**defaults, **_current_form(state["config"])}
+    now = config.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH if k != "lora"
+               and _norm(saved.get(k)) != _norm(now[k])]
+    changed += [f"lora.{k}: {v!r} -> {now['lora'].get(k)!r}" for k, v in (saved.get("lora") or {}).items()
+                if _norm(v, k) != _norm(now["lora"].get(k), k)]
     if changed:
         raise TrainError(f"cannot resume from {path}: these settings differ from the interrupted run, which "
                          f"would change the result: {'; '.join(changed)}. Use the original settings, or a new --out.")
@@ -175,7 +175,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: "TrainConfi
     return state["position"]
 
 
-def _norm(key: str, value):
-    if key == "targets" and isinstance(value, (list, tuple)):
+def _current_form(saved: dict) -> dict:
+    """Settings as a checkpoint of an older lorakit wrote them (the adapter's fields at the top) in today's form."""
+    legacy = {"r": "r", "alpha": "lora_alpha", "targets": "target_modules", "dropout": "lora_dropout",
+              "dora": "use_dora", "rslora": "use_rslora"}
+    if "lora" in saved or not any(key in saved for key in legacy):
+        return saved
+    settings = {k: v for k, v in saved.items() if k not in legacy}
+    lora = {field: saved[key] for key, field in legacy.items() if key in saved}
+    if lora.get("target_modules") == ["all-linear"]:
+        lora["target_modules"] = "all-linear"
+    settings["lora"] = dataclasses.asdict(lora_recipe(**lora))
+    return settings
+
+
+def _norm(value, key: str = ""):
+    if key == "target_modules" and isinstance(value, (list, tuple)):
         return sorted(value)  # a set of module names: the order does not matter
     return list(value) if isinstance(value, tuple) else value

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .layers import LoraEmbedding, LoraLayer, ModulesToSaveWrapper
-
-if TYPE_CHECKING:
-    from .model import LoraModel
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -45,7 +42,7 @@ def _combined_rank(layer: LoraLayer, present: list[str], combination: str, svd_r
     return svd_rank or max_rank
 
 
-def _modules_saved_whole(lora_model: "LoraModel", adapters: list[str]) -> dict[str, tuple]:
+def _modules_saved_whole(lora_model, adapters: list[str]) -> dict[str, tuple]:
     """{module name: (its ModulesToSaveWrapper, the adapters that keep a trained copy of it)}."""
     found = {}
     for name, module in lora_model.model.named_modules():
@@ -56,7 +53,7 @@ def _modules_saved_whole(lora_model: "LoraModel", adapters: list[str]) -> dict[s
     return found
 
 
-def add_weighted_adapter(lora_model: "LoraModel", adapters: Sequence[str], weights: Sequence[float],
+def add_weighted_adapter(lora_model, adapters: Sequence[str], weights: Sequence[float],
                          adapter_name: str, combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
     """linear: A = sum sqrt(w s) A_i, B = sum sqrt(w s) B_i; cat: stacked along the rank, exactly
     sum w_i s_i B_i A_i; svd: the best rank-k approximation of sum w_i s_i B_i A_i."""

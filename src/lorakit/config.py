@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -11,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .adapter_folder import read_config
 from .errors import ConfigError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -51,8 +48,8 @@ PEFT_INERT_FIELDS: dict[str, Any] = {
     "qalora_group_size": 16,
 }
 
-# Default targets when target_modules is None, by transformers model_type (PEFT's choice: q and v).
-DEFAULT_TARGETS = {
+# Targets when target_modules is None, by transformers model_type (PEFT's choice: q and v).
+TARGETS_BY_MODEL_TYPE = {
     **{t: ["q_proj", "v_proj"] for t in (
         "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
         "olmo", "olmo2", "granite", "stablelm", "starcoder2", "opt", "smollm3", "cohere")},
@@ -191,16 +188,9 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LoraConfig":
-        file = Path(path) / CONFIG_NAME if Path(path).is_dir() else Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} at {file}: pass the directory written by save_pretrained.")
-        try:
-            data = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{file} is not valid JSON ({exc}); the adapter directory is corrupt.") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file} must hold a JSON object, found {type(data).__name__}.")
-        return cls.from_dict(data, source=str(file))
+        """The config saved in an adapter directory (or in its adapter_config.json)."""
+        file = Path(path)
+        return cls.from_dict(read_config(file), source=str(file))
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

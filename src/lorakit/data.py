@@ -17,8 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from lorakit.errors import LoraKitError
-
-IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt tokens and padding
+from lorakit.fused_loss import IGNORE_INDEX  # label value that cross-entropy skips: prompt tokens and padding
 ROLES = ("system", "user", "assistant")
 
 

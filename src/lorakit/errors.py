@@ -17,6 +17,10 @@ class AdapterLoadError(LoraKitError, ValueError):
     """An adapter file is missing, corrupt, or does not fit the base model."""
 
 
+class AdapterFileNotFoundError(AdapterLoadError, FileNotFoundError):
+    """An adapter directory or one of its files does not exist."""
+
+
 class AdapterNotFoundError(LoraKitError, KeyError, ValueError):
     """An adapter name that is not loaded was asked for (a ValueError, as PEFT raises, and a KeyError)."""
 
@@ -26,3 +30,7 @@ class AdapterNotFoundError(LoraKitError, KeyError, ValueError):
 
 class TrainError(LoraKitError, ValueError):
     """A training run cannot start or continue as asked."""
+
+
+class ExportError(LoraKitError, ValueError):
+    """An adapter cannot be exported as asked (the output path, or a format that cannot hold it)."""

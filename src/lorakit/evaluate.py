@@ -19,10 +19,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from lorakit.adapter_folder import is_full_model_dir, trained_settings
 from lorakit.data import Example, load_examples, tokenize_examples
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import atomic_save_json
-from lorakit.models import DEFAULT_BASE, load_base_model, resolve_device, slow_bf16_warning
+from lorakit.models import DEFAULT_BASE, load_base_for_adapters, load_base_model, resolve_device
+from lorakit.precision import autocast, slow_bf16_warning
 
 _QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "→": ">", "›": ">",
                          "–": "-", "—": "-"})
@@ -158,9 +160,9 @@ class EvalReport:
 def _score(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int,
            exact_match: bool, max_length: int, progress: bool, bf16: bool = False) -> Scores:
     from lorakit.generation import generate
-    from lorakit.train import _autocast, _device, eval_loss
+    from lorakit.loss import eval_loss, model_device
 
-    with _autocast(bf16, _device(model).type):
+    with autocast(bf16, model_device(model).type):
         answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
                            batch_size=batch_size, progress=progress)
     correct = sum(is_correct(a, e.reference, reference_facts(e), exact_match) for a, e in zip(answers, examples))
@@ -199,8 +201,10 @@ def evaluate(
     `quantize="nf4"` scores on the NF4-rounded base that QLoRA trains on (the default for a QLoRA adapter).
     """
     t0 = time.perf_counter()
-    full_model = bool(adapter) and _is_full_model_dir(adapter)  # also fails early on a bad path
-    info = _train_info(adapter)
+    if adapter and not Path(adapter).is_dir():  # fail before any loading
+        raise LoraKitError(f"--adapter {adapter} is not a directory; pass the output directory of `lorakit train`")
+    full_model = bool(adapter) and is_full_model_dir(adapter)
+    info = trained_settings(adapter)
     query_field = query_field or info.get("query_field") or "query"
     response_field = response_field or info.get("response_field") or "response"
     if system_prompt is None:
@@ -230,7 +234,7 @@ def evaluate(
         warning = slow_bf16_warning(device) if bf16 else None
         if warning:
             print(warning, file=sys.stderr, flush=True)
-        model, tokenizer = _load_base(base, quantize, dtype, device)
+        model, tokenizer, _ = load_base_for_adapters(base, dtype=dtype, device=device, quantize=quantize)
         if full_model:
             if include_base:
                 base_scores = score(model, tokenizer)
@@ -266,62 +270,3 @@ def evaluate(
     if json_out:
         atomic_save_json(report.to_dict(), json_out)
     return report
-
-
-def _load_base(base: str, quantize: Optional[str], dtype: torch.dtype, device):
-    """The base model in `dtype`; with `quantize`, holding the NF4-rounded weights QLoRA trains on."""
-    model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device)
-    if quantize:
-        model = _quantized_base(model, quantize, dtype)
-    return model, tokenizer
-
-
-def _quantized_base(model, method: str, dtype: torch.dtype):
-    """The base with the weights QLoRA trains on (NF4-rounded), dequantized once.
-
-    An NF4 layer dequantizes its weight on every call; for inference the same values held in `dtype`
-    give the same outputs without that cost.
-    """
-    from lorakit.quant import dequantize_model, quantize_model
-
-    return dequantize_model(quantize_model(model, method), dtype).to(dtype)
-
-
-def _train_info(adapter: Optional[str]) -> dict:
-    if not adapter:
-        return {}
-    from lorakit.train import read_train_info
-
-    info = read_train_info(adapter) or {}
-    return info.get("config", {})
-
-
-def base_quantization(adapters: list[str]) -> Optional[str]:
-    """"nf4" when the adapters were trained as QLoRA (lorakit_train.json says so), None when not.
-
-    They share one base, so a QLoRA adapter and a full-precision one cannot be loaded together.
-    """
-    methods = {a: _train_info(a).get("quantize") for a in adapters}
-    if len(set(methods.values())) > 1:
-        qlora = ", ".join(a for a, m in methods.items() if m)
-        plain = ", ".join(a for a, m in methods.items() if not m)
-        raise LoraKitError(f"{qlora} trained on an NF4-rounded base (QLoRA) and {plain} on the full-precision "
-                           "base; load them in separate sessions")
-    return next(iter(methods.values()), None)
-
-
-def load_base_for_adapters(base: str, adapters: list[str], dtype: torch.dtype = torch.float32,
-                           device: str = "cpu"):
-    """The base model as the adapters were trained on it: NF4-rounded for QLoRA adapters (with a note)."""
-    quantize = base_quantization(adapters)
-    if quantize:
-        print(f"lorakit: {', '.join(adapters)} trained on a {quantize} base (QLoRA): using the {quantize}-rounded "
-              "base weights", flush=True)
-    return _load_base(base, quantize, dtype, device)
-
-
-def _is_full_model_dir(path: str) -> bool:
-    p = Path(path)
-    if not p.is_dir():
-        raise LoraKitError(f"--adapter {path} is not a directory; pass the output directory of `lorakit train`")
-    return not (p / "adapter_config.json").is_file() and (p / "config.json").is_file()

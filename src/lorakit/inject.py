@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
+from .config import ALL_LINEAR, TARGETS_BY_MODEL_TYPE, LoraConfig
 from .errors import TargetModulesError
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_linear_like
 
@@ -60,11 +60,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     spec = config.target_modules
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in TARGETS_BY_MODEL_TYPE:
             raise TargetModulesError(
                 f"LoraConfig.target_modules is not set and lorakit has no default for model type {model_type!r}. "
                 f"Pass target_modules, e.g. one of: {', '.join(candidate_names(model))}; or 'all-linear'.")
-        spec = DEFAULT_TARGETS[model_type]
+        spec = TARGETS_BY_MODEL_TYPE[model_type]
     heads = _output_head_names(model)
     layer_patterns = config.layers_pattern or None
     if isinstance(layer_patterns, str):

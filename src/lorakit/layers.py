@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .fast import autocast_enabled, lora_linear
+from .kernels import autocast_enabled, lora_linear
 
 BASE_ADAPTER = "__base__"  # the row-adapter name that means "no adapter"
 # Assigning any of these attributes of a LoraLayer may change which forward path applies.

@@ -16,13 +16,13 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig
-from .errors import AdapterLoadError, AdapterNotFoundError
-from .fast import causal_lm_loss_forward
+from .adapter_folder import (WEIGHTS_NAME, adapter_state_dict, load_adapter_tensors, read_weights,
+                             resolve_adapter_path, warn_on_base_mismatch, write_adapter)
+from .config import LoraConfig
+from .errors import AdapterNotFoundError
+from .fused_loss import causal_lm_loss_forward
 from .inject import resolve_modules_to_save, resolve_targets, wrap_module_to_save, wrap_target
-from .io_utils import atomic_save_json, atomic_save_safetensors
 from .layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_quantized_linear
-from .persistence import adapter_state_dict, load_adapter_tensors, read_adapter_weights
 
 
 def _model_name(model: nn.Module) -> Optional[str]:
@@ -423,13 +423,11 @@ class PeftModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             directory = root if name == "default" else root / name
-            tensors = adapter_state_dict(self, name, config.bias, lora_names, state_dict)
-            atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
             data = config.to_dict()
             data["inference_mode"] = True
             model_cls = type(self.base_model.model)
             data["auto_mapping"] = {"base_model_class": model_cls.__name__, "parent_library": model_cls.__module__}
-            atomic_save_json(data, directory / CONFIG_NAME)
+            write_adapter(directory, adapter_state_dict(self, name, config.bias, lora_names, state_dict), data)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -465,7 +463,7 @@ class PeftModel(nn.Module):
             self.eval()
 
     def _load_weights(self, path: Path, adapter_name: str) -> None:
-        tensors = read_adapter_weights(path)
+        tensors = read_weights(path)
         expected_base = self.peft_config[adapter_name].base_model_name_or_path
         hint = f" (adapter says base_model_name_or_path={expected_base!r})" if expected_base else ""
         load_adapter_tensors(self, tensors, adapter_name, str(path), hint)
@@ -502,43 +500,11 @@ def _resolve_adapter_path(model_id: str | os.PathLike, subfolder: Optional[str] 
     unknown = sorted(set(options) - _NO_OP_LOAD_OPTIONS)
     if unknown:
         warnings.warn(f"lorakit ignores these adapter-loading options: {', '.join(unknown)}", stacklevel=3)
-    path = Path(model_id)
-    if path.is_dir():
-        return _within_subfolder(path, subfolder)
-    if path.exists():
-        raise AdapterLoadError(f"{path} is a file; pass the adapter directory that holds {CONFIG_NAME}.")
-    text = str(model_id)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        try:  # a hub repo id: fetch the two files into the local hub cache
-            from huggingface_hub import snapshot_download
-
-            prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-            patterns = [prefix + CONFIG_NAME, prefix + WEIGHTS_NAME, prefix + "*/" + CONFIG_NAME,
-                        prefix + "*/" + WEIGHTS_NAME]
-            root = Path(snapshot_download(text, allow_patterns=patterns, revision=revision, token=token))
-        except Exception as exc:
-            raise AdapterLoadError(f"Adapter {text!r} is not a local directory and could not be fetched from "
-                                   f"the Hugging Face Hub ({type(exc).__name__}: {exc}).") from None
-        return _within_subfolder(root, subfolder)
-    raise AdapterLoadError(f"Adapter directory {path} does not exist.")
-
-
-def _within_subfolder(root: Path, subfolder: Optional[str]) -> Path:
-    if not subfolder:
-        return root
-    path = root / subfolder
-    if not path.is_dir():
-        inside = sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
-        raise AdapterLoadError(f"{root} has no sub-folder {subfolder!r}"
-                               + (f"; sub-folders holding an adapter: {', '.join(inside)}" if inside else "") + ".")
-    return path
+    return resolve_adapter_path(model_id, subfolder, revision, token)
 
 
 def _warn_on_base_mismatch(config: LoraConfig, model: nn.Module, path: Path) -> None:
-    expected, actual = config.base_model_name_or_path, _model_name(model)
-    if expected and actual and expected != actual:
-        warnings.warn(f"Adapter {path} was trained on {expected!r} but is being loaded onto {actual!r}; "
-                      "loading goes ahead because the tensor shapes are checked.", stacklevel=3)
+    warn_on_base_mismatch(config.base_model_name_or_path, _model_name(model), path)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:

@@ -1,19 +1,19 @@
-"""Base model loading: the embedded SmolLM2-135M-Instruct, a local directory, or a hub id."""
+"""Base models: the embedded SmolLM2-135M-Instruct, a local directory or a hub id; and the base adapters need."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
+from lorakit.adapter_folder import base_quantization, check_adapter_dir, parse_adapter_specs, required_base
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import private_dir_made_ordinary
 
@@ -152,48 +152,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-# Train in bf16 (the demo, examples/train_and_eval.py) where bf16 matmuls are at least this much faster.
-BF16_MIN_SPEEDUP = 1.2
-
-
-def bf16_matmul_speedup(device: str | torch.device = "cpu") -> float:
-    """How many times faster a bfloat16 matmul runs than a float32 one on `device` (measured in under a second).
-
-    CPUs differ by far: with AVX512-BF16 or AMX units bf16 ran about 1.7x faster, on an AVX2-only CPU 5-8x
-    slower (oneDNN has no fast bf16 kernels for it). On a GPU that supports bf16 it is taken as faster.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return 2.0 if torch.cuda.is_bf16_supported() else 0.5
-    return _cpu_bf16_speedup() if device.type == "cpu" else 1.0
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_bf16_speedup() -> float:
-    """Measured once per process: the demo's choice, then train's and eval's warnings, agree and cost one timing."""
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        best = float("inf")
-        for _ in range(4):  # the first call also warms the kernel up
-            start = time.perf_counter()
-            a @ b.t()
-            best = min(best, time.perf_counter() - start)
-        timings[dtype] = best
-    return timings[torch.float32] / timings[torch.bfloat16]
-
-
-def slow_bf16_warning(device: torch.device) -> str | None:
-    """A warning to print when bf16 was asked for on a CPU where it runs slower than float32, else None."""
-    if device.type != "cpu":
-        return None
-    speedup = bf16_matmul_speedup(device)
-    if speedup >= 1:
-        return None
-    return (f"lorakit: warning: bf16 matmuls run {1 / speedup:.1f}x slower than float32 ones on this CPU (it has no "
-            "bf16 units, such as AVX512-BF16 or AMX): without --bf16 this will be faster")
-
-
 def load_base_model(
     name_or_path: str = DEFAULT_BASE,
     dtype: torch.dtype = torch.float32,
@@ -255,3 +213,57 @@ def _not_found_message(name_or_path: str, error: Exception) -> str:
         f"Hugging Face hub id failed (no network access, or no such model). Pass a local model "
         f"directory, or use the embedded default --base {DEFAULT_BASE}. Details: {error}"
     )
+
+
+# -- the base that adapters need ---------------------------------------------------------------------------
+
+QUANTIZE_AUTO = "auto"  # as the adapters were trained: NF4-rounded for QLoRA adapters, else full precision
+
+
+def load_base_for_adapters(base: str, adapter_paths: Sequence[str | os.PathLike] = (),
+                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                           quantize: Optional[str] = QUANTIZE_AUTO, keep_4bit: bool = False,
+                           attention: str | None = None):
+    """The base model as these adapters were trained on it; returns (model, tokenizer, quantization).
+
+    `quantize`: "auto" reads the adapters' training records (QLoRA adapters need the NF4-rounded base, and say
+    so on stdout), "nf4" or None choose. An NF4 base is dequantized back to `dtype` (the values QLoRA trained
+    on, without dequantizing on every call) unless `keep_4bit`, which keeps the 4-bit layers (a quarter of the
+    memory, slower matmuls).
+    """
+    if quantize == QUANTIZE_AUTO:
+        quantize = base_quantization(adapter_paths)
+        if quantize:
+            print(f"lorakit: {', '.join(map(str, adapter_paths))} trained on a {quantize} base (QLoRA): using the "
+                  f"{quantize}-rounded base weights", flush=True)
+    model, tokenizer = load_base_model(base, dtype=torch.float32 if quantize else dtype, device=device,
+                                       attention=attention)
+    if quantize:
+        from lorakit.quant import dequantize_model, quantize_model
+
+        model = quantize_model(model, quantize)  # from the float32 weights, as training quantizes them
+        model = model.to(dtype) if keep_4bit else dequantize_model(model, dtype).to(dtype)
+    return model, tokenizer, quantize
+
+
+def load_with_adapters(base: Optional[str], adapters: Sequence[str], dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu", quantize: Optional[str] = QUANTIZE_AUTO):
+    """A base model carrying the adapters given as `[NAME=]DIR`; returns (model, tokenizer, names, base name).
+
+    The base defaults to the one the first adapter records when that is here, and is the one the adapters
+    were trained on (NF4-rounded for QLoRA). Without adapters it is the plain base model.
+    """
+    from lorakit.model import PeftModel
+
+    named = parse_adapter_specs(adapters)
+    for _, path in named:  # before the slow model load
+        check_adapter_dir(path)
+    paths = [path for _, path in named]
+    base = required_base(base, paths, DEFAULT_BASE)
+    model, tokenizer, _ = load_base_for_adapters(base, paths, dtype, device, quantize)
+    for i, (name, path) in enumerate(named):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    return model, tokenizer, [name for name, _ in named], base

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import inspect
 import itertools
 import logging
@@ -33,39 +32,16 @@ from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
+from lorakit.errors import AdapterLoadError
+
+from .detokenize import TokenLogprob, find_stop, sendable_end, token_text_and_bytes
+from .kv_cache import PrefixCache, SlotCache, cache_layers, padded_inputs
 from .registry import AdapterRegistry
+from .sampling import ChosenLogprob, SamplingParams, chosen_and_top, logprobs_each, sample_each
 
 log = logging.getLogger("lorakit.serve")
 
 SCHEDULING_MODES = ("mixed", "per-adapter")
-# Temperatures in (0, MIN_TEMPERATURE) sample at MIN_TEMPERATURE (as vLLM does): dividing logits by a tiny
-# temperature overflows to inf and softmax turns that into NaN. At 0.01 a logit gap of 1 is already a
-# factor e^100, so the result is as good as greedy, while 0 itself stays exact argmax.
-MIN_TEMPERATURE = 1e-2
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: Optional[int] = None
-    ignore_eos: bool = False
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    top_k: int = 0  # keep the k most likely tokens (0: all)
-    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
-    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
-    frequency_penalty: float = 0.0  # OpenAI: subtracted per time a token was generated
-    repetition_penalty: float = 1.0  # vLLM/transformers: divides positive (multiplies negative) logits of
-    #                                  tokens in the prompt or the output
-    logprobs: Optional[int] = None  # None: none; k: each token's log probability and the k most likely ones
-    prompt_logprobs: Optional[int] = None  # the same for the prompt's tokens (its first token gets none)
-
-    @property
-    def adjusts_logits(self) -> bool:
-        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
-            or self.repetition_penalty != 1.0
 
 
 @dataclass
@@ -84,6 +60,10 @@ class EngineConfig:
     # Mixed-adapter steps: "concat" (serve.mixed_lora: concatenated A/B per adapter set and a row mask)
     # or "gather" (lorakit's generic forward(adapter_names=...), which gathers weights per row).
     mixed_kernel: str = "concat"
+    # The served base's weights: "nf4" (NF4-rounded, as QLoRA trains) or None (full precision). Unless
+    # any_adapter_base, an adapter trained on the other kind of base is refused (it would answer differently).
+    base_quantization: Optional[str] = None
+    any_adapter_base: bool = False
 
     def __post_init__(self):
         if self.scheduling not in SCHEDULING_MODES:
@@ -94,45 +74,6 @@ class EngineConfig:
             raise ValueError("--max-batch-size must be at least 1.")
         if self.max_model_len < 2:
             raise ValueError("--max-model-len must be at least 2.")
-
-
-@dataclass
-class TokenLogprob:
-    """A generated token's log probability under the model, and the most likely tokens at that step."""
-
-    token: str  # the token's own text (a lone piece of a multi-byte character decodes as U+FFFD)
-    bytes: bytes  # the token's own bytes: pieces of one character join up into its UTF-8
-    token_id: int
-    logprob: Optional[float]  # None for a prompt's first token: nothing comes before it
-    top: list["TokenLogprob"] = field(default_factory=list)  # the most likely tokens first (no `top` of their own)
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's (GPT-2, Llama 3, Qwen, SmolLM2) character for each byte, reversed: char -> byte."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in kept}
-    for shift, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(256 + shift)
-    return {c: b for b, c in chars.items()}
-
-
-_BYTE_OF_CHAR = _byte_level_alphabet()
-
-
-def token_text_and_bytes(tokenizer, token_id: int) -> tuple[str, bytes]:
-    """A token's text and its bytes. Its text alone cannot give the bytes of a piece of a character (it
-    decodes as U+FFFD), so byte-level pieces and SentencePiece byte tokens (<0xE2>) are read as bytes."""
-    text = tokenizer.decode([token_id])
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if isinstance(piece, str):
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            with contextlib.suppress(ValueError):
-                return text, bytes([int(piece[3:5], 16)])
-        if piece and all(c in _BYTE_OF_CHAR for c in piece):
-            raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
-            if raw.decode("utf-8", errors="replace") == text:  # it really is byte-level (not a look-alike)
-                return text, raw
-    return text, text.encode("utf-8")
 
 
 @dataclass
@@ -180,241 +121,6 @@ class Sequence:
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-
-class SlotCache:
-    """Per-layer K/V buffers, one slot per batch row, plus the HF `Cache.update` hook for a decode step."""
-
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, slots: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.max_len, self.slots = max_len, slots
-        self.capacity = min(max_len, 256)
-        shape = (slots, kv_heads, self.capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._rows = self._pos = None
-        self._n = self._kv_len = 0
-
-    def reserve(self, length: int) -> None:
-        """Grow (doubling) so every slot can hold `length` positions."""
-        if length <= self.capacity:
-            return
-        new = self.capacity
-        while new < length:
-            new *= 2
-        new = min(new, self.max_len)
-        for buffers in (self.k, self.v):
-            for i, old in enumerate(buffers):
-                grown = old.new_zeros(*old.shape[:2], new, old.shape[3])
-                grown[:, :, : self.capacity] = old
-                buffers[i] = grown
-        self.capacity = new
-
-    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Store a prefilled sequence ([kv_heads, T, head_dim] per layer) in `slot`."""
-        length = keys[0].shape[-2]
-        self.reserve(length)
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            self.k[layer][slot, :, :length] = k
-            self.v[layer][slot, :, :length] = v
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for buffers in (self.k, self.v):
-            for buf in buffers:
-                buf[dst, :, :length] = buf[src, :, :length]
-
-    def begin_step(self, positions: torch.Tensor) -> None:
-        """Rows 0..n-1 write their new K/V at `positions[i]` in the coming forward."""
-        self._n = positions.shape[0]
-        self._rows = torch.arange(self._n, device=positions.device)
-        self._pos = positions
-        self._kv_len = int(positions.max()) + 1
-        self.reserve(self._kv_len)
-
-    # -- the part of transformers' Cache interface the attention layers call --------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self._rows, :, self._pos] = key_states[:, :, 0]
-        v[self._rows, :, self._pos] = value_states[:, :, 0]
-        return k[: self._n, :, : self._kv_len], v[: self._n, :, : self._kv_len]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len - 1
-
-
-def _cache_layers(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """K and V per layer from a transformers DynamicCache (new `layers` API or the older lists)."""
-    if hasattr(cache, "layers"):
-        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
-    return list(cache.key_cache), list(cache.value_cache)
-
-
-def _padded_inputs(suffixes: list[list[int]], past: list[int], pad_id: int, device) -> dict:
-    """Inputs for one prefill of several prompts: row i has `past[i]` tokens already in the cache (left-padded
-    to max(past)) and feeds `suffixes[i]` (left-padded to the longest). Each row gets its own positions and a
-    mask over [past | suffix] that hides both paddings; a pad query sees only itself (no empty softmax row)."""
-    n, P, S = len(suffixes), max(past), max(len(x) for x in suffixes)
-    ids = torch.full((n, S), pad_id, dtype=torch.long)
-    for i, suffix in enumerate(suffixes):
-        ids[i, S - len(suffix):] = torch.tensor(suffix)
-    p = torch.tensor(past)
-    start = torch.tensor([S - len(x) for x in suffixes])  # first real suffix column
-    q = torch.arange(S)
-    real_q = q[None, :] >= start[:, None]  # [n, S]
-    positions = torch.where(real_q, p[:, None] + q[None, :] - start[:, None], torch.zeros_like(real_q, dtype=torch.long))
-    past_ok = torch.arange(P)[None, :] >= (P - p)[:, None]  # [n, P]
-    own = (q[None, None, :] <= q[None, :, None]) & (q[None, None, :] >= start[:, None, None])  # [n, S, S]
-    own = (own & real_q[:, :, None]) | (torch.eye(S, dtype=torch.bool)[None] & ~real_q[:, :, None])
-    mask = torch.cat([past_ok[:, None, :] & real_q[:, :, None], own], dim=-1)
-    return {"input_ids": ids.to(device), "position_ids": positions.to(device), "attention_mask": mask[:, None].to(device)}
-
-
-class PrefixCache:
-    """K/V of recent prompts, per adapter. A new prompt reuses the longest token prefix it shares with a
-    stored one (causal attention: a prefix's K/V do not depend on what follows), e.g. the system prompt the
-    chat template puts in front of every conversation. LRU, bounded by stored tokens."""
-
-    MIN_REUSE = 4  # shorter common prefixes are not worth the bookkeeping
-    PER_ADAPTER = 8  # entries kept per adapter, so busy adapters cannot push out the rare ones' prefixes
-
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
-        self.entries: collections.OrderedDict = collections.OrderedDict()  # (adapter, ids) -> (keys, values)
-        self.tokens = 0
-        self.hits = self.reused_tokens = 0
-
-    def lookup(self, adapter: Optional[str], ids: list[int]) -> tuple[int, Optional[tuple]]:
-        """(length, (keys, values)) of the longest stored prefix of `ids` (at most len(ids) - 1 tokens)."""
-        best, found, limit = 0, None, len(ids) - 1
-        for key in reversed(self.entries):
-            if key[0] != adapter:
-                continue
-            stored = key[1]
-            n = 0
-            for a, b in zip(stored, ids[:limit]):
-                if a != b:
-                    break
-                n += 1
-            if n > best:
-                best, found = n, key
-        if found is None or best < self.MIN_REUSE:
-            return 0, None
-        self.entries.move_to_end(found)
-        self.hits += 1
-        self.reused_tokens += best
-        keys, values = self.entries[found]
-        return best, ([k[:, :best] for k in keys], [v[:, :best] for v in values])
-
-    def store(self, adapter: Optional[str], ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]):
-        key = (adapter, tuple(ids))
-        if key in self.entries or len(ids) > self.max_tokens:
-            return
-        own = [k for k in self.entries if k[0] == adapter]
-        if len(own) >= self.PER_ADAPTER:
-            self._evict(own[0])  # this adapter's least recently used entry
-        self.entries[key] = ([k.clone() for k in keys], [v.clone() for v in values])
-        self.tokens += len(ids)
-        while self.tokens > self.max_tokens:
-            self._evict(next(iter(self.entries)))
-
-    def _evict(self, key) -> None:
-        del self.entries[key]
-        self.tokens -= len(key[1])
-
-    def drop(self, adapter: Optional[str]) -> None:
-        for key in [k for k in self.entries if k[0] == adapter]:
-            self._evict(key)
-
-
-def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
-    """One token per row: argmax for temperature 0, else top-p sampling with the row's own generator.
-
-    A row whose sampling fails gets its exception in place of a token, so only that sequence fails.
-    """
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1).tolist()  # one device sync for all the plain greedy rows
-    tokens: list[int | Exception] = []
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        try:
-            if p.temperature <= 0 and not p.adjusts_logits:
-                tokens.append(greedy[i])
-                continue
-            row = _adjusted_logits(logits[i], seq) if p.adjusts_logits else logits[i]
-            tokens.append(int(row.argmax()) if p.temperature <= 0 else _sample_row(row, p, seq.generator))
-        except Exception as exc:
-            log.exception("sampling failed for one sequence; its batch-mates go on")
-            tokens.append(exc)
-    return tokens
-
-
-# A sampled token, its log probability, and the k most likely (id, log probability) at that step.
-ChosenLogprob = tuple[int, float, list[tuple[int, float]]]
-
-
-def logprobs_each(logits: torch.Tensor, seqs: list[Sequence],
-                  tokens: list[int | Exception]) -> list[Optional[ChosenLogprob]]:
-    """(token, its log probability, the k most likely (id, log probability)) for the rows that ask, else None.
-
-    The probabilities are the model's own (log_softmax of its logits), before temperature, penalties and
-    top-p/top-k, as vLLM reports them by default.
-    """
-    asks = [i for i, (seq, token) in enumerate(zip(seqs, tokens))
-            if seq.params.logprobs is not None and not isinstance(token, Exception)]
-    result: list[Optional[ChosenLogprob]] = [None] * len(seqs)
-    if not asks:
-        return result
-    chosen, top_ids, top_lp = _chosen_and_top(logits[asks], [tokens[i] for i in asks],
-                                              max(seqs[i].params.logprobs for i in asks))
-    for row, i in enumerate(asks):
-        wanted = seqs[i].params.logprobs
-        result[i] = (tokens[i], chosen[row], list(zip(top_ids[row][:wanted], top_lp[row][:wanted])))
-    return result
-
-
-def _chosen_and_top(logits: torch.Tensor, targets: list[int], k: int):
-    """Per row of `logits`: the log probability of its target, and the ids and log probabilities of its k
-    most likely tokens, as Python lists."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    return chosen, top_ids.tolist(), top_lp.tolist()
-
-
-def _adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """One row's logits after logit_bias and the repetition, presence and frequency penalties."""
-    p = seq.params
-    row = row.clone()
-    if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias), device=row.device)
-        row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype))
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device=row.device, dtype=torch.long)
-        values = row[seen]
-        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        counts = torch.bincount(torch.tensor(seq.output_ids, device=row.device), minlength=row.shape[0])
-        counts = counts[:row.shape[0]].to(row.dtype)
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-    return row
-
-
-def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    row = row / max(p.temperature, MIN_TEMPERATURE)
-    if 0 < p.top_k < row.shape[0]:
-        kth = torch.topk(row, p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if p.min_p > 0:
-        probs = torch.softmax(row, dim=-1)
-        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(row, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Engine:
@@ -490,7 +196,9 @@ class Engine:
 
     def _load_adapter(self, name: str, path: Path) -> None:
         from lorakit import LoraConfig, get_peft_model
+        from lorakit.adapter_folder import base_quantization
 
+        self._check_base(name, base_quantization([path]))
         if not self._is_peft():
             # Wrap the base with the adapter's own config, then drop the freshly initialised copy and
             # load through load_adapter, which cleans up after itself if the file does not fit.
@@ -500,6 +208,18 @@ class Engine:
         self.model.load_adapter(str(path), adapter_name=name)
         self.model.eval()
         self._adapters_reloaded()
+
+    def _check_base(self, name: str, trained_on: Optional[str]) -> None:
+        """Refuse an adapter trained on another base than the one served (unless --quantize chose it)."""
+        served = self.config.base_quantization
+        if trained_on == served or self.config.any_adapter_base:
+            return
+        kind = {None: "the full-precision base", "nf4": "an NF4-rounded base (QLoRA)"}
+        fix = "--quantize nf4" if trained_on else "--quantize auto and no QLoRA --adapter"
+        raise AdapterLoadError(f"adapter '{name}' was trained on {kind.get(trained_on, trained_on)}, and this server "
+                               f"serves {kind.get(served, served)}: its answers would differ from the ones it was "
+                               f"trained to give. Serve it from a server started with {fix} (or pass --quantize none "
+                               "or nf4 to serve every adapter on that base).")
 
     def _unload_adapter(self, name: str) -> None:
         self.model.delete_adapter(name)
@@ -749,11 +469,11 @@ class Engine:
             if len(seqs) == 1 and P == 0:  # exactly what offline generate() runs
                 kwargs["input_ids"] = torch.tensor([seqs[0].prompt_ids], device=self.device)
             else:
-                kwargs.update(_padded_inputs(suffixes, past, self.pad_id, self.device))
+                kwargs.update(padded_inputs(suffixes, past, self.pad_id, self.device))
                 if P:
                     self._fill_past(cache, hits, P)
             out = self._forward([s.adapter for s in seqs], **kwargs)
-            keys, values = _cache_layers(cache)
+            keys, values = cache_layers(cache)
             if self.slots is None:
                 _, heads, _, dim = keys[0].shape
                 self.slots = SlotCache(len(keys), heads, dim, self.config.max_batch_size,
@@ -876,24 +596,12 @@ class Engine:
         if token in self.eos_ids and not p.ignore_eos:
             finish, text_ids, logprob = "stop", seq.output_ids[:-1], None  # the end token is not content
         text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        ends_at_last_token = True
-        if p.stop:
-            start = max(0, seq.sent - max(len(s) for s in p.stop))
-            hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
-            if hits:
-                text, finish, ends_at_last_token = text[: min(hits)], "stop", False
+        stop_at = find_stop(text, p.stop, seq.sent)
+        if stop_at is not None:
+            text, finish = text[:stop_at], "stop"
         if finish is None and (len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.config.max_model_len):
             finish = "length"
-        end = len(text)
-        if ends_at_last_token:
-            # A multi-byte character whose last bytes are not generated yet decodes as U+FFFD: hold it back
-            # while running (the next token may complete it), drop it when generation ends here. A U+FFFD
-            # followed by more text was real and is kept. Text alone cannot tell a cut character from a
-            # U+FFFD completed by the very last token; like vLLM, that rare one is dropped too.
-            while end > seq.sent and text[end - 1] == "\ufffd":
-                end -= 1
-        if finish is None:
-            end -= _held_back(text[:end], p.stop)
+        end = sendable_end(text, seq.sent, finish is not None, stop_at is None, p.stop)
         delta = text[seq.sent: end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
         logprobs = [self._token_logprob(*logprob)] if logprob is not None else []
@@ -910,7 +618,7 @@ class Engine:
         entries = [self._token_logprob(ids[0], None, [])]
         for start in range(0, len(ids) - 1, rows_at_once):  # row j predicts token j + 1
             targets = ids[start + 1: start + 1 + rows_at_once]
-            chosen, top_ids, top_lp = _chosen_and_top(logits[start: start + len(targets)], targets, k)
+            chosen, top_ids, top_lp = chosen_and_top(logits[start: start + len(targets)], targets, k)
             for token, value, best, best_lp in zip(targets, chosen, top_ids, top_lp):
                 entries.append(self._token_logprob(token, value, list(zip(best, best_lp))))
         return entries
@@ -939,14 +647,3 @@ class Engine:
     def _update_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue(len(self.running), len(self.waiting))
-
-
-def _held_back(text: str, stops: Seq[str]) -> int:
-    """Length of the longest suffix of `text` that could be the start of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from lorakit.adapter_folder import CONFIG_NAME, is_adapter_dir
 from lorakit.errors import AdapterLoadError, LoraKitError
 
-ADAPTER_CONFIG = "adapter_config.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -129,7 +129,7 @@ class AdapterRegistry:
             return None
         for root in self.roots:
             candidate = root / name
-            if (candidate / ADAPTER_CONFIG).is_file():
+            if is_adapter_dir(candidate):
                 try:
                     return safe_adapter_path(str(candidate), self.roots)
                 except AdapterPathError:
@@ -165,7 +165,7 @@ class AdapterRegistry:
             infos = {n: i for n, i in self._adapters.items() if not i.removed}
             for root in self.roots:
                 for child in sorted(root.iterdir()):
-                    if child.name not in infos and NAME_RE.match(child.name) and (child / ADAPTER_CONFIG).is_file():
+                    if child.name not in infos and NAME_RE.match(child.name) and is_adapter_dir(child):
                         path = self._in_dirs(child.name)
                         if path is not None:
                             infos[child.name] = _dir_adapter(child.name, path)
@@ -180,8 +180,8 @@ class AdapterRegistry:
         """Register an adapter given on the command line (trusted: may live outside the adapter dirs)."""
         check_name(name, self.base_name)
         real = Path(os.path.realpath(path))
-        if not (real / ADAPTER_CONFIG).is_file():
-            raise FileNotFoundError(f"--adapter {name}={path}: no {ADAPTER_CONFIG} in {real}.")
+        if not is_adapter_dir(real):
+            raise FileNotFoundError(f"--adapter {name}={path}: no {CONFIG_NAME} in {real}.")
         with self.lock:
             if name in self._adapters:
                 raise ValueError(f"--adapter {name} is given twice.")
@@ -192,8 +192,8 @@ class AdapterRegistry:
         """POST /v1/load_lora_adapter: a new name for an adapter inside the adapter dirs, loaded now."""
         check_name(name, self.base_name)
         real = safe_adapter_path(path, self.roots)
-        if not (real / ADAPTER_CONFIG).is_file():
-            raise AdapterPathError(f"Adapter path {path!r} has no {ADAPTER_CONFIG}.")
+        if not is_adapter_dir(real):
+            raise AdapterPathError(f"Adapter path {path!r} has no {CONFIG_NAME}.")
         with self.lock:
             existing = self._adapters.get(name)
             if existing is not None and not existing.removed:

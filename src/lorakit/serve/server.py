@@ -13,6 +13,7 @@ import time
 from typing import Optional
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_CHOICES = ("auto", "nf4", "none")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "chat template's system prompt (0 disables; default 4096)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype of the base weights (default %(default)s)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                        help="the base's weights: 'auto' (default) serves the base the --adapter adapters were trained "
+                             "on (NF4-rounded for QLoRA adapters) and refuses adapters trained on another; 'nf4' "
+                             "keeps a 4-bit base in memory (about a quarter of the bytes); 'none' full precision. "
+                             "With nf4 or none, every adapter is served on that base")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /playground "
                              "(default: $LORAKIT_API_KEY, else no key)")
@@ -50,36 +56,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server log level (default %(default)s)")
 
 
-def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH, e.g. --adapter support=./out/support.")
-        if name in adapters:
-            raise ValueError(f"--adapter {name} is given twice.")
-        adapters[name] = path
-    return adapters
-
-
 def build_server(args: argparse.Namespace):
     """Load the base model, register the adapters, and return the ASGI app (engine not yet started)."""
     import torch
 
-    from lorakit.models import load_base_model
+    from lorakit.adapter_folder import check_adapter_dir, parse_adapter_specs
+    from lorakit.models import QUANTIZE_AUTO, load_base_for_adapters
 
     from .app import create_app
     from .engine import Engine, EngineConfig
     from .metrics import ServerMetrics
 
-    adapters = parse_adapter_specs(args.adapter)
-    model, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
+    adapters = dict(parse_adapter_specs(args.adapter))
+    for path in adapters.values():
+        check_adapter_dir(path)
+    quantize = {"auto": QUANTIZE_AUTO, "none": None}.get(args.quantize, args.quantize)
+    model, tokenizer, quantization = load_base_for_adapters(args.base, list(adapters.values()),
+                                                            dtype=getattr(torch, args.dtype), quantize=quantize,
+                                                            keep_4bit=args.quantize == "nf4")
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     max_len = args.max_model_len or min(2048, limit)
     metrics = ServerMetrics(args.max_batch_size)
     config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=max_len,
                           max_adapters=args.max_adapters, scheduling=args.scheduling,
-                          prefix_cache_tokens=args.prefix_cache_tokens)
+                          prefix_cache_tokens=args.prefix_cache_tokens, base_quantization=quantization,
+                          any_adapter_base=args.quantize != "auto")
     engine = Engine(model, tokenizer, config, base_name=args.served_model_name or args.base,
                     adapter_dirs=args.adapter_dir, metrics=metrics)
     engine.configure_adapters(adapters)

@@ -8,7 +8,7 @@ from tiny_models import tiny_llama
 
 from lorakit import AdapterLoadError, LoraConfig, PeftModel, get_peft_model
 from lorakit.io_utils import atomic_write
-from lorakit.persistence import file_key
+from lorakit.adapter_folder import file_key
 from transformers import LlamaConfig, LlamaForCausalLM
 
 

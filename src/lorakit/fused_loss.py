@@ -1,11 +1,5 @@
-"""Fast paths for LoRA training and decoding: same results as the plain PyTorch composition, less work.
+"""The fused training forward of a causal LM: output head + cross-entropy in chunks, RMSNorm and SwiGLU nodes.
 
-Two pieces, both used automatically by `get_peft_model`'s model:
-
-- `lora_linear`: base matmul + LoRA in one autograd node. The forward adds s * (x A^T) B^T into the
-  base output in place; the backward computes grad_x = g W + s (g B) A and grad_A, grad_B from the
-  saved input and the rank-r product x A^T, with no [tokens x out] temporaries. With dropout, only a
-  bool mask is saved (the dropped input is recomputed in the backward).
 - `causal_lm_loss_forward`: when a recognised causal LM is called with `labels` while training, the
   decoder runs, then `fused_linear_cross_entropy` runs the output head over the labelled tokens in
   chunks, computing the loss and its gradient chunk by chunk, so the [tokens x vocab] logits never
@@ -14,7 +8,7 @@ Two pieces, both used automatically by `get_peft_model`'s model:
   the matmuls slow); a trainable head goes row chunk by row chunk, which also yields grad_W. The loss equals
   transformers' ForCausalLMLoss (shifted labels, ignore_index, mean or sum / num_items_in_batch).
   The returned output computes `logits` from the final hidden states only if they are read.
-  During that forward, SiLU-gated MLPs compute silu(gate) * up as one autograd node that keeps two
+- During that forward, SiLU-gated MLPs compute silu(gate) * up as one autograd node that keeps two
   tensors instead of three, and RMSNorms are one node whose backward makes four passes over the input
   instead of about ten (`fused_blocks`). Set `peft_model.fused_loss = False` to always take the
   ordinary path.
@@ -30,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import autocast_enabled
+from .layers import ModulesToSaveWrapper
+
 IGNORE_INDEX = -100
 # Logits held at once by the fused loss, in elements (4M floats = 16 MiB: a row chunk's buffer or a
 # vocabulary slice stays below glibc's mmap threshold, so freed memory is reused, not page-faulted anew).
@@ -42,105 +39,6 @@ CHUNK_ELEMENTS = 1 << 22
 GPU_CHUNK_ELEMENTS = 1 << 26
 # Rows per block of the frozen-head loss: its [rows x hidden] accumulators stay small.
 ROW_BLOCK = 4096
-
-
-# One cheap call (~0.15 us) answers "is any autocast on?"; `is_autocast_enabled(x.device.type)` costs ~1 us,
-# and decoding one token runs this check for every adapted layer. Older torch lacks it: ask per device.
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
-
-
-def autocast_enabled(x: torch.Tensor) -> bool:
-    """Whether autocast is on for x's device."""
-    return _any_autocast() and torch.is_autocast_enabled(x.device.type)
-
-
-# -- LoRA linear ---------------------------------------------------------------------------------------
-
-class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * dropout(x) A^T B^T, with a backward that saves only x, x A^T and a bool mask."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, dropout_p: float, fan_in_fan_out: bool) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        weight_t = weight if fan_in_fan_out else weight.t()  # [in, out]
-        mask = None
-        if dropout_p > 0:
-            # The same RNG draw as F.dropout's CPU kernel (bernoulli_(1 - p), then / (1 - p)).
-            noise = torch.empty_like(x2).bernoulli_(1 - dropout_p)
-            mask = noise.bool()
-            x_lora = x2 * noise.div_(1 - dropout_p)
-            del noise
-        else:
-            x_lora = x2
-        xa = x_lora @ lora_a.t()  # [tokens, r]
-        out = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t
-        out.addmm_(xa, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask)
-        ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        noise = mask.to(x.dtype).div_(1 - p) if mask is not None else None
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        gb = g @ lora_b if (need_x or need_a) else None  # [tokens, r]
-        if need_x:
-            grad_x = g @ weight.t() if ctx.fan_in_fan_out else g @ weight
-            if noise is None:
-                grad_x.addmm_(gb, lora_a, alpha=s)
-            else:
-                grad_x.add_((gb @ lora_a).mul_(noise), alpha=s)
-            grad_x = grad_x.view(x.shape)
-        if need_a:
-            x_lora = x2 if noise is None else x2 * noise
-            grad_a = (gb.t() @ x_lora).mul_(s)
-        if need_b:
-            grad_b = (g.t() @ xa).mul_(s)
-        if need_w:
-            grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
-        if need_bias:
-            grad_bias = g.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-                fan_in_fan_out: bool = False) -> torch.Tensor:
-    """x W^T + b + scaling * dropout(x) A^T B^T. Under autocast everything runs in the autocast dtype.
-
-    Without autograd (inference) it is three kernels: the base matmul, x A^T, and an in-place addmm.
-    """
-    if autocast_enabled(x):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
-                                    or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
-        return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
-    # No autograd graph: nothing requires grad, so these in-place ops record nothing.
-    if fan_in_fan_out:
-        out = torch.matmul(x, weight)
-        if bias is not None:
-            out.add_(bias)
-    else:
-        out = F.linear(x, weight, bias)
-    x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    if out.numel() == out.shape[-1]:  # one token (decoding): matrix-vector kernels
-        out.view(-1).addmv_(lora_b, lora_a.mv(x_lora.reshape(-1)), alpha=scaling)
-    else:
-        x2 = x_lora.reshape(-1, x_lora.shape[-1])
-        out.view(-1, out.shape[-1]).addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scaling)
-    return out
 
 
 # -- SwiGLU MLP: silu(gate) * up saving two tensors instead of three ----------------------------------
@@ -474,8 +372,6 @@ _OUTPUT_CLASS = None
 
 def _head(model: nn.Module) -> Optional[nn.Linear]:
     """The output head as a plain nn.Linear with no hooks, or None (then the ordinary path runs)."""
-    from .layers import ModulesToSaveWrapper
-
     head = getattr(model, "lm_head", None)
     if isinstance(head, ModulesToSaveWrapper):
         if head.row_adapters is not None or head._forward_hooks or head._forward_pre_hooks:

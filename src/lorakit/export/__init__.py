@@ -1,0 +1,1 @@
+"""Exports of a trained adapter for where models run: a merged transformers model directory (merged.py)."""
