@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     for i, name in enumerate(["a", "b", "c"]):
         save_random_adapter(base, root / name, seed=i + 1)
-    # Different rank and targets, and a DoRA adapter (which the concat kernel leaves to the generic path).
+    # Different rank and targets, and a DoRA adapter.
     save_random_adapter(base, root / "d", seed=4, r=4, targets=["q_proj", "v_proj"])
     save_random_adapter(base, root / "dora", seed=5, use_dora=True)
     return tok, base, root
@@ -78,14 +78,13 @@ def submit_together(engine, jobs, params_fn):
     return seqs, events
 
 
-@pytest.mark.parametrize("kernel,adapters", [
-    ("concat", ["a", "b", None, "c", "a", "d"]),
-    ("gather", ["a", "b", None, "c", "a", "d"]),
-    ("concat", ["a", "b", None, "c", "dora", "d"]),  # DoRA in the batch: generic path for those steps
+@pytest.mark.parametrize("adapters", [
+    ["a", "b", None, "c", "a", "d"],
+    ["a", "b", None, "c", "dora", "d"],  # DoRA in the batch
 ])
-def test_mixed_batch_greedy_equals_offline_generate(setup, kernel, adapters):
+def test_mixed_batch_greedy_equals_offline_generate(setup, adapters):
     tok, base, root = setup
-    engine = make_engine(setup, mixed_kernel=kernel)
+    engine = make_engine(setup)
     calls = record_batches(engine)
     try:
         jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS + ["Zebra crossing"], adapters)]
@@ -399,8 +398,9 @@ def test_prompt_logprobs_are_computed_whole_and_alone(setup):
     assert [[t.token_id for t in e.top] for e in entries[1:]] == expected.topk(2).indices.tolist()
     with torch.no_grad():  # in blocks of rows (bounded memory for long prompts): the same entries
         logits = model(input_ids=torch.tensor([scored_ids])).logits[0]
-    seq = Sequence(scored_ids, "a", SamplingParams(prompt_logprobs=2), lambda out: None)
-    assert engine._prompt_logprobs(seq, logits, rows_at_once=7) == engine._prompt_logprobs(seq, logits)
+    from lorakit.serve.detokenize import prompt_logprobs
+
+    assert prompt_logprobs(tok, scored_ids, logits, 2, rows_at_once=7) == prompt_logprobs(tok, scored_ids, logits, 2)
 
 
 def test_prefix_cache_limits():

@@ -3,7 +3,8 @@
 from .config import LoraConfig
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, LoraKitError, TargetModulesError
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
-from .model import LoraModel, PeftModel, PeftModelForCausalLM, get_peft_model
+from .lora_model import LoraModel
+from .model import PeftModel, PeftModelForCausalLM, get_peft_model
 
 __version__ = "0.1.0"
 

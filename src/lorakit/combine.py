@@ -62,7 +62,7 @@ def add_weighted_adapter(lora_model, adapters: Sequence[str], weights: Sequence[
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise ValueError("add_weighted_adapter needs one weight per adapter and at least one adapter.")
-    lora_model._check(adapters)
+    lora_model.check_adapters(adapters)
     if adapter_name in lora_model.peft_config:
         raise ValueError(f"An adapter named {adapter_name!r} already exists.")
     configs = [lora_model.peft_config[a] for a in adapters]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import autocast_enabled
-from .layers import ModulesToSaveWrapper
+from .layers import ModulesToSaveWrapper, current_row_adapters
 
 IGNORE_INDEX = -100
 # Logits held at once by the fused loss, in elements (4M floats = 16 MiB: a row chunk's buffer or a
@@ -374,7 +374,7 @@ def _head(model: nn.Module) -> Optional[nn.Linear]:
     """The output head as a plain nn.Linear with no hooks, or None (then the ordinary path runs)."""
     head = getattr(model, "lm_head", None)
     if isinstance(head, ModulesToSaveWrapper):
-        if head.row_adapters is not None or head._forward_hooks or head._forward_pre_hooks:
+        if current_row_adapters() is not None or head._forward_hooks or head._forward_pre_hooks:
             return None
         head = head.active_module()
     if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:

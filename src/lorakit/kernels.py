@@ -1,11 +1,26 @@
-"""The LoRA update, y = x W^T + b + s * B(A(dropout(x))), for Linear and Conv1D layers.
+"""The LoRA update of a Linear or Conv1D layer, in every form lorakit runs it.
+
+    y = x W^T + b + s * dropout(x) A^T B^T                 A: [r, in], B: [out, r], s = alpha / r
+    DoRA:  y = m / ||W + s B A|| * (x W^T + s * dropout(x) A^T B^T) + b      (row norms, detached)
+
+One rounding rule everywhere: the update is computed in the adapter's dtype (under autocast, in autocast's),
+the base output is added to it in that dtype, and the sum is rounded once to the base output's dtype.
+
+Three entry points, one arithmetic:
+- `lora_linear`: one plain adapter on a plain weight. With autograd, one node (`LoraLinearFunction`) whose
+  backward saves only x, x A^T and a bool dropout mask; without, the base matmul and an in-place update.
+- `add_lora`: the base layer's output plus each running adapter's update (DoRA, several adapters, any base).
+- `add_lora_by_rows`: a batch whose rows use different adapters. Each adapter's update is computed on the
+  whole batch, exactly as `add_lora` computes it, and kept for that adapter's rows: a row's output is the
+  one it gets when its adapter runs alone on the batch, bit for bit. (Computing each adapter on its own rows
+  only would be fewer operations, but a BLAS picks other kernels for other row counts and rounds differently.)
 
 Imports nothing else from lorakit.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,28 +35,57 @@ def autocast_enabled(x: torch.Tensor) -> bool:
     return _any_autocast() and torch.is_autocast_enabled(x.device.type)
 
 
-# -- LoRA linear ---------------------------------------------------------------------------------------
+class LoraWeights(NamedTuple):
+    """One adapter on one layer, as the kernels take it."""
+
+    a: torch.Tensor  # A: [r, in]
+    b: torch.Tensor  # B: [out, r]
+    scaling: float
+    dropout: float = 0.0  # nn.Dropout's p, applied while training
+    magnitude: Optional[torch.Tensor] = None  # DoRA's m: [out]; None for plain LoRA
+    dropout_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # a dropout module of the user's own
+
+
+class DoraBase(NamedTuple):
+    """What DoRA needs of the base layer: its weight as [out, in] (read only when DoRA runs), its bias, and its
+    forward (to recompute W x on the dropped-out input while training)."""
+
+    weight: Callable[[], torch.Tensor]
+    bias: Optional[torch.Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+
+# -- one plain adapter on a plain weight -------------------------------------------------------------------
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * dropout(x) A^T B^T, with a backward that saves only x, x A^T and a bool mask."""
+    """y = x W^T + b + s * dropout(x) A^T B^T as one node; the backward saves only x, x A^T and a bool mask.
+
+    Backward, with g = dL/dy, D the dropout mask / (1 - p) (1 without dropout) and h = (D * x) A^T:
+        grad_x = g W + s ((g B) A) * D        grad_A = s (g B)^T (D * x)        grad_B = s g^T h
+        grad_W = g^T x                        grad_b = sum over tokens of g
+    When the adapter's dtype is wider than the base's (a bf16 base, float32 A and B), the LoRA terms are
+    computed in the adapter's dtype and the sum rounded once, as the rule says; g B is then taken in that dtype.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dropout_p: float, fan_in_fan_out: bool) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         weight_t = weight if fan_in_fan_out else weight.t()  # [in, out]
+        x_lora = x2.to(lora_a.dtype)
         mask = None
         if dropout_p > 0:
             # The same RNG draw as F.dropout's CPU kernel (bernoulli_(1 - p), then / (1 - p)).
-            noise = torch.empty_like(x2).bernoulli_(1 - dropout_p)
+            noise = torch.empty_like(x_lora).bernoulli_(1 - dropout_p)
             mask = noise.bool()
-            x_lora = x2 * noise.div_(1 - dropout_p)
+            x_lora = x_lora * noise.div_(1 - dropout_p)
             del noise
-        else:
-            x_lora = x2
-        xa = x_lora @ lora_a.t()  # [tokens, r]
+        xa = x_lora @ lora_a.t()  # [tokens, r], in the adapter's dtype
         out = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t
-        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        if out.dtype == lora_b.dtype:
+            out.addmm_(xa, lora_b.t(), alpha=scaling)
+        else:
+            out = out.to(lora_b.dtype).addmm_(xa, lora_b.t(), alpha=scaling).to(out.dtype)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask)
         ctx.scaling, ctx.dropout_p, ctx.fan_in_fan_out = scaling, dropout_p, fan_in_fan_out
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -53,22 +97,24 @@ class LoraLinearFunction(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
+        g_lora = g.to(lora_b.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        noise = mask.to(x.dtype).div_(1 - p) if mask is not None else None
+        noise = mask.to(lora_a.dtype).div_(1 - p) if mask is not None else None
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        gb = g @ lora_b if (need_x or need_a) else None  # [tokens, r]
+        gb = g_lora @ lora_b if (need_x or need_a) else None  # [tokens, r]
         if need_x:
             grad_x = g @ weight.t() if ctx.fan_in_fan_out else g @ weight
-            if noise is None:
+            if noise is None and grad_x.dtype == lora_a.dtype:
                 grad_x.addmm_(gb, lora_a, alpha=s)
             else:
-                grad_x.add_((gb @ lora_a).mul_(noise), alpha=s)
+                lora_grad = (gb @ lora_a).mul_(s)
+                grad_x.add_(lora_grad.mul_(noise) if noise is not None else lora_grad)
             grad_x = grad_x.view(x.shape)
         if need_a:
-            x_lora = x2 if noise is None else x2 * noise
-            grad_a = (gb.t() @ x_lora).mul_(s)
+            x_lora = x2.to(lora_a.dtype)
+            grad_a = (gb.t() @ (x_lora if noise is None else x_lora * noise)).mul_(s)
         if need_b:
-            grad_b = (g.t() @ xa).mul_(s)
+            grad_b = (g_lora.t() @ xa).mul_(s)
         if need_w:
             grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
         if need_bias:
@@ -79,33 +125,110 @@ class LoraLinearFunction(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0,
                 fan_in_fan_out: bool = False) -> torch.Tensor:
-    """x W^T + b + scaling * dropout(x) A^T B^T. Under autocast everything runs in the autocast dtype.
+    """x W^T + b + scaling * dropout(x) A^T B^T (W is [in, out] when `fan_in_fan_out`, GPT-2's Conv1D).
 
-    Without autograd (inference) it is three kernels: the base matmul, x A^T, and an in-place addmm.
+    Under autocast everything runs in the autocast dtype. Without autograd it is the base matmul and an
+    in-place update: the same arithmetic as `add_lora`, so both give the same bits.
     """
     if autocast_enabled(x):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                     or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
-    # No autograd graph: nothing requires grad, so these in-place ops record nothing.
-    if fan_in_fan_out:
-        out = torch.matmul(x, weight)
-        if bias is not None:
-            out.add_(bias)
-    else:
-        out = F.linear(x, weight, bias)
-    x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    if out.numel() == out.shape[-1]:  # one token (decoding): matrix-vector kernels
-        out.view(-1).addmv_(lora_b, lora_a.mv(x_lora.reshape(-1)), alpha=scaling)
-    else:
-        x2 = x_lora.reshape(-1, x_lora.shape[-1])
-        out.view(-1, out.shape[-1]).addmm_(x2 @ lora_a.t(), lora_b.t(), alpha=scaling)
+    out = base_linear(x, weight, bias, fan_in_fan_out)
+    return _plus_update(out, x, LoraWeights(lora_a, lora_b, scaling, dropout_p), dropout_p > 0, in_place=True)
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                fan_in_fan_out: bool = False) -> torch.Tensor:
+    """x W^T + b, for nn.Linear's [out, in] weight or Conv1D's [in, out]."""
+    if not fan_in_fan_out:
+        return F.linear(x, weight, bias)
+    out = torch.matmul(x, weight)
+    return out.add_(bias) if bias is not None else out
+
+
+# -- the general path: any base output, any adapters -------------------------------------------------------
+
+def add_lora(base_out: torch.Tensor, x: torch.Tensor, adapters: Sequence[LoraWeights], training: bool,
+             dora: Optional[DoraBase] = None) -> torch.Tensor:
+    """`base_out` (the base layer's output for x) plus each adapter's update, by the rounding rule.
+
+    Without autograd the sum is formed in place in `base_out`, which must be the caller's own tensor.
+    """
+    in_place = not torch.is_grad_enabled()
+    for lora in adapters:
+        base_out = _plus_update(base_out, x, lora, training, in_place, dora)
+    return base_out
+
+
+def add_lora_by_rows(base_out: torch.Tensor, x: torch.Tensor,
+                     adapters: Sequence[tuple[LoraWeights, torch.Tensor]], training: bool,
+                     dora: Optional[DoraBase] = None) -> torch.Tensor:
+    """A mixed batch: each (adapter, rows) pair, rows a bool [batch] mask, updates its rows of `base_out`; the
+    other rows keep the base output. Each adapter's update is `add_lora`'s on the whole batch."""
+    in_place = not torch.is_grad_enabled()
+    out = base_out
+    for lora, rows in adapters:
+        if bool(rows.all()):  # every row: exactly add_lora
+            return _plus_update(base_out, x, lora, training, in_place, dora)
+        own = _plus_update(base_out.clone() if in_place else base_out, x, lora, training, in_place, dora)
+        out = torch.where(rows.view(-1, *([1] * (out.dim() - 1))), own, out)
     return out
 
 
+def _plus_update(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, training: bool, in_place: bool,
+                 dora: Optional[DoraBase] = None) -> torch.Tensor:
+    """out + the adapter's update of x: computed in the adapter's dtype, summed there, rounded once. `in_place`:
+    `out` may be written into (no autograd, and the tensor is the caller's own)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x) else lora.a.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        a, b = lora.a.to(dtype), lora.b.to(dtype)
+        x_lora = x.to(dtype)
+        dropped = training and (lora.dropout_fn is not None or lora.dropout > 0)
+        if lora.dropout_fn is not None:
+            x_lora = lora.dropout_fn(x_lora)
+        elif dropped:
+            x_lora = F.dropout(x_lora, lora.dropout, training=True)
+        if lora.magnitude is not None:
+            return _plus_dora_update(out, x, x_lora, dropped, a, b, lora, dtype, dora)
+        total = out.to(dtype)  # `out` itself when it has the dtype
+        if total is out and not in_place:
+            total = out.clone(memory_format=torch.contiguous_format)
+        elif not total.is_contiguous():
+            total = total.contiguous()
+        flat, x2 = total.view(-1, total.shape[-1]), x_lora.reshape(-1, x_lora.shape[-1])
+        if flat.shape[0] == 1:  # one token (decoding one sequence): matrix-vector kernels
+            flat.view(-1).addmv_(b, a.mv(x2.view(-1)), alpha=lora.scaling)
+        else:
+            flat.addmm_(x2 @ a.t(), b.t(), alpha=lora.scaling)
+        return total.to(out.dtype)
+
+
+def _plus_dora_update(out: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor, dropped: bool, a: torch.Tensor,
+                      b: torch.Tensor, lora: LoraWeights, dtype: torch.dtype, dora: Optional[DoraBase]) -> torch.Tensor:
+    """DoRA: out + (scale - 1) W x' + scale * s B A x', with scale = m / ||W + s B A|| (detached, DoRA paper 4.3)
+    and x' the dropped-out input (W x' is recomputed when dropout changed the input)."""
+    if dora is None:
+        raise ValueError("a DoRA adapter needs its base layer's weight: pass dora=DoraBase(...)")
+    scale = dora_scale(dora.weight().to(dtype), a, b, lora.scaling, lora.magnitude.to(dtype))
+    lora_out = F.linear(F.linear(x_lora, a), b) * lora.scaling
+    if dropped:  # through the base layer: a 4-bit one dequantizes again rather than keeping a full-precision copy
+        base_out = dora.forward(x_lora.to(x.dtype)).to(dtype)
+    else:
+        base_out = out.to(dtype)
+    if dora.bias is not None:
+        base_out = base_out - dora.bias.to(dtype)
+    return (out.to(dtype) + (scale - 1) * base_out + scale * lora_out).to(out.dtype)
+
+
+def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+               magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ||W + s B A|| per output feature ([out]); the norm carries no gradient (DoRA paper, 4.3)."""
+    with torch.no_grad():  # detached: no graph, and no saved W + sBA, is built for it
+        norm = (weight + (b @ a) * scaling).norm(p=2, dim=1)
+    return magnitude / norm

@@ -82,3 +82,23 @@ def sendable_end(text: str, sent: int, finished: bool, ends_at_last_token: bool,
     if not finished:
         end -= held_back(text[:end], stops)
     return end
+
+
+def token_logprob(tokenizer, token: int, logprob: Optional[float], top: list[tuple[int, float]]) -> TokenLogprob:
+    """A token's log probability with its text and bytes, and those of the most likely alternatives."""
+    alternatives = [TokenLogprob(*token_text_and_bytes(tokenizer, i), i, lp) for i, lp in top]
+    return TokenLogprob(*token_text_and_bytes(tokenizer, token), token, logprob, alternatives)
+
+
+def prompt_logprobs(tokenizer, ids: list[int], logits, k: int, rows_at_once: int = 256) -> list[TokenLogprob]:
+    """Each prompt token's log probability given the tokens before it (`logits`: the prompt's rows; the first
+    token gets none), with its k most likely alternatives."""
+    from .sampling import chosen_and_top
+
+    entries = [token_logprob(tokenizer, ids[0], None, [])]
+    for start in range(0, len(ids) - 1, rows_at_once):  # row j predicts token j + 1
+        targets = ids[start + 1: start + 1 + rows_at_once]
+        chosen, top_ids, top_lp = chosen_and_top(logits[start: start + len(targets)], targets, k)
+        for token, value, best, best_lp in zip(targets, chosen, top_ids, top_lp):
+            entries.append(token_logprob(tokenizer, token, value, list(zip(best, best_lp))))
+    return entries

@@ -19,25 +19,22 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import inspect
-import itertools
 import logging
 import queue
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
-from lorakit.errors import AdapterLoadError
-
-from .detokenize import TokenLogprob, find_stop, sendable_end, token_text_and_bytes
-from .kv_cache import PrefixCache, SlotCache, cache_layers, padded_inputs
+from .detokenize import TokenLogprob, find_stop, prompt_logprobs, sendable_end, token_logprob
+from .kv_cache import PrefixCache, SlotCache, cache_layers, fill_past, padded_inputs
 from .registry import AdapterRegistry
-from .sampling import ChosenLogprob, SamplingParams, chosen_and_top, logprobs_each, sample_each
+from .sampling import ChosenLogprob, SamplingParams, logprobs_each, sample_each
+from .sequence import Output, Sequence
+from .served_model import ServedModel
 
 log = logging.getLogger("lorakit.serve")
 
@@ -50,16 +47,10 @@ class EngineConfig:
     max_model_len: int = 2048
     max_adapters: int = 8
     scheduling: str = "mixed"  # "mixed": any adapters share a batch; "per-adapter": one adapter per batch
-    # When every row of a step uses the same adapter, run the plain single-adapter forward (set_adapter)
-    # instead of the gathered mixed-adapter one; same math, fewer ops.
-    uniform_fast_path: bool = True
     # New prompts admitted together are prefilled in one forward, up to this many (padded) tokens.
     max_prefill_tokens: int = 4096
     # Token budget of the prefix cache (K/V of recent prompts reused by prompts that start the same way).
     prefix_cache_tokens: int = 4096
-    # Mixed-adapter steps: "concat" (serve.mixed_lora: concatenated A/B per adapter set and a row mask)
-    # or "gather" (lorakit's generic forward(adapter_names=...), which gathers weights per row).
-    mixed_kernel: str = "concat"
     # The served base's weights: "nf4" (NF4-rounded, as QLoRA trains) or None (full precision). Unless
     # any_adapter_base, an adapter trained on the other kind of base is refused (it would answer differently).
     base_quantization: Optional[str] = None
@@ -68,59 +59,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.scheduling not in SCHEDULING_MODES:
             raise ValueError(f"scheduling must be one of {SCHEDULING_MODES}, got {self.scheduling!r}.")
-        if self.mixed_kernel not in ("concat", "gather"):
-            raise ValueError(f"mixed_kernel must be 'concat' or 'gather', got {self.mixed_kernel!r}.")
         if self.max_batch_size < 1:
             raise ValueError("--max-batch-size must be at least 1.")
         if self.max_model_len < 2:
             raise ValueError("--max-model-len must be at least 2.")
-
-
-@dataclass
-class Output:
-    """One event for one sequence: new text since the last event, and the finish reason at the end."""
-
-    text: str
-    finish_reason: Optional[str]  # None while running; "stop", "length", "cancelled" or "error"
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    error: Optional[BaseException] = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # for the tokens of this event, when asked
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # in the first event, when asked
-
-
-_ids = itertools.count()
-
-
-class Sequence:
-    """One generation: prompt, adapter, sampling state, its own RNG, and where its KV cache lives."""
-
-    def __init__(self, prompt_ids: Seq[int], adapter: Optional[str], params: SamplingParams,
-                 sink: Callable[[Output], None]):
-        self.id = next(_ids)
-        self.prompt_ids = list(prompt_ids)
-        self.adapter = adapter  # None: the base model
-        self.params = params
-        self.sink = sink
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed % (1 << 63))
-        self.output_ids: list[int] = []
-        self.cache_len = 0  # tokens whose K/V sit in the cache
-        self.sent = 0  # characters of the output text already emitted
-        self.finish_reason: Optional[str] = None
-        self.cancelled = False  # set from any thread; the engine frees the row at its next step
-        self.pinned = False  # holds a reference on its adapter in the registry
-        self.arrival = time.monotonic()
-        self.first_token_at: Optional[float] = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
 
 
 class Engine:
@@ -128,32 +70,16 @@ class Engine:
 
     def __init__(self, model, tokenizer, config: EngineConfig, base_name: str = "base",
                  adapter_dirs: Seq[str] = (), metrics=None):
-        self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.base_name = base_name
         self.metrics = metrics
-        hf = self._hf_model()
-        hf_config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
-        sliding = getattr(hf_config, "sliding_window", None)
-        layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"} or (sliding and getattr(hf_config, "use_sliding_window", True)):
-            raise ValueError(f"lorakit serve supports full-attention decoder models; {type(hf).__name__} uses "
-                             f"sliding-window or non-attention layers ({sorted(layer_types)}).")
-        limit = getattr(hf_config, "max_position_embeddings", None)
-        if limit and config.max_model_len > limit:
-            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({limit}).")
-        params = inspect.signature(hf.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._hf_config = hf.config
-        self.eos_ids = self._eos_ids(hf, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.served = ServedModel(model, tokenizer, config.max_model_len, config.base_quantization,
+                                  config.any_adapter_base)
+        self.eos_ids, self.pad_id, self.device = self.served.eos_ids, self.served.pad_id, self.served.device
         self.registry = AdapterRegistry(base_name, list(adapter_dirs), config.max_adapters,
                                         load=self._load_adapter, unload=self._unload_adapter,
                                         on_change=self._adapters_changed)
-        self.device = next(hf.parameters()).device
         self.slots: Optional[SlotCache] = None
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -161,80 +87,25 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
-        self._active: Optional[str] = None  # adapter selected by set_adapter for the fast path
-        self._mixed = None  # MixedLora, once the model has adapters
         self.prefix = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens > 0 else None
         self.steps = 0
         self.batch_rows = 0  # sum over steps of the batch size (mean batch = batch_rows / steps)
         self.decode_seconds = self.prefill_seconds = 0.0
         self.prefills = 0  # prefill forwards (several prompts may share one)
         self.error: Optional[BaseException] = None
-        if self._is_peft():  # a model that already carries adapters
-            self._adapters_reloaded()
 
-    # -- setup helpers --------------------------------------------------------------------------------
-    def _hf_model(self):
-        from lorakit import PeftModel
-
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-
-    @staticmethod
-    def _eos_ids(hf, tokenizer) -> set[int]:
-        ids: set[int] = set()
-        gen = getattr(hf, "generation_config", None)
-        for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source is not None:
-                ids.update(int(i) for i in source)
-        return ids
-
-    def _is_peft(self) -> bool:
-        from lorakit import PeftModel
-
-        return isinstance(self.model, PeftModel)
+    # -- adapters -------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.served.model
 
     def _load_adapter(self, name: str, path: Path) -> None:
-        from lorakit import LoraConfig, get_peft_model
-        from lorakit.adapter_folder import base_quantization
-
-        self._check_base(name, base_quantization([path]))
-        if not self._is_peft():
-            # Wrap the base with the adapter's own config, then drop the freshly initialised copy and
-            # load through load_adapter, which cleans up after itself if the file does not fit.
-            wrapped = get_peft_model(self.model, LoraConfig.from_pretrained(str(path)), adapter_name=name)
-            wrapped.delete_adapter(name)
-            self.model = wrapped.eval()
-        self.model.load_adapter(str(path), adapter_name=name)
-        self.model.eval()
-        self._adapters_reloaded()
-
-    def _check_base(self, name: str, trained_on: Optional[str]) -> None:
-        """Refuse an adapter trained on another base than the one served (unless --quantize chose it)."""
-        served = self.config.base_quantization
-        if trained_on == served or self.config.any_adapter_base:
-            return
-        kind = {None: "the full-precision base", "nf4": "an NF4-rounded base (QLoRA)"}
-        fix = "--quantize nf4" if trained_on else "--quantize auto and no QLoRA --adapter"
-        raise AdapterLoadError(f"adapter '{name}' was trained on {kind.get(trained_on, trained_on)}, and this server "
-                               f"serves {kind.get(served, served)}: its answers would differ from the ones it was "
-                               f"trained to give. Serve it from a server started with {fix} (or pass --quantize none "
-                               "or nf4 to serve every adapter on that base).")
+        self.served.load_adapter(name, path)
 
     def _unload_adapter(self, name: str) -> None:
-        self.model.delete_adapter(name)
+        self.served.unload_adapter(name)
         if self.prefix is not None:  # a later adapter of the same name may have other weights
             self.prefix.drop(name)
-        self._adapters_reloaded()
-
-    def _adapters_reloaded(self) -> None:
-        from .mixed_lora import MixedLora
-
-        self._active = None
-        if self._mixed is None:
-            self._mixed = MixedLora(self.model)
-        else:
-            self._mixed.refresh()
 
     def _adapters_changed(self, registry: AdapterRegistry) -> None:
         if self.metrics is not None:
@@ -432,22 +303,8 @@ class Engine:
         return current
 
     def _forward(self, names: list[Optional[str]], **kwargs):
-        """One model call, row i with adapter names[i]."""
-        if not self._is_peft():
-            return self.model(**kwargs)
-        distinct = set(names)
-        if distinct == {None}:
-            with self._mixed.base_only() if self._mixed is not None else self.model.disable_adapter():
-                return self.model(**kwargs)
-        if self.config.uniform_fast_path and len(distinct) == 1:
-            if self._active != names[0]:
-                self.model.set_adapter(names[0])
-                self._active = names[0]
-            return self.model(**kwargs)
-        if self.config.mixed_kernel == "concat" and self._mixed is not None and self._mixed.supports(distinct):
-            with self._mixed.rows(names):
-                return self.model(**kwargs)
-        return self.model(adapter_names=names, **kwargs)
+        """One model call, row i with adapter names[i] (None: the base model)."""
+        return self.served.forward(names, **kwargs)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """One forward over the new prompts, K/V copied into their slots. Prompts that share a prefix with a
@@ -463,15 +320,15 @@ class Engine:
             past = [length for length, _ in hits]
             suffixes = [s.prompt_ids[length:] for s, (length, _) in zip(seqs, hits)]
             P, S = max(past), max(len(x) for x in suffixes)
-            cache = DynamicCache(config=self._hf_config)
+            cache = DynamicCache(config=self.served.hf_config)
             # A prompt to score (prefilled alone, see _admit) keeps every position's logits.
-            kwargs = {"use_cache": True, "logits_to_keep": 0 if any(scored) else 1, self._cache_kw: cache}
+            kwargs = {"use_cache": True, "logits_to_keep": 0 if any(scored) else 1, self.served.cache_kw: cache}
             if len(seqs) == 1 and P == 0:  # exactly what offline generate() runs
                 kwargs["input_ids"] = torch.tensor([seqs[0].prompt_ids], device=self.device)
             else:
                 kwargs.update(padded_inputs(suffixes, past, self.pad_id, self.device))
                 if P:
-                    self._fill_past(cache, hits, P)
+                    fill_past(cache, hits, P)
             out = self._forward([s.adapter for s in seqs], **kwargs)
             keys, values = cache_layers(cache)
             if self.slots is None:
@@ -485,7 +342,8 @@ class Engine:
                 self.slots.write(slot, row_keys, row_values)
                 if self.prefix is not None:
                     self.prefix.store(seq.adapter, seq.prompt_ids, row_keys, row_values)
-            prompt_logprobs = [self._prompt_logprobs(seq, out.logits[i, S - len(seq.prompt_ids):])
+            prompt_scores = [prompt_logprobs(self.tokenizer, seq.prompt_ids, out.logits[i, S - len(seq.prompt_ids):],
+                                           seq.params.prompt_logprobs)
                                if score else [] for i, (seq, score) in enumerate(zip(seqs, scored))]
             tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
             logprobs = logprobs_each(out.logits[:, -1, :], seqs, tokens)
@@ -499,7 +357,7 @@ class Engine:
         now = time.monotonic()
         self.running.extend(seqs)
         done = []
-        for seq, token, logprob, scores in zip(seqs, tokens, logprobs, prompt_logprobs):
+        for seq, token, logprob, scores in zip(seqs, tokens, logprobs, prompt_scores):
             seq.cache_len = len(seq.prompt_ids)
             seq.first_token_at = now
             if self.metrics is not None:
@@ -515,21 +373,6 @@ class Engine:
         for i in sorted(done, reverse=True):
             self._remove_row(i)
 
-    @staticmethod
-    def _fill_past(cache, hits, P: int) -> None:
-        """Put the reused prefixes (left-padded to P) into a fresh transformers cache, layer by layer."""
-        n = len(hits)
-        sample = next(kv for length, kv in hits if length)
-        for layer in range(len(sample[0])):
-            ref = sample[0][layer]
-            k = ref.new_zeros(n, ref.shape[0], P, ref.shape[2])
-            v = torch.zeros_like(k)
-            for i, (length, kv) in enumerate(hits):
-                if length:
-                    k[i, :, P - length:] = kv[0][layer]
-                    v[i, :, P - length:] = kv[1][layer]
-            cache.update(k, v, layer)
-
     def _step(self) -> None:
         seqs = self.running
         n = len(seqs)
@@ -542,7 +385,7 @@ class Engine:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
             out = self._forward([s.adapter for s in seqs], input_ids=ids, position_ids=positions[:, None],
                                 attention_mask=mask[:, None, None, :], use_cache=True,
-                                **{self._cache_kw: self.slots})
+                                **{self.served.cache_kw: self.slots})
             tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
             logprobs = logprobs_each(out.logits[:, -1, :], seqs, tokens)
         except Exception as exc:
@@ -604,28 +447,13 @@ class Engine:
         end = sendable_end(text, seq.sent, finish is not None, stop_at is None, p.stop)
         delta = text[seq.sent: end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
-        logprobs = [self._token_logprob(*logprob)] if logprob is not None else []
+        logprobs = [token_logprob(self.tokenizer, *logprob)] if logprob is not None else []
         if finish is None:
             self._emit(seq, Output(delta, None, len(seq.prompt_ids), len(seq.output_ids), [token],
                                    logprobs=logprobs))
             return False
         self._finish(seq, finish, delta, [token], logprobs=logprobs)
         return True
-
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, rows_at_once: int = 256) -> list[TokenLogprob]:
-        """Each prompt token's log probability given the tokens before it (`logits`: the prompt's rows)."""
-        ids, k = seq.prompt_ids, seq.params.prompt_logprobs
-        entries = [self._token_logprob(ids[0], None, [])]
-        for start in range(0, len(ids) - 1, rows_at_once):  # row j predicts token j + 1
-            targets = ids[start + 1: start + 1 + rows_at_once]
-            chosen, top_ids, top_lp = chosen_and_top(logits[start: start + len(targets)], targets, k)
-            for token, value, best, best_lp in zip(targets, chosen, top_ids, top_lp):
-                entries.append(self._token_logprob(token, value, list(zip(best, best_lp))))
-        return entries
-
-    def _token_logprob(self, token: int, logprob: Optional[float], top: list[tuple[int, float]]) -> TokenLogprob:
-        alternatives = [TokenLogprob(*token_text_and_bytes(self.tokenizer, i), i, lp) for i, lp in top]
-        return TokenLogprob(*token_text_and_bytes(self.tokenizer, token), token, logprob, alternatives)
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None,
                 error: Optional[BaseException] = None, logprobs: Optional[list[TokenLogprob]] = None,

@@ -151,3 +151,18 @@ class PrefixCache:
     def drop(self, adapter: Optional[str]) -> None:
         for key in [k for k in self.entries if k[0] == adapter]:
             self._evict(key)
+
+
+def fill_past(cache, hits, P: int) -> None:
+    """Put the reused prefixes (left-padded to P) into a fresh transformers cache, layer by layer."""
+    n = len(hits)
+    sample = next(kv for length, kv in hits if length)
+    for layer in range(len(sample[0])):
+        ref = sample[0][layer]
+        k = ref.new_zeros(n, ref.shape[0], P, ref.shape[2])
+        v = torch.zeros_like(k)
+        for i, (length, kv) in enumerate(hits):
+            if length:
+                k[i, :, P - length:] = kv[0][layer]
+                v[i, :, P - length:] = kv[1][layer]
+        cache.update(k, v, layer)
