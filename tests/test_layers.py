@@ -56,8 +56,9 @@ def test_gaussian_and_default_init():
 
 
 # -- mixed-adapter batches --------------------------------------------------------------------------
-def mixed_model():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+def mixed_model(dtype: torch.dtype = torch.float32):
+    """Adapters a, b and c (DoRA) on a tiny Llama whose base weights are `dtype` (the adapters stay float32)."""
+    model = get_peft_model(tiny_llama().to(dtype), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
                                                      init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj"],
                                       init_lora_weights=False))
@@ -83,6 +84,32 @@ def test_mixed_batch_rows_equal_single_adapter_runs():
             model.set_adapter(name)
             single = outputs(model, ids[row:row + 1])
         assert torch.allclose(mixed[row], single[0], atol=ATOL), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [10, 1])  # a prompt, and one decoded token per row
+def test_mixed_batch_rows_equal_the_batch_run_with_their_adapter_bit_for_bit(dtype, tokens):
+    """One rounding rule for every path: a row's logits in a mixed batch equal, to the bit, the logits of the
+    same batch run with that row's adapter set for every row (and the plain base for a base row)."""
+    model = mixed_model(dtype)
+    ids = token_batch(batch=5, seq=tokens)
+    names = ["a", "b", None, "c", "a"]
+    with torch.no_grad():
+        mixed = outputs(model, ids, adapter_names=names)
+        alone = {}
+        for name in dict.fromkeys(names):
+            if name is None:
+                with model.disable_adapter():
+                    alone[name] = outputs(model, ids)
+            else:
+                model.set_adapter(name)
+                alone[name] = outputs(model, ids)
+    assert mixed.dtype == dtype and model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight.dtype \
+        == torch.float32
+    for row, name in enumerate(names):
+        assert torch.equal(mixed[row], alone[name][row]), (name, (mixed[row] - alone[name][row]).abs().max())
+    # the adapters really differ from each other and from the base, so the equalities mean something
+    assert all(not torch.equal(alone[a][0], alone[b][0]) for a, b in (("a", "b"), ("a", None), ("b", "c")))
 
 
 def test_mixed_batch_generate_equals_one_by_one():

@@ -8,6 +8,7 @@ import concurrent.futures
 import copy
 
 import openai
+import pytest
 import torch
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
@@ -63,3 +64,43 @@ def test_embedded_model_mixed_batch_matches_offline(tmp_path):
     assert answers == offline
     assert len(set(answers.values())) == 3  # the adapters really change the answer
     assert "password" in answers["smollm2"].lower() or len(answers["smollm2"].split()) >= 5
+
+
+def _server_answer(args: list[str], model_name: str, question: str, max_tokens: int) -> str:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    server = ServerThread(build_server(parser.parse_args(args))).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": question}],
+                                               max_tokens=max_tokens, temperature=0)
+        return reply.choices[0].message.content
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["bf16 base", "qlora adapter"])
+def test_server_greedy_answer_equals_lorakit_generate(tmp_path, capsys, kind):
+    """The same adapter and prompt give the same greedy tokens through `lorakit serve` as through `lorakit generate`:
+    on a bf16 base, and for a QLoRA adapter, which both run on the NF4-rounded base it was trained on."""
+    from lorakit.adapter_folder import write_train_record
+    from lorakit.cli import main
+
+    base, _ = load_base_model("smollm2")
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    model.save_pretrained(tmp_path / "support")
+    if kind == "qlora adapter":  # what `lorakit train --quantize nf4` records next to its adapter
+        write_train_record(tmp_path / "support", {"quantize": "nf4"}, {"steps": 1})
+    dtype = ["--dtype", "bfloat16"] if kind == "bf16 base" else []
+    question, max_tokens = "Which plan includes priority support?", 16
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(tmp_path / "support"), "--max-new-tokens", str(max_tokens),
+                 *dtype, question]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    generated = "\n".join(line for line in printed if not line.startswith("lorakit: ")).strip()
+    served = _server_answer(["--adapter", f"support={tmp_path / 'support'}", "--max-model-len", "256", *dtype],
+                            "support", question, max_tokens)
+    assert served.strip() == generated
+    assert len(generated.split()) >= 3

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+DTYPES = ("float32", "bfloat16", "float16")  # what --dtype accepts, for torch.float32 and so on
+
 # Train in bf16 (the demo, examples/train_and_eval.py) where bf16 matmuls are at least this much faster.
 BF16_MIN_SPEEDUP = 1.2
 

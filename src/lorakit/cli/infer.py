@@ -7,6 +7,7 @@ import sys
 
 from lorakit.cli.options import CliError, positive_int
 from lorakit.models import DEFAULT_BASE
+from lorakit.precision import DTYPES
 
 BASE_HELP = f"base model (default: the one the adapter records when it is here, else {DEFAULT_BASE})"
 
@@ -18,6 +19,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="nucleus sampling (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of the base weights, as `lorakit serve --dtype` (default %(default)s)")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -34,7 +37,8 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         raise CliError("empty prompt: pass it as an argument or on stdin")
-    model, tokenizer, _, _ = load_with_adapters(args.base, [args.adapter] if args.adapter else [])
+    model, tokenizer, _, _ = load_with_adapters(args.base, [args.adapter] if args.adapter else [],
+                                                dtype=getattr(torch, args.dtype))
     messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + \
         [{"role": "user", "content": prompt}]
     torch.manual_seed(args.seed)
@@ -48,7 +52,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from lorakit.chat import chat_loop
     from lorakit.models import load_with_adapters
 
-    model, tokenizer, names, base = load_with_adapters(args.base, args.adapter)
+    model, tokenizer, names, base = load_with_adapters(args.base, args.adapter, dtype=getattr(torch, args.dtype))
     torch.manual_seed(args.seed)
     chat_loop(model, tokenizer, names, base, args.system_prompt, **_sampling(args))
     return 0

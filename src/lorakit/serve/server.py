@@ -12,7 +12,8 @@ import threading
 import time
 from typing import Optional
 
-DTYPES = ("float32", "bfloat16", "float16")
+from lorakit.precision import DTYPES
+
 QUANTIZE_CHOICES = ("auto", "nf4", "none")
 
 
