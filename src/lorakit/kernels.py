@@ -20,6 +20,7 @@ Imports nothing else from lorakit.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -140,7 +141,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                                     or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
     out = base_linear(x, weight, bias, fan_in_fan_out)
-    return _plus_update(out, x, LoraWeights(lora_a, lora_b, scaling, dropout_p), dropout_p > 0, in_place=True)
+    return _plus_update_in(out, x, LoraWeights(lora_a, lora_b, scaling, dropout_p), lora_a.dtype, dropout_p > 0,
+                           True, None)
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -170,43 +172,86 @@ def add_lora_by_rows(base_out: torch.Tensor, x: torch.Tensor,
                      adapters: Sequence[tuple[LoraWeights, torch.Tensor]], training: bool,
                      dora: Optional[DoraBase] = None) -> torch.Tensor:
     """A mixed batch: each (adapter, rows) pair, rows a bool [batch] mask, updates its rows of `base_out`; the
-    other rows keep the base output. Each adapter's update is `add_lora`'s on the whole batch."""
+    other rows keep the base output.
+
+    Each adapter's x A^T is computed on the whole batch, then zeroed outside its rows, and its product with B
+    added to one running sum: a row gets exactly the arithmetic of `add_lora` for its adapter (the same GEMM
+    shapes; the other adapters add exact zeros to it).
+    """
     in_place = not torch.is_grad_enabled()
-    out = base_out
-    for lora, rows in adapters:
-        if bool(rows.all()):  # every row: exactly add_lora
-            return _plus_update(base_out, x, lora, training, in_place, dora)
-        own = _plus_update(base_out.clone() if in_place else base_out, x, lora, training, in_place, dora)
-        out = torch.where(rows.view(-1, *([1] * (out.dim() - 1))), own, out)
-    return out
+    if len(adapters) == 1 and bool(adapters[0][1].all()):  # every row one adapter: exactly add_lora
+        return _plus_update(base_out, x, adapters[0][0], training, in_place, dora)
+    auto = autocast_enabled(x)
+    dtypes = {torch.get_autocast_dtype(x.device.type) if auto else lora.a.dtype for lora, _ in adapters}
+    if len(dtypes) > 1 or any(lora.magnitude is not None for lora, _ in adapters):
+        # DoRA rescales the base output too, and adapters of different dtypes round differently: each adapter's
+        # output on the whole batch, kept for its rows.
+        out = base_out
+        for lora, rows in adapters:
+            own = _plus_update(base_out.clone() if in_place else base_out, x, lora, training, in_place, dora)
+            out = torch.where(rows.view(-1, *([1] * (out.dim() - 1))), own, out)
+        return out
+    dtype = dtypes.pop()
+    with torch.autocast(x.device.type, enabled=False) if auto else contextlib.nullcontext():
+        total = _writable_sum(base_out, dtype, in_place)
+        for lora, rows in adapters:
+            a, b, x_lora, _ = _in_dtype(x, lora, dtype, training)
+            _accumulate(total, x_lora, a, b, lora.scaling, rows)
+        return total if total.dtype == base_out.dtype else total.to(base_out.dtype)
 
 
 def _plus_update(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, training: bool, in_place: bool,
                  dora: Optional[DoraBase] = None) -> torch.Tensor:
     """out + the adapter's update of x: computed in the adapter's dtype, summed there, rounded once. `in_place`:
     `out` may be written into (no autograd, and the tensor is the caller's own)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x) else lora.a.dtype
-    with torch.autocast(x.device.type, enabled=False):
-        a, b = lora.a.to(dtype), lora.b.to(dtype)
-        x_lora = x.to(dtype)
-        dropped = training and (lora.dropout_fn is not None or lora.dropout > 0)
-        if lora.dropout_fn is not None:
-            x_lora = lora.dropout_fn(x_lora)
-        elif dropped:
-            x_lora = F.dropout(x_lora, lora.dropout, training=True)
-        if lora.magnitude is not None:
-            return _plus_dora_update(out, x, x_lora, dropped, a, b, lora, dtype, dora)
-        total = out.to(dtype)  # `out` itself when it has the dtype
-        if total is out and not in_place:
-            total = out.clone(memory_format=torch.contiguous_format)
-        elif not total.is_contiguous():
-            total = total.contiguous()
-        flat, x2 = total.view(-1, total.shape[-1]), x_lora.reshape(-1, x_lora.shape[-1])
-        if flat.shape[0] == 1:  # one token (decoding one sequence): matrix-vector kernels
-            flat.view(-1).addmv_(b, a.mv(x2.view(-1)), alpha=lora.scaling)
-        else:
-            flat.addmm_(x2 @ a.t(), b.t(), alpha=lora.scaling)
-        return total.to(out.dtype)
+    if autocast_enabled(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return _plus_update_in(out, x, lora, torch.get_autocast_dtype(x.device.type), training, in_place, dora)
+    return _plus_update_in(out, x, lora, lora.a.dtype, training, in_place, dora)
+
+
+def _plus_update_in(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, dtype: torch.dtype, training: bool,
+                    in_place: bool, dora: Optional[DoraBase]) -> torch.Tensor:
+    a, b, x_lora, dropped = _in_dtype(x, lora, dtype, training)
+    if lora.magnitude is not None:
+        return _plus_dora_update(out, x, x_lora, dropped, a, b, lora, dtype, dora)
+    total = _writable_sum(out, dtype, in_place)
+    _accumulate(total, x_lora, a, b, lora.scaling)
+    return total if total.dtype == out.dtype else total.to(out.dtype)
+
+
+def _in_dtype(x: torch.Tensor, lora: LoraWeights, dtype: torch.dtype, training: bool):
+    """(A, B, the input after the adapter's dropout, whether dropout ran), in `dtype`. Decoding one token runs this
+    once per adapted layer: conversions that would change nothing are skipped."""
+    a = lora.a if lora.a.dtype == dtype else lora.a.to(dtype)
+    b = lora.b if lora.b.dtype == dtype else lora.b.to(dtype)
+    x_lora = x if x.dtype == dtype else x.to(dtype)
+    dropped = training and (lora.dropout_fn is not None or lora.dropout > 0)
+    if lora.dropout_fn is not None:
+        x_lora = lora.dropout_fn(x_lora)
+    elif dropped:
+        x_lora = F.dropout(x_lora, lora.dropout, training=True)
+    return a, b, x_lora, dropped
+
+
+def _writable_sum(out: torch.Tensor, dtype: torch.dtype, in_place: bool) -> torch.Tensor:
+    """`out` in `dtype`, contiguous, as a tensor the sum may be formed in (`out` itself when `in_place` allows)."""
+    total = out if out.dtype == dtype else out.to(dtype)
+    if total is out and not in_place:
+        return out.clone(memory_format=torch.contiguous_format)
+    return total if total.is_contiguous() else total.contiguous()
+
+
+def _accumulate(total: torch.Tensor, x_lora: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                rows: Optional[torch.Tensor] = None) -> None:
+    """total += scaling * (x A^T) B^T in place, x A^T zeroed outside `rows` (a bool [batch] mask) when given."""
+    if total.numel() == total.shape[-1] and rows is None:  # one token (decoding one sequence): matrix-vector
+        total.view(-1).addmv_(b, a.mv(x_lora.reshape(-1)), alpha=scaling)
+        return
+    h = x_lora.reshape(-1, x_lora.shape[-1]) @ a.t()  # [tokens, r]
+    if rows is not None:
+        h.view(rows.shape[0], -1, h.shape[-1]).mul_(rows.view(-1, 1, 1))
+    total.view(-1, total.shape[-1]).addmm_(h, b.t(), alpha=scaling)
 
 
 def _plus_dora_update(out: torch.Tensor, x: torch.Tensor, x_lora: torch.Tensor, dropped: bool, a: torch.Tensor,

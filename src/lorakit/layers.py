@@ -118,6 +118,7 @@ class LoraLayer(nn.Module):
         self._active: tuple[str, ...] = ()
         self._disabled = False
         self.running: tuple[str, ...] = ()
+        self._one_adapter: Optional[tuple] = None  # see _refresh
         self._dora_merge_factor: dict[str, torch.Tensor] = {}
 
     # -- which adapters run ---------------------------------------------------------------------------
@@ -142,6 +143,14 @@ class LoraLayer(nn.Module):
     def _refresh(self) -> None:
         off = self._disabled or self.merged_adapters
         self.running = () if off else tuple(n for n in self._active if n in self.r)
+        # For one running plain adapter, what its forward reads, down to the dicts nn.Module keeps its
+        # submodules in (they stay the same objects when an entry or a parameter is replaced): decoding one
+        # token runs this forward for every adapted layer, and attribute lookups were a visible share of it.
+        one = self.running[0] if len(self.running) == 1 else None
+        modules = self._modules
+        self._one_adapter = None if one is None or self.use_dora[one] or "lora_A" not in modules else (
+            one, modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules,
+            self.scaling[one])
 
     @property
     def adapter_names(self) -> list[str]:
@@ -294,21 +303,28 @@ class LoraLinear(LoraLayer):
 
     # -- forward ------------------------------------------------------------------------------------------
     def _weights(self, name: str) -> LoraWeights:
-        dropout = self.lora_dropout[name]
-        custom = None if isinstance(dropout, (nn.Dropout, nn.Identity)) else dropout
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        magnitude = self.lora_magnitude_vector[name].weight if self.use_dora[name] else None
-        return LoraWeights(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, magnitude, custom)
+        # Read through the dicts nn.Module keeps (not its attribute lookup): decoding one token calls this for
+        # every adapted layer.
+        modules = self._modules
+        dropout = modules["lora_dropout"]._modules[name]
+        kind = type(dropout)
+        p = dropout.p if kind is nn.Dropout else 0.0
+        custom = None if kind is nn.Dropout or kind is nn.Identity else dropout
+        magnitude = modules["lora_magnitude_vector"]._modules[name].weight if self.use_dora[name] else None
+        return LoraWeights(modules["lora_A"]._modules[name]._parameters["weight"],
+                           modules["lora_B"]._modules[name]._parameters["weight"], self.scaling[name], p, magnitude,
+                           custom)
 
     def _plain_base(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """(W, b) when the base is a plain Linear/Conv1D that the kernels may compute themselves, else None.
         Hooks or a forward replaced on the instance (accelerate's offloading) must run, so those go through it."""
-        base = self.base_layer
-        if not (type(base) is nn.Linear or self.fan_in_fan_out) or "forward" in base.__dict__ \
-                or base._forward_hooks or base._forward_pre_hooks:
+        base = self._modules["base_layer"]
+        if not (type(base) is nn.Linear or self.fan_in_fan_out) or base._forward_hooks or base._forward_pre_hooks \
+                or "forward" in base.__dict__:
             return None
-        weight = base._parameters.get("weight")  # None under torch.nn.utils.parametrize, for one
-        return None if weight is None else (weight, base._parameters.get("bias"))
+        params = base._parameters
+        weight = params.get("weight")  # None under torch.nn.utils.parametrize, for one
+        return None if weight is None else (weight, params.get("bias"))
 
     def _base_out(self, x: torch.Tensor, plain, *args, **kwargs) -> torch.Tensor:
         return base_linear(x, *plain, self.fan_in_fan_out) if plain is not None else self.base_layer(x, *args, **kwargs)
@@ -319,16 +335,22 @@ class LoraLinear(LoraLayer):
         return DoraBase(self._base_weight, getattr(self.base_layer, "bias", None), self.base_layer)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        pairs = self._row_pairs(x.shape[0], x.device)
+        rows = _ROW_ADAPTERS.get()
+        one = self._one_adapter if rows is None and not (args or kwargs) else None
+        if one is not None:
+            plain = self._plain_base()
+            name, a_modules, b_modules, dropouts, scaling = one
+            dropout = dropouts[name]
+            kind = type(dropout)
+            if plain is not None and (kind is nn.Identity or kind is nn.Dropout):
+                p = dropout.p if kind is nn.Dropout and self.training else 0.0
+                return lora_linear(x, plain[0], plain[1], a_modules[name]._parameters["weight"],
+                                   b_modules[name]._parameters["weight"], scaling, p, self.fan_in_fan_out)
+        pairs = self._row_pairs(x.shape[0], x.device) if rows is not None else None
         running = self.running if pairs is None else tuple(name for name, _ in pairs)
         if not running:
             return self.base_layer(x, *args, **kwargs)
         plain = self._plain_base() if not (args or kwargs) else None
-        if pairs is None and len(running) == 1 and plain is not None:
-            lora = self._weights(running[0])
-            if lora.magnitude is None and lora.dropout_fn is None:
-                return lora_linear(x, *plain, lora.a, lora.b, lora.scaling, lora.dropout if self.training else 0.0,
-                                   self.fan_in_fan_out)
         base_out = self._base_out(x, plain, *args, **kwargs)
         dora = self._dora(running)
         if pairs is None:
