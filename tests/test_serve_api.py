@@ -493,6 +493,8 @@ def test_bodies_that_are_not_json_objects_are_400s_in_openais_format(env, path):
                  match="must be a JSON object, got an array")
     assert_error(http.post(path, content='{"model": ', headers=json_type), 400, code="invalid_json",
                  match="not valid JSON")
+    assert_error(http.post(path, content=b'{"model": "\xff"}', headers=json_type), 400, code="invalid_json",
+                 match="not UTF-8")
     # curl -d sends application/x-www-form-urlencoded: JSON is read only when declared (a web page cannot post
     # JSON to a server on loopback without the browser asking the server first)
     for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):

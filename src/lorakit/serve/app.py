@@ -53,6 +53,10 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body": say which
+            err = APIError(400, f"The request body is not valid JSON: it is not UTF-8 text ({exc.__cause__}).",
+                           code="invalid_json")
+            return JSONResponse(err.body(), status_code=400)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
