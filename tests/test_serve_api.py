@@ -630,6 +630,33 @@ def test_adapter_for_another_base_is_refused_with_the_mismatch(env):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("damage,match", [
+    ("truncated", r"adapter_model\.safetensors is corrupt or truncated"),
+    ("rank", r"gives rank 4 to .* but the tensor .* has rank 8"),
+    ("pickle", r"adapter_model\.bin cannot be read safely \(Trying to load unsupported GLOBAL"),
+])
+def test_broken_adapter_files_from_elsewhere_are_a_400_that_evicts_nothing(env, damage, match):
+    folder = env["adapters"] / f"broken-{damage}"
+    shutil.copytree(env["adapters"] / "b", folder)
+    weights = folder / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "rank":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    else:
+        weights.unlink()
+        torch.save({"x": os.system}, folder / "adapter_model.bin")  # a pickle naming a function: never loaded
+    for model in ("a", "b", "c"):
+        env["client"].completions.create(model=model, prompt="hi", max_tokens=1, temperature=0)
+    evictions = metric(env, "lorakit_adapter_evictions_total")
+    r = env["http"].post("/v1/completions", json={"model": folder.name, "prompt": "hi", "max_tokens": 2})
+    assert_error(r, 400, code="adapter_error", match=match)
+    assert metric(env, "lorakit_adapter_evictions_total") == evictions
+    assert model_cards(env)[folder.name]["status"] == "error"
+    assert env["client"].completions.create(model="a", prompt="hi", max_tokens=2, temperature=0).choices
+
+
 def test_bad_adapter_that_waited_for_a_slot_is_still_a_400(env):
     http, engine = env["http"], env["server"].app.state.engine
     _wait_idle(env)
