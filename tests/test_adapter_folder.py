@@ -1,5 +1,6 @@
 """Adapter files: key names, atomic writes, and clear errors for bad files or bases."""
 
+import json
 import os
 
 import pytest
@@ -127,3 +128,76 @@ def test_save_over_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         model.save_pretrained(tmp_path / "file")
+
+
+# -- adapter files from elsewhere ----------------------------------------------------------------------------
+
+def adapter_output(model_dir, ids=None):
+    model = PeftModel.from_pretrained(tiny_llama(), model_dir)
+    ids = torch.arange(3, 13).unsqueeze(0) if ids is None else ids
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_a_safetensors_file_cut_short_is_a_clear_error(tmp_path):
+    saved_adapter(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    whole = file.read_bytes()
+    for cut in (len(whole) - 10, len(whole) // 2, 7, 0):  # the data, the header, its length field, nothing
+        file.write_bytes(whole[:cut])
+        with pytest.raises(AdapterLoadError, match=r"adapter_model\.safetensors is corrupt or truncated .*"
+                                                   r"Re-save or re-download the adapter"):
+            PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_config_from_a_newer_peft_loads_with_a_warning_naming_the_unknown_fields(tmp_path):
+    saved_adapter(tmp_path)
+    want = adapter_output(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"peft_version": "9.0.0", "lora_shiny_new_option": None, "target_parameters": None})
+    config_file.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="ignoring fields lorakit does not know: lora_shiny_new_option"):
+        got = adapter_output(tmp_path)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", [{"r": 8}, {"rank_pattern": {"v_proj": 2}}])
+def test_a_config_whose_rank_disagrees_with_the_tensors_names_both_ranks(tmp_path, change):
+    saved_adapter(tmp_path)  # r=4 on q_proj and v_proj
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    wanted = change.get("r") or 2
+    with pytest.raises(AdapterLoadError, match=rf"gives rank {wanted} to .*_proj' but the tensor .* has rank 4: the "
+                                               r"config does not belong to these weights\. Set r \(or its "
+                                               r"rank_pattern entry\) to 4"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_pickle_bin_adapter_loads_through_the_safe_loader_only(tmp_path):
+    from safetensors.torch import load_file
+
+    saved_adapter(tmp_path / "st")
+    want = adapter_output(tmp_path / "st")
+    legacy = tmp_path / "bin"
+    legacy.mkdir()
+    (legacy / "adapter_config.json").write_text((tmp_path / "st" / "adapter_config.json").read_text())
+    torch.save(load_file(tmp_path / "st" / "adapter_model.safetensors"), legacy / "adapter_model.bin")
+    torch.testing.assert_close(adapter_output(legacy), want, rtol=0, atol=0)  # PEFT's older format: tensors only
+
+    # A pickle that runs code when it is loaded: refused, and the code never runs.
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": Payload()},
+               legacy / "adapter_model.bin")
+    with pytest.raises(AdapterLoadError, match=r"adapter_model\.bin cannot be read safely .* lorakit loads only "
+                                               r"tensors from a pickle; convert the adapter"):
+        PeftModel.from_pretrained(tiny_llama(), legacy)
+    assert not marker.exists()
+    torch.save([torch.zeros(2)], legacy / "adapter_model.bin")  # safe to unpickle, but not an adapter
+    with pytest.raises(AdapterLoadError, match=r"adapter_model\.bin holds a list, not a dict of named tensors"):
+        PeftModel.from_pretrained(tiny_llama(), legacy)

@@ -466,6 +466,58 @@ def test_chat_errors_and_prompt_too_long(env):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_messages_need_content_and_a_known_role_as_in_openai(env):
+    http, hi = env["http"], {"role": "user", "content": "hi"}
+    for message, param, code in [({"role": "user"}, "messages.1.content", "missing_field"),
+                                 ({"role": "system", "content": None}, "messages.1.content", "invalid_type"),
+                                 ({"content": "hi"}, "messages.1.role", "missing_field"),
+                                 ({"role": 5, "content": "hi"}, "messages.1.role", "invalid_value"),
+                                 ({"role": "user", "content": [{"type": "image_url"}]}, "messages.1.content.0.type",
+                                  "invalid_value"),
+                                 ("hi", "messages.1", "invalid_type")]:
+        r = http.post("/v1/chat/completions", json={"model": "a", "messages": [hi, message], "max_tokens": 1})
+        assert_error(r, 400, param, code)
+    # an assistant turn may leave its content out (OpenAI: when it called tools)
+    r = http.post("/v1/chat/completions", json={"model": "a", "max_tokens": 1,
+                                                "messages": [hi, {"role": "assistant"}, hi]})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+                                  "/v1/unload_lora_adapter"])
+def test_bodies_that_are_not_json_objects_are_400s_in_openais_format(env, path):
+    http = env["http"]
+    json_type = {"Content-Type": "application/json"}
+    assert_error(http.post(path, content="", headers=json_type), 400, code="missing_field", match="body is empty")
+    assert_error(http.post(path, content="[1, 2]", headers=json_type), 400, code="invalid_type",
+                 match="must be a JSON object, got an array")
+    assert_error(http.post(path, content='{"model": ', headers=json_type), 400, code="invalid_json",
+                 match="not valid JSON")
+    assert_error(http.post(path, content=b'{"model": "\xff"}', headers=json_type), 400, code="invalid_json",
+                 match="not UTF-8")
+    # curl -d sends application/x-www-form-urlencoded: JSON is read only when declared (a web page cannot post
+    # JSON to a server on loopback without the browser asking the server first)
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):
+        assert_error(http.post(path, content='{"model": "a", "prompt": "hi"}', headers=headers), 400,
+                     code="invalid_content_type", match="Content-Type: application/json")
+
+
+def test_openapi_describes_every_endpoint_with_its_body(env):
+    r = httpx.get(env["server"].url + "/openapi.json", timeout=30)  # no key needed: it holds no data
+    assert r.status_code == 200
+    spec = r.json()
+    bodies = {path: ops["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+              for path, ops in spec["paths"].items() if "post" in ops}
+    assert bodies == {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest",
+                      "/v1/load_lora_adapter": "LoadAdapterRequest", "/v1/unload_lora_adapter": "UnloadAdapterRequest"}
+    assert {"/health", "/metrics", "/v1/models", "/v1/models/{model_id}"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert schemas["UserMessage"]["required"] == ["role", "content"]
+    assert set(schemas["ChatCompletionRequest"]["required"]) == {"model", "messages"}
+    assert schemas["CompletionRequest"]["properties"]["temperature"]["anyOf"][0] == {"type": "number", "minimum": 0.0,
+                                                                                    "maximum": 2.0}
+
+
 def test_unknown_model_error_through_openai_client(env):
     with pytest.raises(openai.NotFoundError) as info:
         env["client"].completions.create(model="missing-adapter", prompt="hi", max_tokens=2)
@@ -576,6 +628,33 @@ def test_adapter_for_another_base_is_refused_with_the_mismatch(env):
     assert "ob" not in cards
     r = env["client"].completions.create(model="a", prompt="hi", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncated", r"adapter_model\.safetensors is corrupt or truncated"),
+    ("rank", r"gives rank 4 to .* but the tensor .* has rank 8"),
+    ("pickle", r"adapter_model\.bin cannot be read safely \(Trying to load unsupported GLOBAL"),
+])
+def test_broken_adapter_files_from_elsewhere_are_a_400_that_evicts_nothing(env, damage, match):
+    folder = env["adapters"] / f"broken-{damage}"
+    shutil.copytree(env["adapters"] / "b", folder)
+    weights = folder / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "rank":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    else:
+        weights.unlink()
+        torch.save({"x": os.system}, folder / "adapter_model.bin")  # a pickle naming a function: never loaded
+    for model in ("a", "b", "c"):
+        env["client"].completions.create(model=model, prompt="hi", max_tokens=1, temperature=0)
+    evictions = metric(env, "lorakit_adapter_evictions_total")
+    r = env["http"].post("/v1/completions", json={"model": folder.name, "prompt": "hi", "max_tokens": 2})
+    assert_error(r, 400, code="adapter_error", match=match)
+    assert metric(env, "lorakit_adapter_evictions_total") == evictions
+    assert model_cards(env)[folder.name]["status"] == "error"
+    assert env["client"].completions.create(model="a", prompt="hi", max_tokens=2, temperature=0).choices
 
 
 def test_bad_adapter_that_waited_for_a_slot_is_still_a_400(env):

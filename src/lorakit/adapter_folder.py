@@ -121,15 +121,27 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                                    "Re-save or re-download the adapter.") from None
     legacy = directory / LEGACY_WEIGHTS_NAME
     if legacy.is_file():
+        advice = (f"lorakit loads only tensors from a pickle; convert the adapter to {WEIGHTS_NAME} with PEFT "
+                  "(save_pretrained with safe_serialization=True)")
         try:  # weights_only: tensors and plain containers; a pickle that asks for anything else is refused
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad or unsafe pickle
-            raise AdapterLoadError(f"{legacy} cannot be read safely ({exc}). lorakit loads only tensors from a "
-                                   f"pickle; convert the adapter to {WEIGHTS_NAME} with PEFT (save_pretrained with "
-                                   "safe_serialization=True).") from None
+            raise AdapterLoadError(f"{legacy} cannot be read safely ({_pickle_problem(exc)}). {advice}.") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise AdapterLoadError(f"{legacy} holds a {type(tensors).__name__}, not a dict of named tensors as PEFT "
+                                   f"writes. {advice}.")
+        return tensors
     raise AdapterLoadError(f"No adapter weights in {directory}: expected {WEIGHTS_NAME} "
                            f"(or PEFT's older {LEGACY_WEIGHTS_NAME}). Found: "
                            f"{', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'}.")
+
+
+def _pickle_problem(exc: Exception) -> str:
+    """What torch's safe loader refused, without its advice to load the file unsafely."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith(("Trying to load", "Unsupported"))),
+                lines[0] if lines else type(exc).__name__)
 
 
 def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -207,6 +219,13 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], ad
             raise AdapterLoadError(f"Adapter {source} has tensor {name!r}, which matches nothing in this model. "
                                    f"The adapter was made for another architecture{base_hint}.")
         if tuple(target.shape) != tuple(tensor.shape):
+            rank = _rank_disagreement(name, tuple(tensor.shape), tuple(target.shape))
+            if rank is not None:
+                raise AdapterLoadError(
+                    f"Adapter {source}: its {CONFIG_NAME} gives rank {rank[1]} to {name.rsplit('.lora_', 1)[0]!r} "
+                    f"but the tensor {name!r} in the file has rank {rank[0]}: the config does not belong to these "
+                    f"weights. Set r (or its rank_pattern entry) to {rank[0]} in {CONFIG_NAME}, or re-save the "
+                    "adapter.")
             raise AdapterLoadError(
                 f"Adapter {source} does not fit this base model: tensor {name!r} has shape {tuple(tensor.shape)} "
                 f"in the file but the model expects {tuple(target.shape)}. The adapter was trained on a "
@@ -219,6 +238,22 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], ad
     with torch.no_grad():
         for target, tensor in plan:
             target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def _rank_disagreement(name: str, file_shape: tuple, model_shape: tuple) -> Optional[tuple[int, int]]:
+    """(rank in the file, rank the config asks for) when a LoRA matrix differs in its rank dimension only."""
+    if len(file_shape) != 2 or len(model_shape) != 2:
+        return None
+    if ".lora_A." in name or name.endswith(".lora_embedding_A"):  # A is (r, in), B is (out, r), as in PEFT
+        axis = 0
+    elif ".lora_B." in name or name.endswith(".lora_embedding_B"):
+        axis = 1
+    else:
+        return None
+    other = 1 - axis
+    if file_shape[other] != model_shape[other]:
+        return None  # the base's dimension differs: another base model
+    return file_shape[axis], model_shape[axis]
 
 
 def resolve_adapter_path(model_id: str | os.PathLike, subfolder: Optional[str] = None, revision: Optional[str] = None,

@@ -8,13 +8,15 @@ optimizer state are first gathered whole from the shards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -40,6 +42,14 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def remove_unfinished(out: str | os.PathLike) -> None:
+    """Delete what checkpoint writes cut short by a kill left behind (temporary directories, never a step-N)."""
+    root = Path(out) / CHECKPOINTS_NAME
+    if root.is_dir():
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -108,6 +118,39 @@ def write_checkpoint(out: Path, model, optimizer, scheduler, position: dict, con
         path = save_checkpoint(out, model, optimizer, scheduler, position, config, rngs, gathered)
     distributed.barrier(world)
     return str(path)
+
+
+# Failures of the disk rather than of the run: no space, a quota, a read-only or forbidden directory.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path, last_checkpoint: Callable[[], Optional[str]]):
+    """Turn a failed write in `out` into a TrainError that says what failed, that what was written before is intact
+    (every file is written atomically: a checkpoint or adapter file is whole or absent), and how to go on from
+    the checkpoint that `last_checkpoint()` names then."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        exc = _disk_cause(error)
+        if exc is None:
+            raise
+        where, last_checkpoint = exc.filename or f"to {out}", last_checkpoint()
+        resume = (f"the last checkpoint, {last_checkpoint}, is intact: fix that, then run the same command with "
+                  "--resume to continue from it" if last_checkpoint else
+                  "no checkpoint had been written yet: fix that and run it again")
+        raise TrainError(f"could not write {where}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)}"
+                         f"). Files written before are intact; {resume}.") from error
+
+
+def _disk_cause(exc: Optional[BaseException]) -> Optional[OSError]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def gather_sharded_state(model, optimizer) -> dict:

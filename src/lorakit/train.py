@@ -26,7 +26,8 @@ import torch
 from lorakit import distributed
 from lorakit.adapter_folder import (CHECKPOINTS_NAME, LOSS_PLOT_NAME, METRICS_NAME, TRAIN_RECORD_NAME,
                                     write_train_record)
-from lorakit.checkpoints import list_checkpoints, load_checkpoint, whole_trainable, write_checkpoint
+from lorakit.checkpoints import (disk_errors, list_checkpoints, load_checkpoint, remove_unfinished, whole_trainable,
+                                 write_checkpoint)
 from lorakit.config import ALL_LINEAR
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
 from lorakit.errors import TrainError
@@ -149,10 +150,11 @@ class _Run:
 
     def run(self) -> TrainResult:
         self._set_up()
-        interrupted = self._steps()
-        if not interrupted:
-            self._finish()
-        return self._result(interrupted)
+        with disk_errors(self.out, lambda: self.last_checkpoint):
+            interrupted = self._steps()
+            if not interrupted:
+                self._finish()
+            return self._result(interrupted)
 
     # -- setting up ------------------------------------------------------------------------------------
     def _set_up(self) -> None:
@@ -218,6 +220,7 @@ class _Run:
         distributed.barrier(self.world)  # all have read the old metrics before process 0 rewrites them
         if self.world.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            remove_unfinished(out)
             with atomic_write(metrics_path, "w") as f:  # drop rows a killed run wrote after its last checkpoint
                 f.writelines(json.dumps(r) + "\n" for r in kept)
         self.losses = [r["loss"] for r in kept if "loss" in r]
@@ -273,6 +276,8 @@ class _Run:
         step_loss, stop_votes = distributed.sum_across(world, [step_loss, float(stop.requested)], self.device)
         dt = time.perf_counter() - t0
         n_tokens = sum(lengths[i] for idx in micro for i in idx)
+        if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
+            self._stop_on_nan(state.step + 1, step_loss, float(grad_norm))
 
         state.step += 1
         state.tokens += n_tokens
@@ -290,6 +295,16 @@ class _Run:
             self.last_eval = self._eval_loss()
             row["eval_loss"] = round(self.last_eval, 6)
         return row, stop_votes > 0
+
+    def _stop_on_nan(self, step: int, loss: float, grad_norm: float) -> None:
+        """A loss or gradient that is not a number: stop before anything of this step is written (no metrics row,
+        no checkpoint, no adapter), naming the step and the checkpoint to go back to."""
+        back = (f"The last good checkpoint is {self.last_checkpoint}: resume from it with --resume and a lower --lr "
+                "(or check the data around this step)" if self.last_checkpoint else
+                "No checkpoint had been written yet: start again with a lower --lr (or check the data), and "
+                "--save-every to keep checkpoints")
+        raise TrainError(f"the loss at step {step} is {loss} (gradient norm {grad_norm}): training stopped without "
+                         f"saving the adapter. {back}.")
 
     def _eval_loss(self) -> float:
         return eval_loss(self.model, self.eval_data, self.tokenizer.pad_token_id, 2 * self.config.batch_size,

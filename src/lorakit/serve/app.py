@@ -10,17 +10,21 @@ from importlib import resources
 from typing import Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from .openai_api import OpenAIAPI, read_json
-from .schemas import APIError, LoadAdapterRequest, UnloadAdapterRequest, parse_body
+from .openai_api import OpenAIAPI
+from .schemas import (APIError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
+                      validation_error)
 
 log = logging.getLogger("lorakit.serve")
 
-OPEN_PATHS = ("/health", "/playground")  # no API key needed (the page holds no data; it asks for the key)
+OPEN_PATHS = ("/health", "/playground", "/openapi.json")  # no API key needed (they hold no data; the page asks
+# for the key)
+MAX_BODY_BYTES = 8 << 20
 
 
 def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = None) -> FastAPI:
@@ -33,7 +37,8 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
-    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     api = OpenAIAPI(engine, metrics)
     app.state.engine, app.state.metrics = engine, metrics
 
@@ -41,8 +46,17 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
     async def _api_error(_request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_request: Request, exc: RequestValidationError):
+        err = validation_error(list(exc.errors()), exc.body)
+        return JSONResponse(err.body(), status_code=err.status)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body": say which
+            err = APIError(400, f"The request body is not valid JSON: it is not UTF-8 text ({exc.__cause__}).",
+                           code="invalid_json")
+            return JSONResponse(err.body(), status_code=400)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
@@ -80,22 +94,20 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
         raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await api.completions(request)
+    async def completions(request: Request, body: CompletionRequest):
+        return await api.completions(request, body)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await api.chat(request)
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await api.chat(request, body)
 
     @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        req = parse_body(LoadAdapterRequest, await read_json(request))
+    async def load_lora_adapter(req: LoadAdapterRequest):
         await api.engine_call(lambda: engine.registry.register(req.lora_name, req.lora_path))
         return {"status": "ok", "message": f"Adapter '{req.lora_name}' loaded.", "name": req.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        req = parse_body(UnloadAdapterRequest, await read_json(request))
+    async def unload_lora_adapter(req: UnloadAdapterRequest):
         now = await api.engine_call(lambda: engine.registry.remove(req.lora_name))
         detail = "unloaded" if now else "will be unloaded when its running requests finish"
         return {"status": "ok", "message": f"Adapter '{req.lora_name}' {detail}.", "name": req.lora_name}
@@ -104,7 +116,8 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
 
 
 class _Guard:
-    """ASGI wrapper: Bearer API key on every path but OPEN_PATHS, and a request counter per status."""
+    """ASGI wrapper: Bearer API key on every path but OPEN_PATHS, bodies up to MAX_BODY_BYTES, and a request
+    counter per status."""
 
     ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
                  "/v1/unload_lora_adapter", "/health", "/metrics", "/playground")
@@ -131,6 +144,11 @@ class _Guard:
                                "with the key given to --api-key.", code="invalid_api_key")
                 response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send_counted)
+            receive = await _read_body(scope, receive)
+            if receive is None:
+                err = APIError(413, f"The request body is larger than {MAX_BODY_BYTES >> 20} MiB.",
+                               code="body_too_large")
+                return await JSONResponse(err.body(), status_code=413)(scope, _disconnected, send_counted)
             return await self.app(scope, receive, send_counted)
         finally:
             self.metrics.request(endpoint, status["code"])
@@ -141,3 +159,32 @@ class _Guard:
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
         return False
+
+
+async def _read_body(scope, receive):
+    """The request's body read whole (None when it is over MAX_BODY_BYTES, declared or sent), and a `receive`
+    that gives it to the app, then passes on what the client sends next (a disconnect)."""
+    declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: let the app see it
+            chunks = None
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            return None
+        if not message.get("more_body", False):
+            break
+    pending = [message if chunks is None else {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+    return replay
+
+
+async def _disconnected():
+    return {"type": "http.disconnect"}

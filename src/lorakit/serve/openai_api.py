@@ -20,29 +20,11 @@ from .engine import Engine, Output, Sequence
 from .metrics import ServerMetrics
 from .registry import AdapterBusyError, AdapterPathError, UnknownAdapterError
 from .sampling import SamplingParams
-from .schemas import APIError, ChatCompletionRequest, CompletionRequest, message_text, parse_body
+from .schemas import APIError, ChatCompletionRequest, CompletionRequest, message_text
 
 MAX_STOP = 4
-MAX_BODY_BYTES = 8 << 20
 MAX_SEQUENCES_PER_REQUEST = 64  # prompts x n
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
-
-
-async def read_json(request: Request) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES >> 20} MiB.", code="body_too_large")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"The request body is larger than {MAX_BODY_BYTES >> 20} MiB.",
-                           code="body_too_large")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
-
 
 
 def _refuse_unsupported(**asks: bool) -> None:
@@ -249,8 +231,7 @@ class OpenAIAPI:
                 for i in range(n)]
 
     # -- endpoints ------------------------------------------------------------------------------------
-    async def completions(self, request: Request):
-        req = parse_body(CompletionRequest, await read_json(request))
+    async def completions(self, request: Request, req: CompletionRequest):
         _refuse_unsupported(suffix=bool(req.suffix),
                             best_of=req.best_of is not None and req.best_of != (req.n or 1))
         _refuse_response_format(req)
@@ -267,8 +248,7 @@ class OpenAIAPI:
         return await self._run(request, req, adapter, jobs, sum(len(ids) for ids in prompts), chat=False,
                                echoes=echoes)
 
-    async def chat(self, request: Request):
-        req = parse_body(ChatCompletionRequest, await read_json(request))
+    async def chat(self, request: Request, req: ChatCompletionRequest):
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs",
                            code="invalid_value")

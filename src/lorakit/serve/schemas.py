@@ -1,10 +1,11 @@
-"""OpenAI request bodies (validated strictly: a string is not a number) and the error body."""
+"""OpenAI request bodies (validated strictly: a string is not a number), the error body, and the 400 that a
+body failing validation gets. The routes take these models as typed bodies, so /openapi.json describes them."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class APIError(Exception):
@@ -66,16 +67,40 @@ class CompletionRequest(_SamplingFields):
     suffix: Optional[str] = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+Content = Union[str, list[TextPart]]
+
+
+class SystemMessage(_Strict):
+    role: Literal["system", "developer"]
+    content: Content
     name: Optional[str] = None
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: Content  # required, as in OpenAI's API (a user message without content is a 400)
+    name: Optional[str] = None
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: Optional[Content] = None  # OpenAI lets an assistant turn that called tools leave it out
+    name: Optional[str] = None
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: Optional[str] = None
+
+
+# One message type per role, chosen by `role` (as OpenAI's and vLLM's schemas do).
+ChatMessage = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -105,29 +130,72 @@ class UnloadAdapterRequest(_Strict):
 # (the server's own checks call these invalid_value too); every other failure is a wrong type.
 VALUE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
                           "finite_number", "too_short", "too_long", "string_too_short", "string_too_long",
-                          "literal_error", "enum"})
+                          "literal_error", "enum", "union_tag_invalid"})
 
 
-def parse_body(cls: type[BaseModel], body: Any) -> BaseModel:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}.")
-    try:
-        return cls.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        # Union members appear in loc as type names ('str', 'list[int]'); they are not fields.
-        fields = [p for p in loc if not (p[:1].isalpha() and ("[" in p or p in ("str", "int", "float", "bool")))]
-        param = ".".join(fields) or None
-        if first["type"] == "missing":
-            raise APIError(400, f"Missing required field '{param}'.", param=param, code="missing_field")
-        message = f"Invalid value for '{param}': {first['msg']} (got {first.get('input')!r})."
-        code = "invalid_value" if first["type"] in VALUE_ERRORS else "invalid_type"
-        raise APIError(400, message, param=param, code=code)
+def _param(loc: tuple, body: Any, missing: bool) -> Optional[str]:
+    """The dotted field path of an error's `loc` (messages.0.content), walking the body alongside it: loc also
+    holds the labels of union members ('str', 'list[int]', a message's role), which are not fields."""
+    fields, node = [], body
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and (part in node or (missing and i == len(loc) - 1)):
+            fields.append(part)
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int):
+            fields.append(str(part))
+            node = node[part] if 0 <= part < len(node) else None
+    return ".".join(fields) or None
 
 
-def message_text(message: ChatMessage) -> str:
+def validation_error(errors: list[dict], body: Any) -> APIError:
+    """The 400 for a request body that failed validation (FastAPI's RequestValidationError): the first problem,
+    naming the field, with code missing_field, invalid_type or invalid_value (invalid_json for bad JSON)."""
+    first = _most_specific(errors, body)
+    kind = first["type"]
+    loc = _body_loc(first)
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", first["msg"])
+        return APIError(400, f"The request body is not valid JSON ({detail} at character {loc[0] if loc else 0}).",
+                        code="invalid_json")
+    if not loc:
+        if isinstance(body, (bytes, bytearray)):  # FastAPI reads a body as JSON only when it is declared so
+            return APIError(400, "The request body must be JSON sent with the header 'Content-Type: "
+                            "application/json' (curl: -H 'Content-Type: application/json').",
+                            code="invalid_content_type")
+        if kind == "missing":
+            return APIError(400, "The request body is empty; send a JSON object.", code="missing_field")
+        return APIError(400, f"The request body must be a JSON object, got {_json_type(body)}.", code="invalid_type")
+    if kind in ("union_tag_not_found", "union_tag_invalid"):  # a message without a known role
+        loc, kind = loc + ("role",), "missing" if kind == "union_tag_not_found" else kind
+    param = _param(loc, body, kind == "missing")
+    if kind == "missing":
+        return APIError(400, f"Missing required field '{param}'.", param=param, code="missing_field")
+    message = f"Invalid value for '{param}': {first['msg']} (got {first.get('input')!r})."
+    return APIError(400, message, param=param, code="invalid_value" if kind in VALUE_ERRORS else "invalid_type")
+
+
+def _body_loc(error: dict) -> tuple:
+    loc = tuple(error["loc"])
+    return loc[1:] if loc[:1] == ("body",) else loc
+
+
+def _most_specific(errors: list[dict], body: Any) -> dict:
+    """The first error, or one deeper inside the same field: a value that fits no member of a union gets an error
+    from each member, and the deepest one (content.0.type, not content: not a string) says what to fix."""
+    def path(error: dict) -> list[str]:
+        return (_param(_body_loc(error), body, error["type"] == "missing") or "").split(".")
+
+    first = path(errors[0])
+    inside = [e for e in errors if path(e)[:len(first)] == first]
+    return max(inside, key=lambda e: len(path(e)))  # the first of the deepest
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def message_text(message) -> str:
     if message.content is None:
         return ""
     if isinstance(message.content, str):
