@@ -20,7 +20,8 @@ from torch import nn
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.kernels import lora_linear
 from lorakit.quant import NF4Linear, quantize_model
-from test_fast import CASES, leaves, padded_batch
+from test_fused_loss import padded_batch
+from test_kernels import CASES, leaves
 from tiny_models import VOCAB, tiny_llama, train_steps
 
 DEVICE = torch.device(os.environ.get("LORAKIT_TEST_DEVICE", "cuda"))

@@ -39,7 +39,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = Tru
     n = int(targets.sum())
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if n and isinstance(model, PeftModel) and takes_fused_loss(model, {**inputs, "labels": labels}):
-        # The fused head + cross-entropy (lorakit.fast): no logit is formed for a prompt token, and
+        # The fused head + cross-entropy (lorakit.fused_loss): no logit is formed for a prompt token, and
         # none is kept for the backward. Its loss is the sum over targets / num_items_in_batch.
         loss = runner(**inputs, labels=labels, num_items_in_batch=n).loss
         return loss * n, n

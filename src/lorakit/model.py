@@ -105,7 +105,7 @@ class PeftModel(nn.Module):
         with row_adapters(self._checked_row_names(adapter_names)):
             model = self.base_model.model
             if not args and kwargs.get("labels") is not None and self.__dict__.get("fused_loss", True):
-                # Training call of a known causal LM: chunked loss, no full logits (see lorakit.fast).
+                # Training call of a known causal LM: chunked loss, no full logits (see lorakit.fused_loss).
                 outputs = causal_lm_loss_forward(model, kwargs)
                 if outputs is not None:
                     return outputs

@@ -1,0 +1,78 @@
+"""`lorakit serve`'s base: the one the adapters were trained on (NF4-rounded for QLoRA), or as --quantize says."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import httpx
+import pytest
+from tiny_models import tiny_train_config, write_code_pairs
+
+from lorakit.quant import NF4Linear
+from lorakit.serve import ServerThread, add_serve_arguments, build_server
+from lorakit.train import train
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    """A QLoRA adapter `q` and a plain one `p` (in an adapter directory), each trained for one step."""
+    root = tmp_path_factory.mktemp("serve_base")
+    data = write_code_pairs(root / "pairs.jsonl", 8)
+    train(tiny_train_config(tiny_base, data, root / "q", quantize="nf4", max_steps=1))
+    train(tiny_train_config(tiny_base, data, root / "dir" / "p", max_steps=1))
+    return root
+
+
+def serve(tiny_base, adapters, *extra: str) -> ServerThread:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--base", tiny_base, "--adapter", f"q={adapters / 'q'}", "--adapter-dir",
+                              str(adapters / "dir"), "--max-model-len", "128", *extra])
+    return ServerThread(build_server(args)).start()
+
+
+def ask(server: ServerThread, model: str) -> httpx.Response:
+    return httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "What does code 3 mean?",
+                                                           "max_tokens": 3, "temperature": 0}, timeout=60)
+
+
+def test_auto_serves_the_nf4_rounded_base_and_refuses_an_adapter_trained_on_another(tiny_base, adapters):
+    server = serve(tiny_base, adapters)
+    try:
+        engine = server.app.state.engine
+        assert engine.served.base_quantization == "nf4"
+        assert not any(isinstance(m, NF4Linear) for m in engine.model.modules())  # rounded, held in float32
+        assert ask(server, "q").status_code == 200
+        refused = ask(server, "p")
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_error"
+        message = refused.json()["error"]["message"]
+        assert "trained on the full-precision base" in message and "--quantize" in message
+        assert ask(server, "q").status_code == 200  # and the server goes on serving
+    finally:
+        server.stop()
+
+
+def test_quantize_nf4_keeps_a_4bit_base_and_serves_every_adapter_on_it(tiny_base, adapters, tmp_path):
+    server = serve(tiny_base, adapters, "--quantize", "nf4")
+    try:
+        engine = server.app.state.engine
+        assert sum(isinstance(m, NF4Linear) for m in engine.model.modules()) == 14  # 2 layers x 7 projections
+        assert ask(server, "q").status_code == 200 and ask(server, "p").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_plain_adapter_alone_gets_the_full_precision_base(tiny_base, adapters, tmp_path):
+    shutil.copytree(adapters / "dir" / "p", tmp_path / "p")
+    record = json.loads((tmp_path / "p" / "lorakit_train.json").read_text())
+    assert record["config"]["quantize"] is None
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    server = ServerThread(build_server(parser.parse_args(["--base", tiny_base, "--adapter", f"p={tmp_path / 'p'}",
+                                                          "--max-model-len", "128"]))).start()
+    try:
+        assert server.app.state.engine.served.base_quantization is None and ask(server, "p").status_code == 200
+    finally:
+        server.stop()
