@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lorakit.data import (IGNORE_INDEX, DataError, collate, length_grouped_batches, load_examples,
+from lorakit.data import (IGNORE_INDEX, DataError, collate, training_batches, load_examples,
                           tokenize_example, tokenize_examples)
 from lorakit.generation import encode_prompt
 from lorakit.models import load_tokenizer
@@ -190,13 +190,13 @@ def test_collate_right_pads():
     assert b["input_ids"].dtype == torch.long
 
 
-def test_length_grouped_batches_are_a_seeded_partition_with_less_padding():
+def test_training_batches_are_a_seeded_partition_with_less_padding():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(10, 200, (300,), generator=g).tolist()
-    a = length_grouped_batches(lengths, 8, seed=1, epoch=0)
-    assert a == length_grouped_batches(lengths, 8, seed=1, epoch=0)
-    assert a != length_grouped_batches(lengths, 8, seed=1, epoch=1)
-    assert a != length_grouped_batches(lengths, 8, seed=2, epoch=0)
+    a = training_batches(lengths, 8, seed=1, epoch=0)
+    assert a == training_batches(lengths, 8, seed=1, epoch=0)
+    assert a != training_batches(lengths, 8, seed=1, epoch=1)
+    assert a != training_batches(lengths, 8, seed=2, epoch=0)
     assert sorted(i for b in a for i in b) == list(range(300))
     assert all(len(b) == 8 for b in a[:-1] if len(b) != 300 % 8) and len(a) == 38
 
