@@ -54,6 +54,7 @@ NAMED = {
                "group_by_length": True, "tolerance": 0.0},
     "plain": {},
 }
+SHARED_KEYS = ("lr", "epochs", "batch_size", "weight_decay")  # settings the plain loop shares with the recipe
 
 
 # -- datasets ----------------------------------------------------------------------------------------------
@@ -240,6 +241,8 @@ def plain_peft_loop(config) -> tuple[dict, list[int], list[list[int]]]:
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=shuffle).tolist()
         for start in range(0, len(order), config.batch_size):
+            if config.max_steps and len(losses) == config.max_steps:
+                break
             idx = order[start:start + config.batch_size]
             batch = {k: v.to(device) for k, v in collate([data.items[i] for i in idx], tokenizer.pad_token_id).items()}
             t0 = time.perf_counter()
@@ -369,6 +372,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pick:
         best, scores = pick(json.loads(Path(args.pick).read_text())["summary"])
         result = {"best": best, "scores": scores}
+        if best:  # what --set and the recipe's [...] take to compare it with the plain loop at the same settings
+            changes = parse_settings(best.partition("[")[2].rstrip("]"))
+            result["shared"] = ",".join(f"{k}={v}" for k, v in changes.items() if k in SHARED_KEYS)
+            result["recipe"] = ",".join(f"{k}={v}" for k, v in changes.items() if k not in SHARED_KEYS)
         print(json.dumps(result, indent=2))
         return result
 
@@ -384,9 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
         parse_recipe(recipe)  # a typo fails before any training
     workdir = tempfile.mkdtemp(prefix="lorakit-quality-")
     seeds = [int(s) for s in args.seeds.split(",")]
-    # seed-major, so that a time limit leaves whole comparisons rather than one recipe's every seed
+    # recipe-major, in the order given: a time limit leaves the first recipes complete, not all of them in part
     jobs = [Job(d, r, s, args.split, args.base, str(device), bf16, shared, workdir, args.eval_batch_size,
-                args.eval_limit) for s in seeds for d in args.datasets.split(",") for r in recipes]
+                args.eval_limit) for r in recipes for s in seeds for d in args.datasets.split(",")]
     t0 = time.time()
     try:
         rows = run_jobs(jobs, args.jobs, args.threads, args.log, t0 + args.time_limit if args.time_limit else None)
