@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N rows (quick checks)")
+    p.add_argument("--order", choices=("recipe", "seed"), default="recipe",
+                   help="recipe: each recipe's runs together; seed: per dataset, every recipe of a seed together")
     p.add_argument("--time-limit", type=float, default=None, help="start no run after this many seconds")
     p.add_argument("--log", help="append each run's row here as it finishes (JSON lines)")
     p.add_argument("--out", help="also write the JSON here")
@@ -391,9 +393,14 @@ def main(argv: list[str] | None = None) -> dict:
         parse_recipe(recipe)  # a typo fails before any training
     workdir = tempfile.mkdtemp(prefix="lorakit-quality-")
     seeds = [int(s) for s in args.seeds.split(",")]
-    # recipe-major, in the order given: a time limit leaves the first recipes complete, not all of them in part
-    jobs = [Job(d, r, s, args.split, args.base, str(device), bf16, shared, workdir, args.eval_batch_size,
-                args.eval_limit) for r in recipes for s in seeds for d in args.datasets.split(",")]
+    # recipe-major: a time limit leaves the first recipes complete; seed-major: whole comparisons, seed by seed
+    def job(d, r, s):
+        return Job(d, r, s, args.split, args.base, str(device), bf16, shared, workdir, args.eval_batch_size,
+                   args.eval_limit)
+
+    datasets = args.datasets.split(",")
+    jobs = [job(d, r, s) for r in recipes for s in seeds for d in datasets] if args.order == "recipe" else \
+        [job(d, r, s) for d in datasets for s in seeds for r in recipes]
     t0 = time.time()
     try:
         rows = run_jobs(jobs, args.jobs, args.threads, args.log, t0 + args.time_limit if args.time_limit else None)
