@@ -301,13 +301,14 @@ def training_batches(
 ) -> list[list[int]]:
     """One epoch's batches of row indices: shuffled, and with `group_by_length` holding rows of similar length.
 
-    Grouping: the shuffled rows are cut into mega-batches of `mega_batch * batch_size` rows; inside each, rows
-    are ordered by length bucket, where lengths within `tolerance` (relative) of each other share a bucket, and
-    cut into batches; the batch order is then shuffled. Rows of one bucket keep their shuffled order, so a batch
-    mixes rows of similar (not equal) length: rows that share a response, and so a length, do not all land in one
-    batch, and the batches change from epoch to epoch even when the whole dataset fits in one mega-batch. A
-    batch pads at most ~`tolerance` of its tokens plus the spill between buckets. `tolerance=0` sorts by exact
-    length. The result depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+    Without grouping: the rows shuffled, cut into batches. Grouping: the shuffled rows are cut into mega-batches of
+    `mega_batch * batch_size` rows; inside each, rows are ordered by length bucket (lengths within `tolerance`,
+    relative, of each other share one) and cut into batches; the batch order is then shuffled. Rows of one bucket
+    keep their shuffled order, so the batches change from epoch to epoch even when the whole dataset fits in one
+    mega-batch (exact sorting, `tolerance=0`, repeated them). A batch pads little (about `tolerance` of its tokens,
+    plus the spill between buckets), but rows that share a response share a length too, so a grouped batch holds
+    fewer different answers: benchmarks/quality.py measured that to cost held-out accuracy, hence off by default.
+    The result depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
     """
     if batch_size < 1 or mega_batch < 1 or tolerance < 0:
         raise ValueError(f"batch_size and mega_batch must be >= 1 and tolerance >= 0, got {batch_size}, "
