@@ -19,8 +19,7 @@ Recipes: `lorakit` (TrainConfig's defaults), `lorakit_nf4` (the same with QLoRA)
 this benchmark: lr 2e-4, cosine, warmup 5%, clipping at 1.0, exact length sorting), and `plain`: a plain loop over
 PEFT's get_peft_model (the real `peft` package) with shuffled batches, a constant lr, no clipping, AdamW; the
 same r, alpha, targets, dropout, epochs, batch size, lr, weight decay and tokenized data as the lorakit recipe
-it is compared with. `NAME[key=value,...]` changes TrainConfig fields of one recipe (`tolerance=` sets the length
-grouping's bucket tolerance); `--set key=value,...` changes them for every recipe, the plain loop too.
+it is compared with. `NAME[key=value,...]` changes TrainConfig fields of one recipe; `--set key=value,...` changes them for every recipe, the plain loop too.
 Precision: bf16 autocast where bf16 matmuls are faster (precision.bf16_matmul_speedup, as the demo), else fp32.
 `--jobs N` runs N trainings at once in separate processes (for a GPU; tokens/s are then shared-device figures).
 """
@@ -30,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import dataclasses
-import functools
 import json
 import math
 import multiprocessing
@@ -51,7 +49,7 @@ NAMED = {
     "lorakit": {},
     "lorakit_nf4": {"quantize": "nf4"},
     "before": {"lr": 2e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "warmup_steps": 0, "max_grad_norm": 1.0,
-               "group_by_length": True, "tolerance": 0.0},
+               "group_by_length": True, "length_tolerance": 0.0},
     "plain": {},
 }
 SHARED_KEYS = ("lr", "epochs", "batch_size", "weight_decay")  # settings the plain loop shares with the recipe
@@ -87,8 +85,6 @@ def dataset_rows(name: str, split: str) -> tuple[list[dict], list[dict], int | N
 def _value(key: str, text: str):
     from lorakit.train_config import TrainConfig
 
-    if key == "tolerance":
-        return float(text)
     declared = {f.name: f.type for f in dataclasses.fields(TrainConfig)}.get(key)
     if declared is None:
         raise SystemExit(f"{key!r} is not a TrainConfig field")
@@ -160,7 +156,6 @@ def run_job(job: Job) -> dict:
         for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", scored_rows[:job.eval_limit])):
             (work / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         name, changes = parse_recipe(job.recipe)
-        tolerance = changes.pop("tolerance", None)
         settings = {**({"epochs": epochs} if epochs else {}), **job.shared, **changes}
         config = TrainConfig(data=str(work / "train.jsonl"), base=job.base, out=str(work / "out"), seed=job.seed,
                              bf16=job.bf16, device=job.device, progress=False,
@@ -172,21 +167,15 @@ def run_job(job: Job) -> dict:
             trained, lengths, batches = plain_peft_loop(config)
             report = evaluate(model=trained["model"], tokenizer=trained["tokenizer"], **common)
         else:
-            import lorakit.train as train_module
+            from lorakit.train import train
 
-            batching = functools.partial(training_batches, tolerance=tolerance) if tolerance is not None else None
-            try:
-                if batching is not None:
-                    train_module.training_batches = batching
-                result = train_module.train(config)
-            finally:
-                train_module.training_batches = training_batches
+            result = train(config)
             trained = {"tokens_per_s": result.tokens_per_s, "train_seconds": result.train_seconds,
                        "steps": result.steps, "final_loss": result.final_loss}
             lengths = _lengths(config)
-            group = batching or training_batches
             batches = [b for e in range(math.ceil(result.epochs))
-                       for b in group(lengths, config.batch_size, config.seed, e, config.group_by_length)]
+                       for b in training_batches(lengths, config.batch_size, config.seed, e, config.group_by_length,
+                                                 tolerance=config.length_tolerance)]
             report = evaluate(base=config.base, adapter=config.out, **common)
         tuned = report.tuned
         return {"dataset": job.dataset, "recipe": job.recipe, "seed": job.seed, "split": job.split,
@@ -197,8 +186,9 @@ def run_job(job: Job) -> dict:
                 "seconds": round(time.perf_counter() - t0, 1), "device": str(job.device), "bf16": job.bf16,
                 "settings": {k: v for k, v in dataclasses.asdict(config).items()
                              if k in ("lr", "lr_scheduler", "warmup_ratio", "warmup_steps", "max_grad_norm", "epochs",
-                                      "batch_size", "group_by_length", "weight_decay", "quantize")}
-                | {"tolerance": tolerance, "r": config.lora.r, "alpha": config.lora.lora_alpha,
+                                      "batch_size", "group_by_length", "length_tolerance", "weight_decay",
+                                      "quantize")}
+                | {"r": config.lora.r, "alpha": config.lora.lora_alpha,
                    "dropout": config.lora.lora_dropout}}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -86,7 +86,7 @@ def test_quality_recipes_parse_and_pick_the_best_complete_one():
     assert quality.parse_recipe("lorakit[lr=1e-3,max_grad_norm=0,group_by_length=false]") == \
         ("lorakit", {"lr": 1e-3, "max_grad_norm": 0.0, "group_by_length": False})
     assert quality.parse_recipe("lorakit_nf4[lr_scheduler=linear]")[1] == {"quantize": "nf4", "lr_scheduler": "linear"}
-    assert quality.parse_recipe("before")[1]["tolerance"] == 0.0
+    assert quality.parse_recipe("before")[1]["length_tolerance"] == 0.0
     with pytest.raises(SystemExit, match="not a TrainConfig field"):
         quality.parse_recipe("lorakit[learning_rate=1]")
     with pytest.raises(SystemExit, match="unknown recipe"):
@@ -117,5 +117,5 @@ def test_quality_trains_and_scores_lorakit_and_the_plain_peft_loop(tiny_base, tm
         assert row["tokens_per_s"] > 0 and 0 <= row["padding_share"] < 1 and row["settings"]["epochs"] == 5
     plain, lorakit, before = rows
     assert lorakit["settings"]["lr"] == plain["settings"]["lr"] == 2e-3 and before["settings"]["lr"] == 2e-4
-    assert before["settings"]["tolerance"] == 0.0 and before["padding_share"] < plain["padding_share"]
+    assert before["settings"]["length_tolerance"] == 0.0 and before["padding_share"] < plain["padding_share"]
     assert list(tmp_path.iterdir()) == []  # each run's files are removed

@@ -28,6 +28,7 @@ from lorakit.train_config import TrainConfig, TrainError, TrainResult, lora_reci
     ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
     ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\)"),
     ({"max_length": 1}, "max_length must be > 1, got 1"),
+    ({"length_tolerance": -0.1}, r"length_tolerance must be >= 0 \(0: sort by exact length\)"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive, got 0"),
     ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1, got 0"),
     ({"log_every": 0}, "log_every must be >= 1, got 0"),
@@ -71,3 +72,13 @@ def test_summary_says_which_adapter_was_kept():
     last_is_best = dataclasses.replace(result, best_step=40, best_eval_loss=0.9, last_dir=None)
     assert last_is_best.summary().endswith("the lowest eval loss (0.900) (the last step)")
     assert dataclasses.replace(result, best_step=None).summary().endswith("; saved to runs/a")
+
+
+def test_the_demo_keeps_the_run_it_was_measured_with():
+    """The demo's 90% was measured with a cosine schedule, clipping at 1.0 and batches sorted by exact length."""
+    from lorakit.demo import demo_config
+
+    config = demo_config()
+    assert (config.lr, config.lr_scheduler, config.max_grad_norm, config.warmup_ratio, config.batch_size,
+            config.epochs) == (3e-3, "cosine", 1.0, 0.05, 4, 2)
+    assert config.group_by_length and config.length_tolerance == 0.0 and config.lora.lora_dropout == 0.0

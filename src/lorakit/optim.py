@@ -24,8 +24,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, scheduler: str
 
 
 def warmup_steps(config: TrainConfig, total_steps: int) -> int:
-    """The warmup in steps: warmup_steps if given, else warmup_ratio of the run (rounded up, like HF's Trainer)."""
-    return config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    """The warmup in steps: warmup_steps if given, else warmup_ratio of the run's steps (rounded down)."""
+    return config.warmup_steps or int(config.warmup_ratio * total_steps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):

@@ -260,7 +260,8 @@ class _Run:
 
     def _batches(self, epoch: int) -> list[list[int]]:
         config = self.config
-        return training_batches(self.train_data.lengths, config.batch_size, config.seed, epoch, config.group_by_length)
+        return training_batches(self.train_data.lengths, config.batch_size, config.seed, epoch, config.group_by_length,
+                                tolerance=config.length_tolerance)
 
     def _step(self, stop: "_StopFlag") -> tuple[dict, bool]:
         """One optimizer step over the next grad_accum micro-batches; its metrics row, and whether to stop."""

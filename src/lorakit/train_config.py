@@ -47,6 +47,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     group_by_length: bool = False  # batches of similar-length rows: less padding, less varied batches
+    length_tolerance: float = 0.125  # grouping: lengths within this share of each other count as equal (0: exact)
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard the model across the processes (FSDP) instead of copying it (DDP)
@@ -100,6 +101,8 @@ class TrainConfig:
              f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) both set the warmup; give "
              "one of them (set warmup_ratio to 0 to count the warmup in steps)"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.length_tolerance >= 0, f"length_tolerance must be >= 0 (0: sort by exact length), got "
+                                         f"{self.length_tolerance}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (self.max_length > 1, f"max_length must be > 1, got {self.max_length}"),
@@ -143,7 +146,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_FLOAT_FIELDS = ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "loraplus_lr_ratio")
+_FLOAT_FIELDS = ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "loraplus_lr_ratio", "length_tolerance")
 
 
 def _check_field_types(config: TrainConfig) -> None:

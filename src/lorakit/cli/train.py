@@ -71,7 +71,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=non_negative_int, default=S, help=f"random seed (default {run.seed})")
     grouping = "on" if run.group_by_length else "off"
     g.add_argument("--group-by-length", dest="group_by_length", action=argparse.BooleanOptionalAction, default=S,
-                   help=f"batches of rows of similar length, less padding (default {grouping})")
+                   help=f"batches of rows of similar length: less padding, but fewer different answers per batch "
+                        f"(default {grouping})")
+    g.add_argument("--length-tolerance", dest="length_tolerance", type=non_negative_float, default=S,
+                   help=f"with --group-by-length: lengths within this share of each other count as equal, so their "
+                        f"rows mix (default {run.length_tolerance}; 0: sort by exact length)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
     g.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
     g.add_argument("--attention", choices=["eager", "sdpa"], default=S,
