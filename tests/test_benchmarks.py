@@ -1,5 +1,6 @@
 """benchmarks/: the training-step and decoding benchmarks run end to end on a tiny model and check what they claim."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -57,3 +58,64 @@ def test_inference_benchmark_checks_outputs_and_times_the_ablation():
     assert checks["max_abs_logit_diff_adapter_vs_base"] > 1e-3  # the adapter changes the output
     assert checks["same_greedy_tokens_lorakit_peft"] and checks["same_greedy_tokens_wrapper_only_base"]
     assert checks["merged_model_type"] == "LlamaForCausalLM"
+
+
+import quality  # noqa: E402
+
+
+def test_quality_datasets_keep_validation_apart_from_the_held_out_sets():
+    demo_train, demo_eval, epochs = quality.dataset_rows("demo", "test")
+    assert (len(demo_train), len(demo_eval), epochs) == (910, 130, None)
+    small, scored, epochs = quality.dataset_rows("demo100", "test")
+    assert len(small) == 100 and scored == demo_eval and epochs == 5
+    assert small == quality.dataset_rows("demo100", "test")[0]  # a seeded subsample
+    for name in ("demo", "demo100", "multiturn"):
+        train, validation, _ = quality.dataset_rows(name, "validation")
+        held_out = quality.dataset_rows(name, "test")[1]
+        keys = {json.dumps(r, sort_keys=True) for r in train}
+        assert not keys & {json.dumps(r, sort_keys=True) for r in validation}  # carved out of the training rows
+        assert not {json.dumps(r, sort_keys=True) for r in held_out} & (keys | {json.dumps(r, sort_keys=True)
+                                                                                for r in validation})
+    assert len(quality.dataset_rows("demo", "validation")[1]) == 130
+    assert len(quality.dataset_rows("multiturn", "validation")[0]) == 260
+
+
+def test_quality_recipes_parse_and_pick_the_best_complete_one():
+    assert quality.split_recipes("lorakit[lr=1e-3,max_grad_norm=0],plain, before") == \
+        ["lorakit[lr=1e-3,max_grad_norm=0]", "plain", "before"]
+    assert quality.parse_recipe("lorakit[lr=1e-3,max_grad_norm=0,group_by_length=false]") == \
+        ("lorakit", {"lr": 1e-3, "max_grad_norm": 0.0, "group_by_length": False})
+    assert quality.parse_recipe("lorakit_nf4[lr_scheduler=linear]")[1] == {"quantize": "nf4", "lr_scheduler": "linear"}
+    assert quality.parse_recipe("before")[1]["length_tolerance"] == 0.0
+    with pytest.raises(SystemExit, match="not a TrainConfig field"):
+        quality.parse_recipe("lorakit[learning_rate=1]")
+    with pytest.raises(SystemExit, match="unknown recipe"):
+        quality.parse_recipe("hf")
+
+    def row(dataset, recipe, seed, accuracy):
+        return {"dataset": dataset, "recipe": recipe, "seed": seed, "accuracy": accuracy, "tokens_per_s": 1.0,
+                "padding_share": 0.1, "final_loss": 0.1, "perplexity": 1.5, "settings": {}}
+
+    rows = [row(d, r, s, acc) for d in ("a", "b") for s in (0, 1)
+            for r, acc in (("lorakit[lr=1]", 0.5 + 0.1 * s), ("lorakit[lr=2]", 0.55), ("plain", 0.9))]
+    rows.append(row("a", "lorakit[lr=3]", 0, 1.0))  # one seed on one dataset: not a complete candidate
+    summary = quality.summarize(rows)
+    assert summary["a"]["lorakit[lr=1]"]["accuracy_mean"] == pytest.approx(0.55)
+    assert summary["a"]["lorakit[lr=1]"]["accuracy_sd"] == pytest.approx(0.0707, abs=1e-4)
+    best, scores = quality.pick(summary)
+    assert best == "lorakit[lr=1]" and set(scores) == {"lorakit[lr=1]", "lorakit[lr=2]"}  # plain is not a candidate
+
+
+def test_quality_trains_and_scores_lorakit_and_the_plain_peft_loop(tiny_base, tmp_path):
+    pytest.importorskip("peft")
+    common = dict(split="test", base=tiny_base, device="cpu", bf16=False, shared={"max_steps": 3},
+                  workdir=str(tmp_path), eval_limit=2, eval_batch_size=2)
+    rows = [quality.run_job(quality.Job("demo100", recipe, 0, **common))
+            for recipe in ("plain", "lorakit", "before")]
+    for row in rows:
+        assert row["n"] == 2 and 0 <= row["accuracy"] <= 1 and row["steps"] == 3 and row["perplexity"] > 1
+        assert row["tokens_per_s"] > 0 and 0 <= row["padding_share"] < 1 and row["settings"]["epochs"] == 5
+    plain, lorakit, before = rows
+    assert lorakit["settings"]["lr"] == plain["settings"]["lr"] == 2e-3 and before["settings"]["lr"] == 2e-4
+    assert before["settings"]["length_tolerance"] == 0.0 and before["padding_share"] < plain["padding_share"]
+    assert list(tmp_path.iterdir()) == []  # each run's files are removed

@@ -285,8 +285,8 @@ def test_config_file_values_are_checked_and_converted_to_the_option_types(tmp_pa
                           ("targets: 5", "targets: expected a list of names or a comma-separated string, got 5"),
                           ("bf16: maybe", "bf16: expected true or false, got 'maybe'"),
                           ("batch_size: 0", "batch_size: expected a positive integer, got 0"),
-                          ("lr: fast", "lr: expected a number, got 'fast'"),
-                          ("epochs: 2.5", "epochs: expected an integer, got 2.5"),
+                          ("lr: fast", "lr: expected a number > 0, got 'fast'"),
+                          ("epochs: 2.5", "epochs: expected a positive integer, got 2.5"),
                           ("too_long: cut", "too_long: expected one of truncate, skip, got 'cut'"),
                           ("base: 5", "base: expected a string, got 5"),
                           ("lr:", "lr has no value"),
@@ -442,3 +442,45 @@ def test_without_base_the_adapter_runs_on_the_base_it_records(trained, tiny_base
     assert main(["generate", "--base", tiny_base, "--adapter", str(out), "--max-new-tokens", "5",
                  "What is the code for room 3?"]) == 0
     assert recorded == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "0", "argument --lr: expected a number > 0, got 0"),
+    ("--lr", "nan", "argument --lr: expected a number > 0, got nan"),
+    ("--alpha", "0", "argument --alpha: expected a number > 0, got 0"),
+    ("--dropout", "1", r"argument --dropout: expected a number in \[0, 1\), got 1"),
+    ("--epochs", "0", "argument --epochs: expected a positive integer, got 0"),
+    ("--warmup-ratio", "1.5", r"argument --warmup-ratio: expected a number in \[0, 1\), got 1.5"),
+    ("--warmup-steps", "-1", "argument --warmup-steps: expected an integer >= 0, got -1"),
+    ("--weight-decay", "-0.1", "argument --weight-decay: expected a number >= 0, got -0.1"),
+    ("--max-grad-norm", "-1", "argument --max-grad-norm: expected a number >= 0, got -1"),
+    ("--loraplus-lr-ratio", "0", "argument --loraplus-lr-ratio: expected a number > 0, got 0"),
+    ("--seed", "-3", "argument --seed: expected an integer >= 0, got -3"),
+    ("--lr-scheduler", "step", "argument --lr-scheduler: invalid choice: 'step'"),
+])
+def test_train_flags_refuse_meaningless_numbers(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--data", "d.jsonl", flag, value])
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_keep_best_schedule_warmup_and_grouping_flags(tmp_path, capsys):
+    parser = build_parser()
+    config = train_config_from_args(parser.parse_args(
+        ["train", "--data", "d.jsonl", "--eval-data", "e.jsonl", "--keep-best", "--lr-scheduler", "linear",
+         "--warmup-ratio", "0", "--warmup-steps", "12", "--group-by-length", "--max-grad-norm", "0",
+         "--length-tolerance", "0.25"]))
+    assert (config.keep_best, config.lr_scheduler, config.warmup_steps, config.group_by_length,
+            config.max_grad_norm, config.length_tolerance) == (True, "linear", 12, True, 0.0, 0.25)
+    assert train_config_from_args(parser.parse_args(["train", "--data", "d", "--no-group-by-length"])) \
+        .group_by_length is False
+    path = tmp_path / "run.yaml"
+    path.write_text("data: d.jsonl\ngroup-by-length: true\nlr-scheduler: cosine\nwarmup-steps: 5\nwarmup-ratio: 0\n")
+    config = train_config_from_args(parser.parse_args(["train", "--config", str(path)]))
+    assert (config.group_by_length, config.lr_scheduler, config.warmup_steps) == (True, "cosine", 5)
+    path.write_text("data: d.jsonl\nno-group-by-length: true\n")
+    assert train_config_from_args(parser.parse_args(["train", "--config", str(path)])).group_by_length is False
+    # --keep-best without held-out data is refused before anything loads
+    code, err = _exit_code_and_error(["train", "--data", "d.jsonl", "--keep-best", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "keep_best picks the adapter by its eval loss: give held-out data" in err

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lorakit.data import (IGNORE_INDEX, DataError, collate, length_grouped_batches, load_examples,
+from lorakit.data import (IGNORE_INDEX, DataError, collate, padding_share, training_batches, load_examples,
                           tokenize_example, tokenize_examples)
 from lorakit.generation import encode_prompt
 from lorakit.models import load_tokenizer
@@ -190,13 +190,13 @@ def test_collate_right_pads():
     assert b["input_ids"].dtype == torch.long
 
 
-def test_length_grouped_batches_are_a_seeded_partition_with_less_padding():
+def test_training_batches_are_a_seeded_partition_with_less_padding():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(10, 200, (300,), generator=g).tolist()
-    a = length_grouped_batches(lengths, 8, seed=1, epoch=0)
-    assert a == length_grouped_batches(lengths, 8, seed=1, epoch=0)
-    assert a != length_grouped_batches(lengths, 8, seed=1, epoch=1)
-    assert a != length_grouped_batches(lengths, 8, seed=2, epoch=0)
+    a = training_batches(lengths, 8, seed=1, epoch=0, group_by_length=True)
+    assert a == training_batches(lengths, 8, seed=1, epoch=0, group_by_length=True)
+    assert a != training_batches(lengths, 8, seed=1, epoch=1, group_by_length=True)
+    assert a != training_batches(lengths, 8, seed=2, epoch=0, group_by_length=True)
     assert sorted(i for b in a for i in b) == list(range(300))
     assert all(len(b) == 8 for b in a[:-1] if len(b) != 300 % 8) and len(a) == 38
 
@@ -208,3 +208,59 @@ def test_length_grouped_batches_are_a_seeded_partition_with_less_padding():
     # consecutive batches are not simply sorted by length (the batch order is shuffled)
     maxes = [max(lengths[i] for i in b) for b in a]
     assert maxes != sorted(maxes) and maxes != sorted(maxes, reverse=True)
+
+
+def _intent_lengths(intents=25, rows_each=4, seed=0):
+    """A small support set: rows of one intent share a response, so their lengths differ by a few tokens."""
+    rng = torch.Generator().manual_seed(seed)
+    base = torch.randint(40, 120, (intents,), generator=rng).tolist()
+    noise = torch.randint(0, 4, (intents * rows_each,), generator=rng).tolist()
+    return [base[i // rows_each] + noise[i] for i in range(intents * rows_each)], \
+        [i // rows_each for i in range(intents * rows_each)]
+
+
+def _as_sets(batches):
+    return {frozenset(b) for b in batches}
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_batches_differ_between_epochs_on_a_set_smaller_than_one_mega_batch(group):
+    lengths, _ = _intent_lengths()  # 100 rows < 16 x 8: the whole set is one mega-batch
+    epochs = [_as_sets(training_batches(lengths, 8, seed=0, epoch=e, group_by_length=group)) for e in range(5)]
+    for e in range(1, 5):
+        assert len(epochs[0] & epochs[e]) <= 1, e  # hardly a batch repeats: each epoch brings new ones
+    # exact sorting (the old behaviour, tolerance 0) repeated most batches: the problem this fixes
+    exact = [_as_sets(training_batches(lengths, 8, seed=0, epoch=e, tolerance=0)) for e in range(2)]
+    assert len(exact[0] & exact[1]) >= 5
+
+
+def test_grouping_packs_rows_of_one_response_together_and_shuffling_does_not():
+    """Why grouping is off by default: rows sharing a response have about the same length, so grouped batches hold
+    few different answers (benchmarks/quality.py measured the accuracy this costs); buckets only soften it."""
+    lengths, intent = _intent_lengths()
+
+    def same_intent_pairs(batches):
+        return sum(intent[i] == intent[j] for b in batches for i in b for j in b if i < j)
+
+    def mean_over_epochs(**options):
+        return sum(same_intent_pairs(training_batches(lengths, 8, seed=0, epoch=e, **options)) for e in range(20)) / 20
+
+    shuffled = mean_over_epochs(group_by_length=False)
+    assert shuffled < 12  # chance level: 100 rows, 4 per intent, batches of 8
+    bucketed = mean_over_epochs(group_by_length=True)
+    exact = mean_over_epochs(group_by_length=True, tolerance=0)
+    assert 3 * shuffled < bucketed < 0.75 * exact
+
+
+def test_plain_shuffled_batches_and_padding_share():
+    lengths = list(range(10, 110))
+    batches = training_batches(lengths, 8, seed=3, epoch=0, group_by_length=False)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert [len(b) for b in batches] == [8] * 12 + [4]
+    assert batches != training_batches(lengths, 8, seed=3, epoch=1, group_by_length=False)
+    grouped = training_batches(lengths, 8, seed=3, epoch=0, group_by_length=True)
+    assert padding_share(lengths, grouped) < 0.5 * padding_share(lengths, batches)
+    assert padding_share([4, 2], [[0, 1]]) == pytest.approx(1 - 6 / 8)
+    assert padding_share([5, 5], [[0], [1]]) == 0.0
+    with pytest.raises(ValueError, match="batch_size"):
+        training_batches(lengths, 0, seed=0)

@@ -289,3 +289,50 @@ def test_end_to_end_smollm2_loss_falls_and_adapter_reloads(tmp_path, all_threads
     after = eval_loss(model, data, tok.pad_token_id)
     assert after < 0.5 * before, (before, after)
     assert result.final_loss < result.first_loss
+
+
+def _eval_loss_of(tiny_base, adapter_dir, eval_file):
+    from lorakit import PeftModel
+    from lorakit.loss import eval_loss
+    from lorakit.models import load_base_model
+
+    base, tokenizer = load_base_model(tiny_base)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    config = cfg(tiny_base, eval_file, "unused")
+    return eval_loss(model, load_data(config, tokenizer, eval_file), tokenizer.pad_token_id, 8)
+
+
+def test_keep_best_keeps_the_lowest_eval_loss_adapter_at_the_top(tiny_base, data_file, tmp_path):
+    # held-out answers unlike the training answers: the longer it trains on those, the worse its eval loss gets
+    rows = [json.loads(line) for line in open(data_file)]
+    contradicting = tmp_path / "eval.jsonl"
+    contradicting.write_text("".join(json.dumps({"query": r["query"], "response": "zebra violin quantum " * 3})
+                                     + "\n" for r in rows))
+    out = tmp_path / "run"
+    result = train(cfg(tiny_base, data_file, out, epochs=6, lr=3e-2, eval_data=str(contradicting), eval_every=3,
+                       keep_best=True))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
+    assert sorted(evals) == list(range(3, 37, 3))
+    best_step = min(evals, key=evals.get)
+    assert result.best_step == best_step < result.steps == 36
+    assert result.best_eval_loss == pytest.approx(evals[best_step], abs=1e-5)
+    assert [r["step"] for r in metrics if r.get("best")][-1] == best_step  # the metrics mark it; the plot stars it
+    assert result.last_dir == str(out / "last") and not (out / "best").exists()
+    assert "the lowest eval loss" in result.summary() and str(out / "last") in result.summary()
+    # the top of --out holds the best step's adapter; last/ the last step's
+    assert _eval_loss_of(tiny_base, out, str(contradicting)) == pytest.approx(evals[best_step], rel=1e-4)
+    assert _eval_loss_of(tiny_base, out / "last", str(contradicting)) == pytest.approx(evals[36], rel=1e-4)
+    record = json.loads((out / "lorakit_train.json").read_text())
+    assert record["result"]["best_step"] == best_step and record["config"]["keep_best"] is True
+
+
+def test_keep_best_when_the_last_step_is_best_and_eval_at_each_epoch_end(tiny_base, data_file, tmp_path):
+    out = tmp_path / "run"
+    result = train(cfg(tiny_base, data_file, out, epochs=3, lr=3e-2, eval_data=data_file, keep_best=True))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "eval_loss" in r] == [6, 12, 18]  # no --eval-every: each epoch's end
+    assert result.best_step == 18 and result.last_dir is None
+    assert not (out / "last").exists() and not (out / "best").exists()
+    assert result.summary().endswith("(the last step)")
+    assert _eval_loss_of(tiny_base, out, data_file) == pytest.approx(result.eval_loss, rel=1e-4)

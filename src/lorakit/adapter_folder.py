@@ -34,8 +34,11 @@ METRICS_NAME = "metrics.jsonl"
 LOSS_PLOT_NAME = "loss_curve.png"
 CHECKPOINTS_NAME = "checkpoints"
 EVAL_NAME = "eval.json"
+BEST_NAME = "best"  # keep_best: the lowest-eval-loss adapter so far, during training (it moves to the top at the end)
+LAST_NAME = "last"  # keep_best: the last step's adapter, when an earlier one had the lower eval loss
 # Everything `lorakit train` (and the demo's eval) writes into a run folder.
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_RECORD_NAME, METRICS_NAME, LOSS_PLOT_NAME, CHECKPOINTS_NAME, EVAL_NAME)
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_RECORD_NAME, METRICS_NAME, LOSS_PLOT_NAME, CHECKPOINTS_NAME, EVAL_NAME,
+             BEST_NAME, LAST_NAME)
 
 
 # -- what a directory is -------------------------------------------------------------------------------

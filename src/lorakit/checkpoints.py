@@ -30,9 +30,13 @@ from lorakit.train_config import TrainConfig, lora_recipe
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 # Changing any of these between a run and its resume would change the result, so resume refuses.
-RESUME_MUST_MATCH = ("base", "data", "lora", "epochs", "max_steps", "lr", "lr_scheduler", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+RESUME_MUST_MATCH = ("base", "data", "lora", "epochs", "max_steps", "lr", "lr_scheduler", "batch_size", "grad_accum", "warmup_ratio", "warmup_steps", "weight_decay", "max_grad_norm", "seed",
+                     "group_by_length", "length_tolerance",
                      "bf16", "loraplus_lr_ratio", "query_field", "response_field", "system_prompt",
                      "max_length", "too_long", "full", "quantize", "attention")
+
+# What a run did before these settings existed: batches sorted by exact length, warmup from warmup_ratio alone.
+BEFORE_SETTING = {"group_by_length": True, "length_tolerance": 0.0, "warmup_steps": 0}
 
 
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
@@ -174,9 +178,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig
     from safetensors.torch import load_file
 
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    # A setting newer than the checkpoint had its default value in the interrupted run.
+    # A setting newer than the checkpoint had its default value in the interrupted run, or the value that run
+    # used before the setting existed (BEFORE_SETTING).
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **_current_form(state["config"])}
+    saved = {**defaults, **BEFORE_SETTING, **_current_form(state["config"])}
     now = config.to_dict()
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH if k != "lora"
                and _norm(saved.get(k)) != _norm(now[k])]

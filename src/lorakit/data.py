@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,23 +295,46 @@ def collate(items: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[st
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0, mega_batch: int = 16
+def training_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0, group_by_length: bool = True,
+    mega_batch: int = 16, tolerance: float = 0.125,
 ) -> list[list[int]]:
-    """Shuffled batches of indices where each batch holds rows of similar length.
+    """One epoch's batches of row indices: shuffled, and with `group_by_length` holding rows of similar length.
 
-    Rows are shuffled, cut into mega-batches of `mega_batch * batch_size`, sorted by length inside
-    each mega-batch and cut into batches; the batch order is then shuffled. The result depends only
-    on (seed, epoch), which is what lets a resumed run see exactly the batches it would have seen.
+    Without grouping: the rows shuffled, cut into batches. Grouping: the shuffled rows are cut into mega-batches of
+    `mega_batch * batch_size` rows; inside each, rows are ordered by length bucket (lengths within `tolerance`,
+    relative, of each other share one) and cut into batches; the batch order is then shuffled. Rows of one bucket
+    keep their shuffled order, so the batches change from epoch to epoch even when the whole dataset fits in one
+    mega-batch (exact sorting, `tolerance=0`, repeated them). A batch pads little (about `tolerance` of its tokens,
+    plus the spill between buckets), but rows that share a response share a length too, so a grouped batch holds
+    fewer different answers: benchmarks/quality.py measured that to cost held-out accuracy, hence off by default.
+    The result depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
     """
+    if batch_size < 1 or mega_batch < 1 or tolerance < 0:
+        raise ValueError(f"batch_size and mega_batch must be >= 1 and tolerance >= 0, got {batch_size}, "
+                         f"{mega_batch}, {tolerance}")
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    span = max(1, mega_batch) * batch_size
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    step = math.log1p(tolerance) if tolerance > 0 else 0.0
+
+    def bucket(i: int) -> float:
+        n = max(1, lengths[i])
+        return math.floor(math.log(n) / step) if step else n
+
+    span = mega_batch * batch_size
     batches = []
     for start in range(0, len(order), span):
-        group = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        group = sorted(order[start:start + span], key=lambda i: -bucket(i))  # stable: ties stay shuffled
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
 
+
+def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """The share of a padded batch's tokens that are padding, over all `batches`."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / padded if padded else 0.0

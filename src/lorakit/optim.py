@@ -23,10 +23,15 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, scheduler: str
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """The warmup in steps: warmup_steps if given, else warmup_ratio of the run's steps (rounded down)."""
+    return config.warmup_steps or int(config.warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    warmup_steps = int(config.warmup_ratio * total_steps)
+    warmup = warmup_steps(config, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, config.lr_scheduler))
+        optimizer, lambda step: lr_multiplier(step, warmup, total_steps, config.lr_scheduler))
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:

@@ -15,7 +15,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Draw train loss (and eval loss if present) against step; returns the PNG path, or None if no data."""
+    """Draw train loss (and eval loss if present) against step; returns the PNG path, or None if no data.
+
+    With keep_best, the metrics mark each new lowest eval loss ("best"); the last of them, the adapter kept at the
+    top of the run's directory, gets a star.
+    """
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -33,6 +37,9 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    kept = [(r["step"], r["eval_loss"]) for r in rows if r.get("best") and "eval_loss" in r][-1:]
+    if kept:
+        ax.plot(*zip(*kept), "*", markersize=16, color="tab:red", label=f"kept: step {kept[0][0]} (lowest eval loss)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_yscale("log")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -24,12 +25,12 @@ import numpy as np
 import torch
 
 from lorakit import distributed
-from lorakit.adapter_folder import (CHECKPOINTS_NAME, LOSS_PLOT_NAME, METRICS_NAME, TRAIN_RECORD_NAME,
-                                    write_train_record)
+from lorakit.adapter_folder import (BEST_NAME, CHECKPOINTS_NAME, LAST_NAME, LOSS_PLOT_NAME, METRICS_NAME,
+                                    TRAIN_RECORD_NAME, write_train_record)
 from lorakit.checkpoints import (disk_errors, list_checkpoints, load_checkpoint, remove_unfinished, whole_trainable,
                                  write_checkpoint)
 from lorakit.config import ALL_LINEAR
-from lorakit.data import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches, load_examples, tokenize_examples
+from lorakit.data import IGNORE_INDEX, TokenizedData, collate, load_examples, tokenize_examples, training_batches
 from lorakit.errors import TrainError
 from lorakit.io_utils import atomic_write, nearest_existing
 from lorakit.loss import accumulate_gradients, eval_loss, supports_logits_to_keep
@@ -51,6 +52,8 @@ class RunState:
     tokens: int = 0  # non-padding tokens trained on
     train_seconds: float = 0.0
     data: str = ""  # fingerprint of the tokenized training data
+    best_step: Optional[int] = None  # keep_best: the step of the lowest eval loss so far, its adapter in best/
+    best_eval_loss: Optional[float] = None
 
 
 def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
@@ -191,7 +194,7 @@ class _Run:
         self.logits_to_keep = supports_logits_to_keep(self.model)
         self.response_tokens = [sum(1 for t in item["labels"] if t != IGNORE_INDEX) for item in self.train_data.items]
 
-        batches_per_epoch = len(length_grouped_batches(self.train_data.lengths, config.batch_size, config.seed, 0))
+        batches_per_epoch = len(self._batches(0))
         steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         self.total_steps = config.max_steps or config.epochs * steps_per_epoch
         self.optimizer = build_optimizer(self.model, config)
@@ -240,8 +243,7 @@ class _Run:
             while state.step < self.total_steps:
                 if plan_epoch != state.epoch:
                     plan_epoch = state.epoch
-                    self.plan = length_grouped_batches(self.train_data.lengths, config.batch_size, config.seed,
-                                                       plan_epoch)
+                    self.plan = self._batches(plan_epoch)
                 row, stopping = self._step(stop)
                 if metrics is not None and (state.step % config.log_every == 0 or "eval_loss" in row):
                     metrics.write(json.dumps(row) + "\n")
@@ -258,6 +260,11 @@ class _Run:
                     return True
         bar.close()
         return False
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        config = self.config
+        return training_batches(self.train_data.lengths, config.batch_size, config.seed, epoch, config.group_by_length,
+                                tolerance=config.length_tolerance)
 
     def _step(self, stop: "_StopFlag") -> tuple[dict, bool]:
         """One optimizer step over the next grad_accum micro-batches; its metrics row, and whether to stop."""
@@ -290,10 +297,10 @@ class _Run:
         row = {"step": state.step, "epoch": round(state.epoch + state.batch / len(self.plan), 4),
                "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                "tokens_per_s": round(n_tokens / dt, 1)}
-        if self.eval_data is not None and config.eval_every and state.step % config.eval_every == 0 \
-                and state.step < self.total_steps:
-            self.last_eval = self._eval_loss()
-            row["eval_loss"] = round(self.last_eval, 6)
+        # keep_best without eval_every: an eval at each epoch's end (the last step's eval is _finish's)
+        due = state.step % config.eval_every == 0 if config.eval_every else config.keep_best and state.batch == 0
+        if self.eval_data is not None and due and state.step < self.total_steps:
+            row.update(self._evaluate())
         return row, stop_votes > 0
 
     def _stop_on_nan(self, step: int, loss: float, grad_norm: float) -> None:
@@ -306,25 +313,57 @@ class _Run:
         raise TrainError(f"the loss at step {step} is {loss} (gradient norm {grad_norm}): training stopped without "
                          f"saving the adapter. {back}.")
 
+    def _evaluate(self, final: bool = False) -> dict:
+        """Measure the eval loss; with keep_best, a new lowest one is noted and (but for the final step, which
+        _finish saves) its adapter written to best/. The metrics row's part."""
+        self.last_eval = self._eval_loss()
+        row = {"eval_loss": round(self.last_eval, 6)}
+        state = self.state
+        if self.config.keep_best and (state.best_eval_loss is None or self.last_eval < state.best_eval_loss):
+            state.best_step, state.best_eval_loss = state.step, self.last_eval
+            if not final:
+                self._save(self.out / BEST_NAME)
+            row["best"] = True
+        return row
+
+    def _save(self, directory: Path) -> None:
+        """The adapter (or, with full, the whole model) into `directory`; every process calls it (FSDP gathers)."""
+        gathered = whole_trainable(self.model) if self.config.fsdp else None
+        if self.world.is_main:
+            if self.config.full:
+                self.model.save_pretrained(directory)  # a complete model directory, loadable as --base
+                self.tokenizer.save_pretrained(directory)
+            else:  # adapter_config.json + adapter_model.safetensors (under FSDP from the gathered weights)
+                self.model.save_pretrained(directory, state_dict=gathered)
+
     def _eval_loss(self) -> float:
         return eval_loss(self.model, self.eval_data, self.tokenizer.pad_token_id, 2 * self.config.batch_size,
                          self.config.bf16, self.world)
 
     # -- the end ---------------------------------------------------------------------------------------
     def _finish(self) -> None:
-        """The final eval loss, then the adapter (or the whole model) written to --out."""
+        """The final eval loss, then the adapter (or the whole model) written to --out.
+
+        With keep_best, the top of --out holds the adapter of the lowest eval loss; when that is not the last
+        step's, the last step's adapter goes to --out/last/.
+        """
+        state, best_dir, last_dir = self.state, self.out / BEST_NAME, self.out / LAST_NAME
         if self.eval_data is not None:
-            self.last_eval = self._eval_loss()
+            row = self._evaluate(final=True)
             if self.world.is_main:
                 with open(self.out / METRICS_NAME, "a") as metrics:
-                    metrics.write(json.dumps({"step": self.state.step, "eval_loss": round(self.last_eval, 6)}) + "\n")
-        gathered = whole_trainable(self.model) if self.config.fsdp else None
-        if self.world.is_main:
-            if self.config.full:
-                self.model.save_pretrained(self.out)  # a complete model directory, loadable as --base
-                self.tokenizer.save_pretrained(self.out)
-            else:  # adapter_config.json + adapter_model.safetensors (under FSDP from the gathered weights)
-                self.model.save_pretrained(self.out, state_dict=gathered)
+                    metrics.write(json.dumps({"step": state.step, **row}) + "\n")
+        if not self.config.keep_best or state.best_step == state.step:  # the last step's adapter is the one
+            self._save(self.out)
+            if self.world.is_main:
+                shutil.rmtree(best_dir, ignore_errors=True)
+                shutil.rmtree(last_dir, ignore_errors=True)  # from an earlier finish of this --out, if any
+            return
+        self._save(last_dir)
+        if self.world.is_main:  # each file replaced atomically, the best adapter's files last to arrive
+            for entry in sorted(best_dir.iterdir()):
+                os.replace(entry, self.out / entry.name)
+            best_dir.rmdir()
 
     def _result(self, interrupted: bool) -> TrainResult:
         state, losses = self.state, self.losses
@@ -334,7 +373,9 @@ class _Run:
             first_loss=losses[0] if losses else None, final_loss=sum(tail) / len(tail) if losses else None,
             eval_loss=self.last_eval, tokens=state.tokens, train_seconds=state.train_seconds,
             tokens_per_s=state.tokens / max(state.train_seconds, 1e-9), trainable_params=self.trainable,
-            interrupted=interrupted, checkpoint=self.last_checkpoint)
+            interrupted=interrupted, checkpoint=self.last_checkpoint,
+            best_step=state.best_step if self.config.keep_best else None, best_eval_loss=state.best_eval_loss,
+            last_dir=str(self.out / LAST_NAME) if (self.out / LAST_NAME).is_dir() else None)
         if self.world.is_main:
             from lorakit.plotting import plot_loss_curve
 

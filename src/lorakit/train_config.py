@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,14 +34,20 @@ class TrainConfig:
     # optimisation
     epochs: int = 3
     max_steps: Optional[int] = None  # if set, overrides epochs
-    lr: float = 2e-4
-    lr_scheduler: str = "cosine"  # "cosine", "linear" (both decay to 0 at the last step) or "constant"
+    # lr, schedule, clipping and grouping: chosen by benchmarks/quality.py on validation splits (README, Training
+    # quality): a constant lr beat cosine and linear decay, 2e-3 beat 1e-3, clipping at 1.0 beat none, and plain
+    # shuffled batches beat length-grouped ones.
+    lr: float = 2e-3
+    lr_scheduler: str = "constant"  # "cosine", "linear" (both decay to 0 at the last step) or "constant"
     batch_size: int = 8
     grad_accum: int = 1
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.05  # share of the steps spent warming up
+    warmup_steps: int = 0  # if > 0, the warmup in steps instead of warmup_ratio
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
+    group_by_length: bool = False  # batches of similar-length rows: less padding, less varied batches
+    length_tolerance: float = 0.125  # grouping: lengths within this share of each other count as equal (0: exact)
     bf16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard the model across the processes (FSDP) instead of copying it (DDP)
@@ -48,7 +55,8 @@ class TrainConfig:
     device: str = "auto"  # "auto": the GPU if there is one, else the CPU; or "cpu", "cuda", "cuda:1"
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices learn at lr * ratio
     # bookkeeping
-    eval_every: int = 0  # steps between eval-loss measurements (0: only at the end)
+    eval_every: int = 0  # steps between eval-loss measurements (0: only at the end, or each epoch with keep_best)
+    keep_best: bool = False  # with eval_data: the adapter at the top of `out` is the one of the lowest eval loss
     save_every: int = 0  # steps between checkpoints (0: none, except on Ctrl-C)
     keep_checkpoints: int = 2
     log_every: int = 1  # steps between metrics.jsonl rows
@@ -74,19 +82,34 @@ class TrainConfig:
             raise TrainError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
         _check_field_types(self)
         lora = self.lora
+        not_finite = [f"{name}={getattr(self, name)}" for name in _FLOAT_FIELDS
+                      if getattr(self, name) is not None and not math.isfinite(getattr(self, name))]
         checks = [
             (bool(self.data), "data: give a training data file (--data)"),
-            (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs (or max_steps) must be positive"),
+            (not not_finite, f"{', '.join(not_finite)}: give a finite number"),
+            (self.epochs >= 0, f"epochs must be positive, got {self.epochs}"),
             (self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
+            (self.epochs > 0 or self.max_steps is not None, "epochs is 0: give a positive epochs (or max_steps)"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.lr_scheduler in LR_SCHEDULERS,
              f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"),
-            (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.grad_accum > 0, f"grad_accum must be positive, got {self.grad_accum}"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (not (self.warmup_steps and self.warmup_ratio),
+             f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) both set the warmup; give "
+             "one of them (set warmup_ratio to 0 to count the warmup in steps)"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.length_tolerance >= 0, f"length_tolerance must be >= 0 (0: sort by exact length), got "
+                                         f"{self.length_tolerance}"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (self.max_length > 1, f"max_length must be > 1, got {self.max_length}"),
             (self.too_long in ("truncate", "skip"), f"too_long must be 'truncate' or 'skip', got {self.too_long!r}"),
+            (self.full or lora.lora_alpha > 0, f"lora alpha must be positive, got {lora.lora_alpha}: the adapter's "
+                                               "output is scaled by alpha / r, so 0 trains an adapter that changes "
+                                               "nothing"),
             (self.quantize in (None, "nf4"), f"quantize must be None or 'nf4', got {self.quantize!r}"),
             (not (self.full and self.quantize), "full fine-tuning cannot train 4-bit weights; drop quantize"),
             (not (self.full and (lora.use_dora or lora.use_rslora)),
@@ -94,11 +117,14 @@ class TrainConfig:
             (not (self.fsdp and self.quantize), "fsdp shards floating-point weights, and a 4-bit (quantize nf4) base "
                                                 "has none to shard: train QLoRA with DDP (drop fsdp)"),
             (not (self.fsdp and self.full), "fsdp trains LoRA adapters here; run full fine-tuning with DDP (drop fsdp)"),
-            (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0, "loraplus_lr_ratio must be positive"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+             f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.save_every >= 0 and self.eval_every >= 0,
              f"save_every and eval_every must be >= 0 (0: off), got {self.save_every} and {self.eval_every}"),
+            (not self.keep_best or bool(self.eval_data),
+             "keep_best picks the adapter by its eval loss: give held-out data with eval_data (--eval-data)"),
             (self.attention in (None, "eager", "sdpa"), f"attention must be 'eager' or 'sdpa', got {self.attention!r}"),
         ]
         for ok, message in checks:
@@ -118,6 +144,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (the training record and checkpoints keep these)."""
         return dataclasses.asdict(self)
+
+
+_FLOAT_FIELDS = ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "loraplus_lr_ratio", "length_tolerance")
 
 
 def _check_field_types(config: TrainConfig) -> None:
@@ -159,6 +188,9 @@ class TrainResult:
     trainable_params: int
     interrupted: bool = False
     checkpoint: Optional[str] = None  # last checkpoint written
+    best_step: Optional[int] = None  # keep_best: the step whose adapter is at the top of `out`
+    best_eval_loss: Optional[float] = None
+    last_dir: Optional[str] = None  # keep_best: where the last step's adapter went, when it is not the best
 
     def summary(self) -> str:
         first = "?" if self.first_loss is None else f"{self.first_loss:.3f}"
@@ -170,7 +202,10 @@ class TrainResult:
             text += f", eval loss {self.eval_loss:.3f}"
         if self.interrupted:
             return text + f"; interrupted, checkpoint {self.checkpoint} (continue with --resume)"
-        return text + f"; saved to {self.out}"
+        if self.best_step is None:
+            return text + f"; saved to {self.out}"
+        text += f"; saved to {self.out} the adapter of step {self.best_step}, the lowest eval loss ({self.best_eval_loss:.3f})"
+        return text + (f"; the last step's adapter is in {self.last_dir}" if self.last_dir else " (the last step)")
 
 
 def _duration(seconds: float) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,12 +38,38 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def _float_in(text: str, ok: Callable[[float], bool], what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for rates and scales where 0 makes no sense (learning rate, LoRA alpha)."""
+    return _float_in(text, lambda v: v > 0, "a number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for amounts where 0 means 'none' (weight decay, gradient clipping)."""
+    return _float_in(text, lambda v: v >= 0, "a number >= 0")
+
+
+def fraction(text: str) -> float:
+    """argparse type for a share in [0, 1) (warmup ratio, dropout)."""
+    return _float_in(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 TYPE_NAMES = {int: "an integer", float: "a number", positive_int: "a positive integer",
-              non_negative_int: "an integer >= 0"}
+              non_negative_int: "an integer >= 0", positive_float: "a number > 0", non_negative_float: "a number >= 0",
+              fraction: "a number in [0, 1)"}
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 

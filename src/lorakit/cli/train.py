@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from lorakit.cli.options import CliError, comma_list, merge_options, non_negative_int, positive_int, read_config_options
+from lorakit.cli.options import (CliError, comma_list, fraction, merge_options, non_negative_float, non_negative_int,
+                                 positive_float, positive_int, read_config_options)
 from lorakit.models import DEFAULT_BASE
 
 # Flags that set the adapter (TrainConfig.lora) and the LoraConfig field each one sets.
@@ -23,7 +24,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--base", default=S, help=f"base model: '{DEFAULT_BASE}' (embedded default), a local dir or a hub id")
     g.add_argument("--data", default=S, help="training pairs: .jsonl, .csv or a datasets directory")
-    g.add_argument("--eval-data", dest="eval_data", default=S, help="held-out pairs for the eval loss")
+    g.add_argument("--eval-data", dest="eval_data", default=S,
+                   help="held-out pairs for the eval loss (with --keep-best: to pick the adapter kept)")
     g.add_argument("--out", default=S, help="output directory: adapter, metrics.jsonl, loss_curve.png, checkpoints/")
     g.add_argument("--query-field", dest="query_field", default=S,
                    help=f"field holding the query (default: {run.query_field})")
@@ -37,34 +39,43 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     # --lora-r: torchrun's own parser takes a bare --r for an abbreviation of its options and stops.
     g.add_argument("--r", "--lora-r", dest="r", type=positive_int, default=S, help=f"rank (default {lora.r})")
-    g.add_argument("--alpha", type=float, default=S, help=f"lora_alpha (default {lora.lora_alpha:g})")
+    g.add_argument("--alpha", type=positive_float, default=S, help=f"lora_alpha (default {lora.lora_alpha:g})")
     g.add_argument("--targets", type=comma_list, default=S,
                    help=f"comma-separated module names, or all-linear (default {','.join(lora.target_modules)})")
-    g.add_argument("--dropout", type=float, default=S, help=f"LoRA dropout (default {lora.lora_dropout})")
+    g.add_argument("--dropout", type=fraction, default=S, help=f"LoRA dropout (default {lora.lora_dropout})")
     g.add_argument("--dora", action="store_true", default=S, help="DoRA: learn a magnitude per output feature too")
     g.add_argument("--rslora", action="store_true", default=S, help="rank-stabilised scaling alpha / sqrt(r)")
     g.add_argument("--full", action="store_true", default=S, help="full fine-tuning baseline instead of LoRA")
     g.add_argument("--quantize", choices=["nf4"], default=S, help="QLoRA: keep the frozen base in 4-bit NF4")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=S, help=f"passes over the data (default {run.epochs})")
+    g.add_argument("--epochs", type=positive_int, default=S, help=f"passes over the data (default {run.epochs})")
     g.add_argument("--max-steps", dest="max_steps", type=positive_int, default=S,
                    help="optimizer steps; overrides --epochs")
-    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default {run.lr:g})")
+    g.add_argument("--lr", type=positive_float, default=S, help=f"peak learning rate (default {run.lr:g})")
     g.add_argument("--lr-scheduler", dest="lr_scheduler", choices=LR_SCHEDULERS, default=S,
                    help=f"after the warmup: decay to 0 at the last step, or constant (default {run.lr_scheduler})")
     g.add_argument("--batch-size", dest="batch_size", type=positive_int, default=S,
                    help=f"examples per micro-batch (default {run.batch_size})")
     g.add_argument("--grad-accum", dest="grad_accum", type=positive_int, default=S,
                    help=f"micro-batches per step (default {run.grad_accum})")
-    g.add_argument("--warmup-ratio", dest="warmup_ratio", type=float, default=S,
-                   help=f"warmup share of steps (default {run.warmup_ratio})")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
+    g.add_argument("--warmup-ratio", dest="warmup_ratio", type=fraction, default=S,
+                   help=f"share of the steps with the lr rising linearly from 0 (default {run.warmup_ratio})")
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=non_negative_int, default=S,
+                   help="the warmup in steps instead (with --warmup-ratio 0)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=non_negative_float, default=S,
                    help=f"AdamW weight decay (default {run.weight_decay})")
-    g.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=S,
+    g.add_argument("--max-grad-norm", dest="max_grad_norm", type=non_negative_float, default=S,
                    help=f"gradient clipping norm, 0 for none (default {run.max_grad_norm})")
-    g.add_argument("--loraplus-lr-ratio", dest="loraplus_lr_ratio", type=float, default=S,
+    g.add_argument("--loraplus-lr-ratio", dest="loraplus_lr_ratio", type=positive_float, default=S,
                    help="LoRA+: lr of the B matrices = lr * ratio")
-    g.add_argument("--seed", type=int, default=S, help=f"random seed (default {run.seed})")
+    g.add_argument("--seed", type=non_negative_int, default=S, help=f"random seed (default {run.seed})")
+    grouping = "on" if run.group_by_length else "off"
+    g.add_argument("--group-by-length", dest="group_by_length", action=argparse.BooleanOptionalAction, default=S,
+                   help=f"batches of rows of similar length: less padding, but fewer different answers per batch "
+                        f"(default {grouping})")
+    g.add_argument("--length-tolerance", dest="length_tolerance", type=non_negative_float, default=S,
+                   help=f"with --group-by-length: lengths within this share of each other count as equal, so their "
+                        f"rows mix (default {run.length_tolerance}; 0: sort by exact length)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
     g.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
     g.add_argument("--attention", choices=["eager", "sdpa"], default=S,
@@ -75,7 +86,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: shard the model across the processes (FSDP) instead of a copy in each (DDP)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--eval-every", dest="eval_every", type=non_negative_int, default=S,
-                   help=f"steps between eval-loss runs (default {run.eval_every}: only at the end)")
+                   help=f"steps between eval-loss runs (default {run.eval_every}: only at the end, or each epoch "
+                        "with --keep-best)")
+    g.add_argument("--keep-best", dest="keep_best", action="store_true", default=S,
+                   help="with --eval-data: --out holds the adapter of the lowest eval loss (the last step's, when "
+                        "another is kept, goes to --out/last)")
     g.add_argument("--save-every", dest="save_every", type=non_negative_int, default=S,
                    help=f"steps between checkpoints (default {run.save_every}: none, except on Ctrl-C)")
     g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=positive_int, default=S,
