@@ -1,4 +1,4 @@
-"""FastAPI routes: the OpenAI-compatible API, vLLM's adapter endpoints, /health, /metrics, /playground."""
+"""FastAPI routes: the OpenAI-compatible API, vLLM's adapter endpoints, /health, /metrics, /playground (also /)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .schemas import APIError, LoadAdapterRequest, UnloadAdapterRequest, parse_b
 
 log = logging.getLogger("lorakit.serve")
 
-OPEN_PATHS = ("/health", "/playground")  # no API key needed (the page holds no data; it asks for the key)
+OPEN_PATHS = ("/health", "/playground", "/")  # no API key needed (the page holds no data; it asks for the key)
 
 
 def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = None) -> FastAPI:
@@ -62,6 +62,7 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/")
     @app.get("/playground")
     async def playground():
         page = resources.files("lorakit.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
