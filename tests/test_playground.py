@@ -70,6 +70,12 @@ def model_row(page, name: str):
     return page.locator(f'#models li[data-model="{name}"]')
 
 
+def shaded_spans(answer) -> list[list[str]]:
+    """[text, log probability, background colour, tooltip] of each shaded token of an answer, in one call."""
+    return answer.locator("span[data-logprob]").evaluate_all(
+        "spans => spans.map(s => [s.textContent, s.dataset.logprob, getComputedStyle(s).backgroundColor, s.title])")
+
+
 def use_key(page, key: str) -> None:
     page.fill("#key", key)
     page.click("#key-form button")
@@ -134,15 +140,15 @@ def test_base_and_two_adapters_stream_side_by_side_equal_to_the_api(page, server
         assert texts[model] == expected["message"]["content"] and texts[model]
         assert f"stop: {expected['finish_reason']}" in panel.locator(".meta").inner_text()
         # each token shaded by its probability: the same log probabilities the API gives
-        spans = answer.locator("span[data-logprob]").all()
+        spans = shaded_spans(answer)
         special = set(tiny_tokenizer().all_special_tokens)  # a special token adds no text: nothing to shade
         tokens = [t for t in expected["logprobs"]["content"] if t["token"] not in special]
-        assert [s.text_content() for s in spans] == [t["token"] for t in tokens]
-        for span, token in zip(spans, tokens):
-            assert math.isclose(float(span.get_attribute("data-logprob")), token["logprob"], abs_tol=1e-5)
-            alpha = float(span.evaluate("s => getComputedStyle(s).backgroundColor").rsplit(",", 1)[1].rstrip(")"))
+        assert [text for text, *_ in spans] == [t["token"] for t in tokens]
+        for (_, logprob, background, _), token in zip(spans, tokens):
+            assert math.isclose(float(logprob), token["logprob"], abs_tol=1e-5)
+            alpha = float(background.rsplit(",", 1)[1].rstrip(")"))
             assert math.isclose(alpha, 0.7 * (1 - math.exp(token["logprob"])), abs_tol=1 / 255)  # 8-bit alpha
-        assert spans[0].get_attribute("title").startswith("p = ") and "alternatives:" in spans[0].get_attribute("title")
+        assert spans[0][3].startswith("p = ") and "alternatives:" in spans[0][3]
     assert len(set(texts.values())) == 3  # three different models answered
     # asking loaded both adapters: the list says so
     page.wait_for_function("document.querySelector('#models li[data-model=billing]').dataset.status === 'resident'")
@@ -158,6 +164,25 @@ def test_base_and_two_adapters_stream_side_by_side_equal_to_the_api(page, server
         page.set_viewport_size(LAPTOP)
     assert png_size(shots / "playground-1280x800.png") == (1280, 800)
     assert png_size(shots / "playground-390x844.png") == (390, 844)
+
+
+def test_completion_mode_streams_the_api_text(page, server):
+    page.select_option("#mode", "completion")
+    assert page.locator("#system-row").is_hidden()  # a system prompt is for chat
+    try:
+        ask(page, ["support"])
+    finally:
+        page.select_option("#mode", "chat")
+    r = server["http"].post("/v1/completions", json={"model": "support", "prompt": QUESTION, "temperature": 0,
+                                                     "max_tokens": MAX_TOKENS, "logprobs": 3})
+    choice = r.json()["choices"][0]
+    answer = page.locator('#answers article[data-model="support"] .answer')
+    assert answer.text_content() == choice["text"] and choice["text"]
+    spans = shaded_spans(answer)
+    shown = [(t, lp) for t, lp in zip(choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"])
+             if t not in set(tiny_tokenizer().all_special_tokens)]
+    assert [text for text, *_ in spans] == [t for t, _ in shown]
+    assert all(math.isclose(float(span[1]), lp, abs_tol=1e-5) for span, (_, lp) in zip(spans, shown))
 
 
 def test_load_and_unload_from_the_page(page, server):
