@@ -33,6 +33,9 @@ def server(tmp_path_factory):
     save_random_adapter(base, adapters / "billing", seed=1, r=8)
     save_random_adapter(base, adapters / "support", seed=2, r=4, alpha=8.0, targets=["q_proj", "v_proj"])
     save_random_adapter(tiny_model(tok, hidden=32), adapters / "otherbase", seed=3)  # made for another base
+    damaged = save_random_adapter(base, adapters / "damaged", seed=4)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     args = parser.parse_args(["--base", str(root / "base"), "--served-model-name", BASE, "--adapter-dir",
@@ -123,6 +126,9 @@ def test_the_adapter_list_shows_rank_targets_size_and_status(page, server):
         size = human_bytes(info["weights_bytes"])  # as `lorakit inspect` writes it
         assert f"rank {rank} · {targets} · {size} · {info['parameters']:,} params" in text, text
         assert model_row(page, name).get_attribute("data-status") == "on-disk" and "on disk" in text
+    # a folder whose weights cannot be read is listed with what is wrong with it
+    assert "cannot be read" in cards["damaged"]["lorakit"]["error"]
+    assert "truncated or corrupt" in model_row(page, "damaged").locator(".reason").inner_text()
 
 
 def test_base_and_two_adapters_stream_side_by_side_equal_to_the_api(page, server, tmp_path_factory):

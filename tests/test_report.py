@@ -135,6 +135,9 @@ def test_report_command(run_dir, tmp_path):
     (run_dir / "eval.json").write_text("{broken")
     code, _, err = run_cli(["report", str(run_dir)])
     assert code == 2 and "eval.json is not valid JSON" in err
+    (run_dir / "eval.json").write_text(json.dumps({"rows": [], "base": {"accuracy": 0.5}}))
+    code, _, err = run_cli(["report", str(run_dir)])
+    assert code == 2 and "is not a `lorakit eval --json` file" in err
 
 
 def test_train_writes_the_report_and_prints_its_path(tiny_base, tmp_path):

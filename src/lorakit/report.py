@@ -60,7 +60,7 @@ def build_report(run_dir: str | os.PathLike, eval_file: Optional[str | os.PathLi
                           "output of `lorakit eval`)")
     settings, result = record.get("config", {}), record.get("result", {})
     title = f"lorakit report: {run.resolve().name}"
-    sections = [_header(run, settings, result, adapter, scores), _curves(metrics, result),
+    sections = [_header(run, settings, result, adapter, scores), _curves(metrics),
                 _scores_section(scores, run), _settings_section(settings, result, adapter)]
     return (PAGE.replace("%TITLE%", _e(title))
                 .replace("%BODY%", "\n".join(s for s in sections if s)))
@@ -75,8 +75,12 @@ def _read_eval(run: Path, eval_file: Optional[str | os.PathLike]) -> Optional[di
             raise ReportError(f"--eval {path} does not exist; pass the JSON file `lorakit eval --json` wrote")
         return None
     data = read_json(path, ReportError)
-    if not isinstance(data.get("rows"), list):
-        raise ReportError(f"{path} has no 'rows' list: it is not a `lorakit eval --json` file")
+    rows, sides = data.get("rows"), [data.get(key) for key in ("base", "tuned")]
+    scored = [s for s in sides if s is not None]
+    if (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows) or not scored
+            or not all(isinstance(s, dict) and {"accuracy", "correct", "n"} <= set(s) for s in scored)):
+        raise ReportError(f"{path} is not a `lorakit eval --json` file (it needs 'rows' and the 'base' and/or 'tuned' "
+                          "scores); write it with `lorakit eval --json FILE`")
     data["file"] = str(path)
     return data
 
@@ -172,7 +176,7 @@ def _smoothed(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def _curves(metrics: list[dict], result: dict) -> str:
+def _curves(metrics: list[dict]) -> str:
     def column(name: str) -> list[tuple[float, float]]:  # a NaN loss (a diverged step) cannot be drawn
         return [(r["step"], r[name]) for r in metrics if _finite(r.get("step")) and _finite(r.get(name))]
 
