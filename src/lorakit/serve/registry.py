@@ -204,12 +204,16 @@ class AdapterRegistry:
                                  "unload it first or choose another name.")
             if existing is not None:
                 raise AdapterBusyError(f"Adapter '{name}' is being unloaded; retry in a moment.")
-            info = AdapterInfo(name, real, "api")
+            # An adapter dir's folder loaded under its own name is that on-demand adapter, made resident now: a
+            # failed load stays listed with its reason, as when a request loads it.
+            own_folder = self._in_dirs(name) == real
+            info = _dir_adapter(name, real) if own_folder else AdapterInfo(name, real, "api")
             self._adapters[name] = info
             try:
                 self._make_resident(info)
             except BaseException:
-                del self._adapters[name]
+                if not (own_folder and info.load_error is not None):
+                    del self._adapters[name]
                 raise
             return info
 
