@@ -43,9 +43,9 @@ def test_generated_requests_get_a_2xx_or_an_openai_style_4xx_and_the_server_keep
     report = fuzz.fuzz(running.url, ["base"] + names, names, EXAMPLES, timeout=60, max_seconds=240)
     print(f"\nfuzz: {report['bodies']} requests: {report['by_endpoint']}; {report['errors_by_code']}")
     assert not report["stopped_by_time"]
-    assert report["operations"] == 9  # every endpoint of the OpenAPI document
+    assert report["operations"] == 10  # every endpoint of the OpenAPI document
     by = report["by_endpoint"]
-    assert set(by) == {"GET /health", "GET /metrics", "GET /playground", "GET /v1/models",
+    assert set(by) == {"GET /", "GET /health", "GET /metrics", "GET /playground", "GET /v1/models",
                        "GET /v1/models/{model_id}", "POST /v1/completions", "POST /v1/chat/completions",
                        "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
     assert report["bodies"] >= 6 * EXAMPLES  # the GETs without parameters are one request each

@@ -25,17 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import autocast_enabled
-from .layers import ModulesToSaveWrapper, current_row_adapters
+from .layers import ModulesToSaveWrapper
+from .row_adapters import current_row_adapters
 
 IGNORE_INDEX = -100
 # Logits held at once by the fused loss, in elements (4M floats = 16 MiB: a row chunk's buffer or a
 # vocabulary slice stays below glibc's mmap threshold, so freed memory is reused, not page-faulted anew).
 CHUNK_ELEMENTS = 1 << 22
-# On a GPU each vocabulary slice costs several kernel launches, and launches, not arithmetic, bounded a
-# small model's step: on an H200 a 16 x 1024-token SmolLM2 step took as long as a 4 x 256 one. With 4M
-# elements the loss of that batch ran 192 slices (4 row blocks x 48) and the step was 0.81x PEFT's (1.0x at
-# 4 x 256, 12 slices). 64M elements (384 MiB of bf16 logits with their float32 copy) take the vocabulary in
-# a few slices and stay far below the full logits.
+# On a GPU each vocabulary slice costs several kernel launches, and for a small model launches, not arithmetic,
+# bound the step: 64M elements (384 MiB of bf16 logits with their float32 copy) take the vocabulary in a few
+# slices and stay far below the full logits (benchmarks/README.md has the GPU runs behind this).
 GPU_CHUNK_ELEMENTS = 1 << 26
 # Rows per block of the frozen-head loss: its [rows x hidden] accumulators stay small.
 ROW_BLOCK = 4096

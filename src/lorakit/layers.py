@@ -10,10 +10,8 @@ adapter files, are interchangeable.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,8 @@ from torch import nn
 from .errors import ConfigError
 from .kernels import DoraBase, LoraWeights, add_lora, add_lora_by_rows, base_linear, dora_scale, lora_linear
 from .lora_init import factors_from_weight, init_lora, is_from_base_weight
+from .row_adapters import current_row_adapters, rows_of_owned_adapters
 
-BASE_ADAPTER = "__base__"  # the row-adapter name that means "no adapter"
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -38,56 +36,6 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
-
-
-# -- the adapter of each batch row, for one call --------------------------------------------------------
-
-class RowAdapters:
-    """Which adapter each batch row runs in one model call (None: the base model)."""
-
-    def __init__(self, names: Sequence[Optional[str]]):
-        self.names = tuple(None if n in (None, BASE_ADAPTER) else n for n in names)
-        self._masks: dict = {}
-
-    def masks(self, batch: int, device: torch.device) -> dict[Optional[str], torch.Tensor]:
-        """{adapter or None: bool [batch] of its rows}. A batch of k times as many rows (generate's
-        num_return_sequences or beams) repeats each name k times."""
-        key = (batch, device)
-        masks = self._masks.get(key)
-        if masks is None:
-            names = self.names
-            if batch != len(names):
-                if batch % len(names):
-                    raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} rows; "
-                                     "pass one adapter name per row.")
-                names = tuple(n for n in names for _ in range(batch // len(names)))
-            masks = self._masks[key] = {n: torch.tensor([m == n for m in names], device=device)
-                                        for n in dict.fromkeys(names)}
-        return masks
-
-
-_ROW_ADAPTERS: contextvars.ContextVar[Optional[RowAdapters]] = contextvars.ContextVar("lorakit_row_adapters",
-                                                                                      default=None)
-
-
-def current_row_adapters() -> Optional[RowAdapters]:
-    """The row adapters of the call running now (None outside a mixed-batch call)."""
-    return _ROW_ADAPTERS.get()
-
-
-@contextlib.contextmanager
-def row_adapters(names: Optional[Sequence[Optional[str]]]) -> Iterator[None]:
-    """Within the block (this thread or task only), batch row i of a forward runs adapter names[i]."""
-    token = _ROW_ADAPTERS.set(RowAdapters(names) if names is not None else None)
-    try:
-        yield
-    finally:
-        _ROW_ADAPTERS.reset(token)
-
-
-def _row_pairs(rows: RowAdapters, batch: int, device: torch.device, owned) -> list[tuple[str, torch.Tensor]]:
-    """(adapter, its rows) for the batch's adapters that this layer has (`owned`); other rows run the base."""
-    return [(name, mask) for name, mask in rows.masks(batch, device).items() if name is not None and name in owned]
 
 
 class DoraMagnitude(nn.Module):
@@ -169,13 +117,13 @@ class LoraLayer(nn.Module):
 
     def _row_pairs(self, batch: int, device: torch.device) -> Optional[list[tuple[str, torch.Tensor]]]:
         """This call's (adapter, rows) pairs when it is a mixed batch, else None."""
-        rows = _ROW_ADAPTERS.get()
+        rows = current_row_adapters()
         if rows is None or self._disabled:
             return None
         if self.merged_adapters:
             raise ValueError("Cannot run a mixed-adapter batch while adapters are merged into the base weights; "
                              "call unmerge_adapter() first.")
-        return _row_pairs(rows, batch, device, self.r)
+        return rows_of_owned_adapters(rows, batch, device, self.r)
 
     # -- adding, deleting, merging ------------------------------------------------------------------------
     def _register(self, name: str, r: int, alpha: float, scaling: float, dropout: float, use_dora: bool) -> None:
@@ -335,7 +283,7 @@ class LoraLinear(LoraLayer):
         return DoraBase(self._base_weight, getattr(self.base_layer, "bias", None), self.base_layer)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        rows = _ROW_ADAPTERS.get()
+        rows = current_row_adapters()
         one = self._one_adapter if rows is None and not (args or kwargs) else None
         if one is not None:
             plain = self._plain_base()
@@ -486,7 +434,7 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        rows = _ROW_ADAPTERS.get()
+        rows = current_row_adapters()
         if rows is None or self.disable_adapters:
             return self.active_module()(x, *args, **kwargs)
         # A mixed batch: each module runs on the whole batch and keeps its rows, as a LoRA layer does.

@@ -21,7 +21,8 @@ from .adapter_folder import (WEIGHTS_NAME, adapter_state_dict, load_adapter_tens
                              resolve_adapter_path, warn_on_base_mismatch, write_adapter)
 from .config import LoraConfig
 from .fused_loss import causal_lm_loss_forward
-from .layers import BASE_ADAPTER, LoraEmbedding, LoraLinear, is_quantized_linear, row_adapters
+from .layers import LoraEmbedding, LoraLinear, is_quantized_linear
+from .row_adapters import BASE_ADAPTER, row_adapters
 from .lora_model import LoraModel, model_name
 
 

@@ -195,7 +195,7 @@ def load_base_model(
 def _copy_out_of_file_mapping(model: torch.nn.Module) -> None:
     """Give each CPU weight its own memory instead of transformers' private mapping of the safetensors file.
 
-    Decoding from the mapping was 1-2.5% slower on SmolLM2-135M (benchmarks/inference.py, paired runs).
+    Decoding from the mapping was measurably slower (benchmarks/README.md).
     Copied one tensor at a time: the file's pages are clean, so the kernel can drop them under pressure, and
     the mapping goes once the last tensor has been replaced.
     """
