@@ -17,7 +17,8 @@ from .combine import add_weighted_adapter
 from .config import LoraConfig
 from .errors import AdapterNotFoundError
 from .inject import resolve_modules_to_save, resolve_targets, wrap_module_to_save, wrap_target
-from .layers import BASE_ADAPTER, LoraLayer, ModulesToSaveWrapper, is_quantized_linear
+from .layers import LoraLayer, ModulesToSaveWrapper, is_quantized_linear
+from .row_adapters import BASE_ADAPTER
 
 
 def model_name(model: nn.Module) -> Optional[str]:
