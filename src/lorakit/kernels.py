@@ -131,7 +131,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Under autocast everything runs in the autocast dtype. Without autograd it is the base matmul and an
     in-place update: the same arithmetic as `add_lora`, so both give the same bits.
     """
-    if autocast_enabled(x):
+    if _any_autocast() and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -140,7 +140,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
                                     or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
-    out = base_linear(x, weight, bias, fan_in_fan_out)
+    out = F.linear(x, weight, bias) if not fan_in_fan_out else base_linear(x, weight, bias, True)
+    if dropout_p == 0.0 and lora_a.dtype is out.dtype and x.dtype is out.dtype:
+        # What _plus_update_in does here (nothing to convert, the sum formed in `out`), without its steps:
+        # decoding one token runs this for every adapted layer.
+        _accumulate(out, x, lora_a, lora_b, scaling)
+        return out
     return _plus_update_in(out, x, LoraWeights(lora_a, lora_b, scaling, dropout_p), lora_a.dtype, dropout_p > 0,
                            True, None)
 

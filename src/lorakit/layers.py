@@ -285,14 +285,17 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows = current_row_adapters()
         one = self._one_adapter if rows is None and not (args or kwargs) else None
-        if one is not None:
-            plain = self._plain_base()
+        if one is not None:  # _plain_base's and _weights' reads, inlined: see _refresh
             name, a_modules, b_modules, dropouts, scaling = one
+            base = self._modules["base_layer"]
+            weight = base._parameters.get("weight")
             dropout = dropouts[name]
             kind = type(dropout)
-            if plain is not None and (kind is nn.Identity or kind is nn.Dropout):
+            if weight is not None and (kind is nn.Identity or kind is nn.Dropout) \
+                    and (type(base) is nn.Linear or self.fan_in_fan_out) \
+                    and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__):
                 p = dropout.p if kind is nn.Dropout and self.training else 0.0
-                return lora_linear(x, plain[0], plain[1], a_modules[name]._parameters["weight"],
+                return lora_linear(x, weight, base._parameters.get("bias"), a_modules[name]._parameters["weight"],
                                    b_modules[name]._parameters["weight"], scaling, p, self.fan_in_fan_out)
         pairs = self._row_pairs(x.shape[0], x.device) if rows is not None else None
         running = self.running if pairs is None else tuple(name for name, _ in pairs)
