@@ -144,6 +144,36 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> list[str]:
     return notes
 
 
+def write_model_gguf(model, tokenizer, out: Path, outtype: str, source: Optional[Path], name: str) -> tuple[str, int, list[str]]:
+    """Write a transformers causal LM as the GGUF model file `out`; metadata copied from `source` (the GGUF file
+    the model came from) when given, else built from its config and tokenizer. Returns (architecture, tensors,
+    notes)."""
+    arch = GGUFArchitecture(model.config)
+    tensors = merged_tensors(model, arch)
+    if source is not None and read_architecture(source) != arch.name:
+        raise ExportError(f"--base-gguf {source} is a {read_architecture(source)!r} model, not {arch.name!r}")
+    notes: list[str] = []
+
+    def fill(writer) -> None:
+        import gguf
+
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type(file_type(outtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if source is not None:
+            _copy_base_metadata(writer, source, tensors)
+        else:
+            _architecture_metadata(writer, model.config)
+            notes.extend(_tokenizer_metadata(writer, tokenizer, int(model.config.vocab_size)))
+        for tensor_name, tensor in tensors.items():
+            data, raw = encode(tensor, outtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=raw)
+
+    write_gguf(out, arch.name, fill)
+    return arch.name, len(tensors), notes
+
+
 def export_merged_gguf(adapter: str | os.PathLike, out: str | os.PathLike, base: Optional[str] = None,
                        outtype: str = "f16", base_gguf: Optional[str] = None, force: bool = False) -> MergedExport:
     """Merge the adapter into its base and write the result as the GGUF model `out`, with `<out>.Modelfile`."""
@@ -152,33 +182,12 @@ def export_merged_gguf(adapter: str | os.PathLike, out: str | os.PathLike, base:
     parts = read_adapter_parts(adapter)
     model, tokenizer, _, base_name = load_with_adapters(base, [str(adapter)])
     merged = model.merge_and_unload()
-    arch = GGUFArchitecture(merged.config)
-    tensors = merged_tensors(merged, arch)
     source = base_gguf_for(base_name, base_gguf)
-    if source is not None and read_architecture(source) != arch.name:
-        raise ExportError(f"--base-gguf {source} is a {read_architecture(source)!r} model, not {arch.name!r}")
-    notes: list[str] = []
+    arch, count, notes = write_model_gguf(merged, tokenizer, out_path, outtype, source,
+                                          f"{base_name} + {parts.path.resolve().name}")
     if parts.quantization:
-        notes.append(f"{parts.path} was trained as QLoRA: merged into the {parts.quantization}-rounded weights of "
-                     f"{base_name}, the ones it was trained on")
-
-    def fill(writer) -> None:
-        import gguf
-
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(f"{base_name} + {parts.path.resolve().name}")
-        writer.add_file_type(file_type(outtype))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if source is not None:
-            _copy_base_metadata(writer, source, tensors)
-        else:
-            _architecture_metadata(writer, merged.config)
-            notes.extend(_tokenizer_metadata(writer, tokenizer, int(merged.config.vocab_size)))
-        for name, tensor in tensors.items():
-            data, raw = encode(tensor, outtype)
-            writer.add_tensor(name, data, raw_dtype=raw)
-
-    write_gguf(out_path, arch.name, fill)
+        notes.insert(0, f"{parts.path} was trained as QLoRA: merged into the {parts.quantization}-rounded weights of "
+                        f"{base_name}, the ones it was trained on")
     modelfile = out_path.with_suffix(".Modelfile")
     text = Modelfile(relative_or_absolute(out_path, out_path.parent), None,
                      eos_stops(tokenizer, merged.generation_config),
@@ -186,5 +195,5 @@ def export_merged_gguf(adapter: str | os.PathLike, out: str | os.PathLike, base:
                           f"ollama create NAME -f {modelfile.name}").text()
     with atomic_write(modelfile, "w") as f:
         f.write(text)
-    return MergedExport(out_path, base_name, arch.name, len(tensors),
-                        str(source) if source else "transformers config and tokenizer", modelfile, notes)
+    return MergedExport(out_path, base_name, arch, count, str(source) if source else "transformers config and tokenizer",
+                        modelfile, notes)
