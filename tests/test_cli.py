@@ -20,7 +20,7 @@ from lorakit.cli.evaluate import eval_options_from_args
 from lorakit.cli.options import CliError, config_keys
 from lorakit.cli.train import add_train_options, train_config_from_args
 
-SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "serve", "demo"]
+SUBCOMMANDS = ["train", "eval", "generate", "chat", "merge", "inspect", "export", "serve", "demo"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
