@@ -205,3 +205,28 @@ def test_cli_export_prints_how_to_run_it_and_refuses_with_exit_2(adapter, tmp_pa
     assert main(["export", str(adapter), "--format", "gguf", "--out", str(tmp_path / "b.gguf"), "--name", "x"]) == 2
     assert "--name and --max-lora-rank belong to --format vllm" in capsys.readouterr().err
     json.loads((adapter / "adapter_config.json").read_text())  # the adapter is untouched
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_merged_gguf_of_the_qwen_families_reloads_with_the_merged_logits(family, tmp_path):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim apart from hidden / heads): no q/k reordering."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[
+        family]
+    torch.manual_seed(0)
+    base = tmp_path / family
+    # transformers' GGUF loader takes Qwen3's head_dim from its own default (128), so the tiny model uses that
+    model_class(config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=128 if family == "qwen3" else 8, vocab_size=49152,
+                             max_position_embeddings=256)).save_pretrained(base)
+    load_tokenizer("smollm2").save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert GGUFArchitecture(AutoModelForCausalLM.from_pretrained(base).config).permutes_qk is False
+    export_adapter_gguf(adapter, tmp_path / "adapter.gguf")
+    export_merged_gguf(adapter, tmp_path / "merged.gguf", outtype="f32")
+    model, _, _, _ = load_with_adapters(None, [str(adapter)])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="merged.gguf", dtype=torch.float32)
+    x = torch.randint(3, 49152, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-4, atol=1e-4)
