@@ -219,9 +219,11 @@ def make_plan(settings: TrainConfig, memory: Optional[int] = None, device: str =
     gradient_checkpointing, attention) on `device` ("cuda" or "cpu"), against `memory` bytes if given."""
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device must be cuda or cpu, got {device!r}")
-    overhead = _process_rss() if device == "cpu" else None
     config = load_model_config(settings.base)
     model = build_meta_model(config)
+    # The CPU's runtime: this process with torch, transformers and the model's code loaded (its weights on the
+    # meta device take nothing).
+    overhead = _process_rss() if device == "cpu" else None
     arch = architecture(model)
     frozen_for = {q: _frozen_bytes(model, dataclasses.replace(settings, quantize=q)) for q in (None, "nf4")}
     full_targets = _all_linear_targets(model)
@@ -244,7 +246,8 @@ def make_plan(settings: TrainConfig, memory: Optional[int] = None, device: str =
     asked = _Scenario(settings.batch_size, settings.max_length, settings.gradient_checkpointing, settings.quantize)
     mem = lora_estimate(asked)
     other = lora_estimate(dataclasses.replace(asked, gradient_checkpointing=not asked.gradient_checkpointing))
-    full = estimate(arch, full_targets, 0, total, settings.batch_size, settings.max_length, settings.bf16, full=True,
+    base_params = total - trainable  # the model without the adapter: what full fine-tuning trains
+    full = estimate(arch, full_targets, 0, base_params, settings.batch_size, settings.max_length, settings.bf16, full=True,
                     attention=attention, checkpointing=settings.gradient_checkpointing, device=device,
                     overhead=overhead)
     notes = []
@@ -260,7 +263,7 @@ def make_plan(settings: TrainConfig, memory: Optional[int] = None, device: str =
                 targets=_count_targets(peft_model, file_tensors), trainable=trainable, total=total,
                 trainable_line=out.getvalue().strip(),
                 adapter_file_bytes=safetensors_size(file_tensors, {"format": "pt"}), memory=mem,
-                other_activations=other.activations, full=full, full_trainable=total, limit=memory, notes=notes)
+                other_activations=other.activations, full=full, full_trainable=base_params, limit=memory, notes=notes)
     if memory is not None and not plan.fits:
         plan.hint = _hint(asked, lora_estimate, memory, settings.grad_accum)
     return plan
