@@ -7,11 +7,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lorakit.cli import adapters, demo, evaluate, infer, plan, report, serve, train
+from lorakit.cli import adapters, compress, demo, doctor, evaluate, infer, plan, report, serve, train
 from lorakit.cli.options import CliError
 
 # In the order `lorakit --help` lists them.
-COMMAND_MODULES = (plan, train, evaluate, infer, adapters, serve, demo, report)
+COMMAND_MODULES = (plan, doctor, train, evaluate, infer, adapters, compress, serve, demo, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
