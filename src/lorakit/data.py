@@ -115,32 +115,37 @@ def load_examples(
     facts_field: str = "facts",
 ) -> list[Example]:
     """Read and validate every row of a data file; raise DataError naming the first bad row."""
-    examples = []
-    for lineno, row in read_rows(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object with fields {query_field!r} and "
-                            f"{response_field!r}, got {type(row).__name__}")
-        if row.get(messages_field) is not None:
-            messages = _check_messages(row[messages_field], where, messages_field)
-        else:
-            for name, flag in ((query_field, "--query-field"), (response_field, "--response-field")):
-                value = row.get(name)
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    present = ", ".join(map(repr, row)) or "none"
-                    problem = "missing field" if value is None else "empty field"
-                    raise DataError(f"{where}: {problem} {name!r} (fields present: {present}); name the right "
-                                    f"column with {flag}, or give a {messages_field!r} list of chat turns")
-                if not isinstance(value, str):
-                    raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-            messages = [{"role": "user", "content": row[query_field]},
-                        {"role": "assistant", "content": row[response_field]}]
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
-        examples.append(Example(messages, _facts(row.get(facts_field), where, facts_field), where))
+    examples = [example_from_row(row, f"{path}:{lineno}", query_field, response_field, messages_field, system_prompt,
+                                 facts_field) for lineno, row in read_rows(path)]
     if not examples:
         raise DataError(f"{path} holds no rows")
     return examples
+
+
+def example_from_row(row: Any, where: str, query_field: str = "query", response_field: str = "response",
+                     messages_field: str = "messages", system_prompt: Optional[str] = None,
+                     facts_field: str = "facts") -> Example:
+    """One row as an Example; DataError naming `where` (file:line) and what is wrong when it is malformed."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {query_field!r} and "
+                        f"{response_field!r}, got {type(row).__name__}")
+    if row.get(messages_field) is not None:
+        messages = _check_messages(row[messages_field], where, messages_field)
+    else:
+        for name, flag in ((query_field, "--query-field"), (response_field, "--response-field")):
+            value = row.get(name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                present = ", ".join(map(repr, row)) or "none"
+                problem = "missing field" if value is None else "empty field"
+                raise DataError(f"{where}: {problem} {name!r} (fields present: {present}); name the right "
+                                f"column with {flag}, or give a {messages_field!r} list of chat turns")
+            if not isinstance(value, str):
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        messages = [{"role": "user", "content": row[query_field]},
+                    {"role": "assistant", "content": row[response_field]}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return Example(messages, _facts(row.get(facts_field), where, facts_field), where)
 
 
 def _check_messages(messages: Any, where: str, name: str) -> list[dict[str, str]]:

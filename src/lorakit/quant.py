@@ -26,7 +26,7 @@ QUANT_METHODS = ("nf4",)
 
 __all__ = [
     "BLOCK_SIZE", "ABSMAX_BLOCK_SIZE", "QUANT_METHODS", "NF4Linear", "nf4_code", "quantize_nf4",
-    "dequantize_nf4", "quantize_model", "dequantize_model", "quantized_nbytes",
+    "dequantize_nf4", "quantize_model", "quantized_linear_names", "dequantize_model", "quantized_nbytes",
 ]
 
 
@@ -312,8 +312,8 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip_modules: Sequence
                          "LoRA on top); this model already has adapters or trainable head copies.")
     skip = _output_heads(model) if skip_modules is None else \
         ([skip_modules] if isinstance(skip_modules, str) else list(skip_modules))
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not _matches(name, skip) and not _is_adapter_weight(name)]
+    chosen = set(quantized_linear_names(model, skip_modules))
+    targets = [(name, m) for name, m in model.named_modules() if name in chosen]
     if not targets and not any(isinstance(m, NF4Linear) for m in model.modules()):
         kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__
                         or type(m).__name__ == "Conv1D"})
@@ -325,6 +325,15 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip_modules: Sequence
     if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = _refuse_save_pretrained  # the instance's; dequantize_model removes it
     return model
+
+
+def quantized_linear_names(model: nn.Module, skip_modules: Sequence[str] | None = None) -> list[str]:
+    """The modules quantize_model(model, skip_modules=...) replaces: every nn.Linear outside skip_modules (by
+    default the output heads) and outside LoRA's own matrices. Works on a model on the meta device too."""
+    skip = _output_heads(model) if skip_modules is None else \
+        ([skip_modules] if isinstance(skip_modules, str) else list(skip_modules))
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and not _matches(name, skip) and not _is_adapter_weight(name)]
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

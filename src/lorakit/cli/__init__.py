@@ -7,11 +7,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lorakit.cli import adapters, demo, evaluate, export, infer, report, serve, train
+from lorakit.cli import adapters, compress, demo, doctor, evaluate, export, infer, plan, report, serve, train
 from lorakit.cli.options import CliError
 
 # In the order `lorakit --help` lists them.
-COMMAND_MODULES = (train, evaluate, infer, adapters, export, serve, demo, report)
+COMMAND_MODULES = (plan, doctor, train, evaluate, infer, adapters, compress, export, serve, demo, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
