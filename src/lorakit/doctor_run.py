@@ -104,13 +104,14 @@ def check_weights(root: Path) -> list[Finding]:
         top = statistics.median(layer[f"top{TOP_K}_energy"] for layer in layers)
         what = (f"the layers use a median {median} of their {r} ranks ({RANK_ENERGY:.0%} of each update's energy; "
                 f"largest {ranks[-1]}); the top {TOP_K} singular values hold {top:.1%} of the energy (median)")
-        if ranks[-1] <= r // 2:
+        if median <= r // 2:
             findings.append(Finding("info", "compressible", what,
-                                    "the unused ranks cost memory and load time but add nothing",
-                                    f"lorakit compress {root} --rank {ranks[-1]} --out {root}-r{ranks[-1]} (or "
-                                    f"--energy {RANK_ENERGY}); next time --r {ranks[-1]}", data={"layers": layers}))
+                                    "the unused ranks cost memory and load time but add little",
+                                    f"lorakit compress {root} --energy {RANK_ENERGY} --out {root}-compressed (each "
+                                    f"layer keeps its own rank), or --rank {median}; next time --r {median}",
+                                    data={"layers": layers}))
         else:
-            findings.append(Finding("info", "rank-usage", what, "most layers use most of their ranks",
+            findings.append(Finding("info", "rank-usage", what, "most layers use more than half of their ranks",
                                     "nothing to compress; a higher --r may help if the task is large",
                                     data={"layers": layers}))
     findings.append(Finding(
