@@ -11,8 +11,8 @@ from tiny_models import single_thread, tiny_llama, token_batch, save_tiny_chat_b
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.adapter_folder import read_config, read_weights
 from lorakit.cli import main
-from lorakit.compress import (A_SUFFIX, B_SUFFIX, FILE_PREFIX, compare_accuracy, compress_adapter, energy_rank,
-                              lora_layers, lora_svd)
+from lorakit.compress import (A_SUFFIX, B_SUFFIX, FILE_PREFIX, compress_adapter, energy_rank, lora_layers,
+                              lora_svd)
 from lorakit.errors import ConfigError, LoraKitError
 from lorakit.train_config import lora_recipe
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from lorakit.train_config import TrainConfig

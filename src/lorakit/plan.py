@@ -23,7 +23,7 @@ from lorakit.adapter_folder import MODEL_CONFIG_NAME, adapter_state_dict, human_
 from lorakit.errors import ConfigError
 from lorakit.fused_loss import FUSED_LOSS_MODELS, RMS_NORMS, SWIGLU_MLPS
 from lorakit.layers import LoraLayer
-from lorakit.memory_estimate import (GIB, Architecture, Estimate, Target, estimate, gib, nf4_bytes,
+from lorakit.memory_estimate import (Architecture, Estimate, Target, estimate, gib, nf4_bytes,
                                      parse_memory)
 from lorakit.model import get_peft_model
 from lorakit.models import DEFAULT_BASE
@@ -81,8 +81,14 @@ def build_meta_model(config) -> nn.Module:
 
 
 def architecture(model: nn.Module) -> Architecture:
+    """The shapes the memory estimate needs, from a decoder-only model's config (Llama's field names)."""
     c = model.config
     c = getattr(c, "text_config", None) or c
+    needed = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+    missing = [name for name in needed if getattr(c, name, None) is None]
+    if missing:
+        raise ConfigError(f"{type(model).__name__}'s config has no {', '.join(missing)}: lorakit plan estimates "
+                          "decoder-only models described with Llama's config fields (Llama, Mistral, Qwen, Gemma, ...)")
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     names = {type(m).__name__ for m in model.modules()}
@@ -366,6 +372,3 @@ def memory_limit(text: Optional[str]) -> Optional[int]:
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-
-def gib_of(n: int) -> float:
-    return n / GIB

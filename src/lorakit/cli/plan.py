@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from lorakit.cli.options import (CliError, comma_list, fraction, merge_options, positive_float, positive_int,
+from lorakit.cli.options import (comma_list, fraction, merge_options, positive_float, positive_int,
                                  read_config_options)
 from lorakit.cli.train import LORA_FLAGS, add_train_options
 from lorakit.models import DEFAULT_BASE
