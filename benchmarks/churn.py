@@ -11,7 +11,6 @@ every --every adapters. The goal: RSS after the last adapter within 10% of RSS a
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import ServerProcess, make_adapter_dir, metric_total  # noqa: E402
+from train_step import emit  # benchmarks/ is the script's directory  # noqa: E402
 
 GOAL = 0.10  # RSS after all adapters over RSS after the first `--every`, minus one
 
@@ -75,10 +75,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"benchmark": "churn", "base": args.base, "adapters": args.adapters, "distinct": args.distinct,
               "max_adapters": args.max_adapters, **report}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

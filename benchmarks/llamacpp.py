@@ -17,13 +17,13 @@ generated tokens per second of wall time, prompt included; llama.cpp also withou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from train_step import emit  # benchmarks/ is the script's directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_DATA = ROOT / "src" / "lorakit" / "demo_data" / "eval.jsonl"
@@ -148,10 +148,7 @@ def main(argv=None) -> dict:
         "merged_gguf_in_llama_cpp": merged_result if args.merged else None,
         "differing_answers": differing,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

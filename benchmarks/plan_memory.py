@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from train_step import emit  # benchmarks/ is the script's directory  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -147,10 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                               default=0), 4) for name in ALLOCATORS}
     result = {"base": args.base, "steps": args.steps, "r": args.r, "targets": targets, "cases": rows,
               "max_abs_error_by_allocator": errors}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

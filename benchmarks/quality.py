@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_step import emit  # benchmarks/ is the script's directory  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "src" / "lorakit" / "demo_data"
 MULTITURN_DIR = ROOT / "benchmarks" / "data" / "multiturn"
@@ -403,10 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
               "summary": summary}
     if args.split == "validation":
         result["pick"], result["pick_scores"] = pick(summary)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 
