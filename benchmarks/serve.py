@@ -120,8 +120,8 @@ def main() -> None:
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine, EngineConfig
     from lorakit.serve.metrics import ServerMetrics
+    from lorakit.serve.server import on_short_lived_thread
 
-    base, tokenizer = load_base_model(args.base)
     tmp = tempfile.TemporaryDirectory(prefix="lorakit-serve-bench-")
     if args.adapter_dir:
         adapter_dir = Path(args.adapter_dir)
@@ -130,12 +130,20 @@ def main() -> None:
             sys.exit(f"--adapter-dir {adapter_dir} has {len(names)} adapters, fewer than --adapters {args.adapters}")
     else:
         adapter_dir = Path(tmp.name)
-        names = make_random_adapters(base, args.adapters, adapter_dir, args.seed)
+        names = None
+
+    def load() -> Engine:  # as `lorakit serve` does: PyTorch work before the engine starts runs on its own thread
+        base, tokenizer = load_base_model(args.base)
+        if names is None:
+            made.extend(make_random_adapters(base, args.adapters, adapter_dir, args.seed))
+        config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_adapters=args.adapters)
+        return Engine(base, tokenizer, config, base_name=args.base, adapter_dirs=[str(adapter_dir)], metrics=metrics)
 
     key = "bench"
     metrics = ServerMetrics(args.max_batch_size)
-    config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_adapters=len(names))
-    engine = Engine(base, tokenizer, config, base_name=args.base, adapter_dirs=[str(adapter_dir)], metrics=metrics)
+    made: list[str] = []
+    engine = on_short_lived_thread(load)
+    names = names or made
     server = ServerThread(create_app(engine, metrics, api_key=key)).start()
 
     rng = random.Random(args.seed)

@@ -112,6 +112,23 @@ def test_mixed_batch_rows_equal_the_batch_run_with_their_adapter_bit_for_bit(dty
     assert all(not torch.equal(alone[a][0], alone[b][0]) for a, b in zip(names, names[1:]) if a != b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_one_adapter_for_every_row_is_the_one_adapter_call(dtype, monkeypatch):
+    """A server batch whose rows all want adapter b runs the path of set_adapter("b"): the same bits, and no
+    per-row masking."""
+    import lorakit.layers
+
+    model = mixed_model(dtype)
+    ids = token_batch(batch=4, seq=3)
+    with torch.no_grad():
+        model.set_adapter("b")
+        alone = outputs(model, ids)
+        model.set_adapter("a")  # the active adapter is another one
+        monkeypatch.setattr(lorakit.layers, "add_lora_by_rows", lambda *a, **k: pytest.fail("took the mixed path"))
+        together = outputs(model, ids, adapter_names=["b"] * 4)
+    assert torch.equal(together, alone)
+
+
 def test_mixed_batch_generate_equals_one_by_one():
     model = mixed_model()
     ids = token_batch(batch=3, seq=6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import threading
 
 import httpx
 import pytest
@@ -76,3 +77,40 @@ def test_a_plain_adapter_alone_gets_the_full_precision_base(tiny_base, adapters,
         assert server.app.state.engine.served.base_quantization is None and ask(server, "p").status_code == 200
     finally:
         server.stop()
+
+
+def test_on_short_lived_thread_returns_the_result_and_raises_the_error_of_a_thread_that_has_ended():
+    from lorakit.serve.server import on_short_lived_thread
+
+    seen = []
+
+    def work(x, y=1):
+        seen.append(threading.current_thread())
+        return x + y
+
+    assert on_short_lived_thread(work, 2, y=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(ZeroDivisionError):
+        on_short_lived_thread(lambda: 1 / 0)
+
+
+def test_build_server_loads_the_model_off_the_calling_thread(tiny_base, adapters, monkeypatch):
+    """The engine thread must be the only long-lived thread that has run PyTorch's parallel ops (see
+    on_short_lived_thread): the model is loaded, and the startup adapters read, on a thread that then ends."""
+    import lorakit.models
+    import lorakit.serve.served_model
+
+    loaders = []
+    for module, name in ((lorakit.models, "load_base_for_adapters"), (lorakit.serve.served_model.ServedModel,
+                                                                       "load_adapter")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, **kwargs):
+            loaders.append(threading.current_thread())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    build_server(parser.parse_args(["--base", tiny_base, "--adapter", f"q={adapters / 'q'}", "--max-model-len", "128"]))
+    assert len(loaders) == 2 and threading.current_thread() not in loaders

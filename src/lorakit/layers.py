@@ -100,6 +100,14 @@ class LoraLayer(nn.Module):
             one, modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules,
             self.scaling[one])
 
+    def _sole_adapter(self, name: Optional[str]) -> Optional[tuple]:
+        """What _refresh keeps for one running adapter, for adapter `name` run on every row of a call."""
+        if name is None or name not in self.r or self.use_dora[name] or self._disabled or self.merged_adapters:
+            return None
+        modules = self._modules
+        return (name, modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules,
+                self.scaling[name])
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.r)
@@ -284,7 +292,12 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows = current_row_adapters()
-        one = self._one_adapter if rows is None and not (args or kwargs) else None
+        if args or kwargs:
+            one = None
+        elif rows is None:
+            one = self._one_adapter
+        else:  # every row on one plain adapter is the same call as with that adapter set: the same path
+            one = self._sole_adapter(rows.sole)
         if one is not None:  # _plain_base's and _weights' reads, inlined: see _refresh
             name, a_modules, b_modules, dropouts, scaling = one
             base = self._modules["base_layer"]

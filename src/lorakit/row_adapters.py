@@ -21,6 +21,8 @@ class RowAdapters:
 
     def __init__(self, names: Sequence[Optional[str]]):
         self.names = tuple(None if n in (None, BASE_ADAPTER) else n for n in names)
+        # The adapter every row runs, when they all run the same one: layers then take their one-adapter path.
+        self.sole: Optional[str] = self.names[0] if self.names and len(set(self.names)) == 1 else None
         self._masks: dict = {}
 
     def masks(self, batch: int, device: torch.device) -> dict[Optional[str], torch.Tensor]:

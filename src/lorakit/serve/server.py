@@ -10,11 +10,12 @@ import socket
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from lorakit.precision import DTYPES
 
 QUANTIZE_CHOICES = ("auto", "nf4", "none")
+T = TypeVar("T")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +58,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server log level (default %(default)s)")
 
 
+def on_short_lived_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs) run on a new thread that ends when it returns; its result, or its exception raised here.
+
+    The engine runs the model on its own thread. A thread that has run PyTorch's parallel CPU ops keeps a team
+    of OpenMP threads for as long as it lives; with a second team in the process there are more OpenMP threads
+    than cores, GNU OpenMP then stops spinning between parallel regions, and every op of a decode step waits for
+    its sleeping threads to wake, which costs several times a small op's work. Loading the model (and anything
+    else heavy before the engine starts) on a thread that then ends frees that team, so the engine's is the only
+    one. The thread that called this stays free of OpenMP work.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="lorakit-load", daemon=True)  # Ctrl-C during a load exits
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
+
+
 def build_server(args: argparse.Namespace):
-    """Load the base model, register the adapters, and return the ASGI app (engine not yet started)."""
+    """Load the base model, register the adapters, and return the ASGI app (engine not yet started).
+
+    The loading runs on a short-lived thread (see on_short_lived_thread)."""
+    return on_short_lived_thread(_build_server, args)
+
+
+def _build_server(args: argparse.Namespace):
     import torch
 
     from lorakit.adapter_folder import check_adapter_dir, parse_adapter_specs
