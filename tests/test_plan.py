@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.cli import main
 from lorakit.errors import ConfigError
 from lorakit.memory_estimate import GIB, layer_activation_bytes, nf4_bytes, parse_memory
-from lorakit.plan import (architecture, build_meta_model, load_model_config, make_plan, safetensors_size,
+from lorakit.plan import (architecture, build_meta_model, load_model_config, make_plan, render, safetensors_size,
                           shipped_configs, _layer_targets)
 from lorakit.precision import autocast
 from lorakit.quant import quantize_model, quantized_nbytes
@@ -177,6 +178,18 @@ def test_tiny_measured_step_within_20_percent(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["estimated_step_bytes"] > 100 * 2 ** 20  # activations dominate the step
     assert 0.8 < result["estimated_step_bytes"] / result["measured_step_bytes"] < 1.2
+
+
+def test_a_cpu_plan_says_what_glibc_adds_to_rss_and_how_to_remove_it(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    plan = make_plan(settings("smollm2"), device="cpu")
+    glibc = [n for n in plan.notes if "MALLOC_MMAP_THRESHOLD_=131072" in n]
+    assert len(glibc) == (platform.libc_ver()[0] == "glibc")
+    if glibc:
+        assert "note: " + glibc[0] in render(plan) and "1.5x" in glibc[0]
+    assert not any("MALLOC" in n for n in make_plan(settings("smollm2")).notes)  # a GPU's allocator peak has no slack
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert not any("MALLOC" in n for n in make_plan(settings("smollm2"), device="cpu").notes)
 
 
 def test_fits_and_the_hint_names_the_smallest_change():
