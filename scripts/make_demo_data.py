@@ -816,30 +816,33 @@ def render_files(seed: int = SEED) -> dict[str, bytes]:
     return {"train.jsonl": render_jsonl(train), "eval.jsonl": render_jsonl(evals)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"where to write (default {OUT_DIR})")
+def generate_main(argv: list[str] | None, out_dir: Path, files: dict[str, bytes], script: str, summary: str) -> int:
+    """The command line of a data generator: write `files` into --out-dir, or --check them (exit 1 if stale)."""
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or script).split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=out_dir, help=f"where to write (default {out_dir})")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the files in --out-dir differ from a regeneration")
     args = parser.parse_args(argv)
-
-    files = render_files()
     if args.check:
         stale = [name for name, data in files.items()
                  if not (args.out_dir / name).is_file() or (args.out_dir / name).read_bytes() != data]
         for name in stale:
-            print(f"{args.out_dir / name} is missing or out of date; run: python scripts/make_demo_data.py",
-                  file=sys.stderr)
+            print(f"{args.out_dir / name} is missing or out of date; run: python {script}", file=sys.stderr)
         if not stale:
             print(f"{', '.join(files)} in {args.out_dir} are up to date")
         return 1 if stale else 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         with atomic_write(args.out_dir / name, "wb") as f:
             f.write(data)
         print(f"wrote {args.out_dir / name}: {len(data.splitlines())} rows")
-    print(f"{len(INTENTS)} intents, {TRAIN_PER_INTENT} train + {EVAL_PER_INTENT} eval queries each")
+    print(summary)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return generate_main(argv, OUT_DIR, render_files(), "scripts/make_demo_data.py",
+                         f"{len(INTENTS)} intents, {TRAIN_PER_INTENT} train + {EVAL_PER_INTENT} eval queries each")
 
 if __name__ == "__main__":
     sys.exit(main())

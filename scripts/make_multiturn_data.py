@@ -24,14 +24,10 @@ The output is byte-identical on every run.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import random
 import sys
 from pathlib import Path
-
-from lorakit.io_utils import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "data" / "multiturn"
@@ -104,30 +100,9 @@ def render_files(seed: int = SEED) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"where to write (default {OUT_DIR})")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if the files in --out-dir differ from a regeneration")
-    args = parser.parse_args(argv)
-
-    files = render_files()
-    if args.check:
-        stale = [name for name, data in files.items()
-                 if not (args.out_dir / name).is_file() or (args.out_dir / name).read_bytes() != data]
-        for name in stale:
-            print(f"{args.out_dir / name} is missing or out of date; run: python scripts/make_multiturn_data.py",
-                  file=sys.stderr)
-        if not stale:
-            print(f"{', '.join(files)} in {args.out_dir} are up to date")
-        return 1 if stale else 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        with atomic_write(args.out_dir / name, "wb") as f:
-            f.write(data)
-        print(f"wrote {args.out_dir / name}: {len(data.splitlines())} rows")
-    print(f"{len(demo.INTENTS)} intents, {TRAIN_PER_INTENT} train + {EVAL_PER_INTENT} eval conversations each")
-    return 0
-
+    return demo.generate_main(argv, OUT_DIR, render_files(), "scripts/make_multiturn_data.py",
+                              f"{len(demo.INTENTS)} intents, {TRAIN_PER_INTENT} train + {EVAL_PER_INTENT} eval "
+                              "conversations each")
 
 if __name__ == "__main__":
     sys.exit(main())

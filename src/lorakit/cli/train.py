@@ -14,10 +14,37 @@ LORA_FLAGS = {"r": "r", "alpha": "lora_alpha", "targets": "target_modules", "dro
               "dora": "use_dora", "rslora": "use_rslora"}
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
-    from lorakit.train_config import LR_SCHEDULERS, TrainConfig, lora_recipe
+QUANTIZE_HELP = "QLoRA: keep the frozen base in 4-bit NF4"
 
-    run, lora = TrainConfig(data="-"), lora_recipe()  # the defaults the help states
+
+def add_lora_options(g) -> None:
+    """The adapter's flags, shared by `lorakit train` and `lorakit plan` (an absent flag stays absent)."""
+    from lorakit.train_config import lora_recipe
+
+    lora, S = lora_recipe(), argparse.SUPPRESS
+    # --lora-r: torchrun's own parser takes a bare --r for an abbreviation of its options and stops.
+    g.add_argument("--r", "--lora-r", dest="r", type=positive_int, default=S, help=f"rank (default {lora.r})")
+    g.add_argument("--alpha", type=positive_float, default=S, help=f"lora_alpha (default {lora.lora_alpha:g})")
+    g.add_argument("--targets", type=comma_list, default=S,
+                   help=f"comma-separated module names, or all-linear (default {','.join(lora.target_modules)})")
+    g.add_argument("--dropout", type=fraction, default=S, help=f"LoRA dropout (default {lora.lora_dropout})")
+
+
+def add_batch_options(g) -> None:
+    """--batch-size and --grad-accum, shared by `lorakit train` and `lorakit plan`."""
+    from lorakit.train_config import TrainConfig
+
+    run, S = TrainConfig(data="-"), argparse.SUPPRESS
+    g.add_argument("--batch-size", dest="batch_size", type=positive_int, default=S,
+                   help=f"examples per micro-batch (default {run.batch_size})")
+    g.add_argument("--grad-accum", dest="grad_accum", type=positive_int, default=S,
+                   help=f"micro-batches per step (default {run.grad_accum})")
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    from lorakit.train_config import LR_SCHEDULERS, TrainConfig
+
+    run = TrainConfig(data="-")  # the defaults the help states
     S = argparse.SUPPRESS  # an option not given stays absent, so a config file value can show through
     p.add_argument("--config", help="YAML/JSON file of options (field names or flag names as below, e.g. lr, "
                                     "lora-r, no-progress); flags override it")
@@ -33,20 +60,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help=f"field holding the response (default: {run.response_field})")
     g.add_argument("--system-prompt", dest="system_prompt", default=S, help="system message put before each query")
     g.add_argument("--max-length", dest="max_length", type=positive_int, default=S,
-                   help=f"max tokens per example (default {run.max_length})")
+                   help=f"tokens per example, at most (default {run.max_length})")
     g.add_argument("--too-long", dest="too_long", choices=["truncate", "skip"], default=S,
                    help=f"what to do with longer examples (default {run.too_long})")
     g = p.add_argument_group("LoRA")
-    # --lora-r: torchrun's own parser takes a bare --r for an abbreviation of its options and stops.
-    g.add_argument("--r", "--lora-r", dest="r", type=positive_int, default=S, help=f"rank (default {lora.r})")
-    g.add_argument("--alpha", type=positive_float, default=S, help=f"lora_alpha (default {lora.lora_alpha:g})")
-    g.add_argument("--targets", type=comma_list, default=S,
-                   help=f"comma-separated module names, or all-linear (default {','.join(lora.target_modules)})")
-    g.add_argument("--dropout", type=fraction, default=S, help=f"LoRA dropout (default {lora.lora_dropout})")
+    add_lora_options(g)
     g.add_argument("--dora", action="store_true", default=S, help="DoRA: learn a magnitude per output feature too")
     g.add_argument("--rslora", action="store_true", default=S, help="rank-stabilised scaling alpha / sqrt(r)")
     g.add_argument("--full", action="store_true", default=S, help="full fine-tuning baseline instead of LoRA")
-    g.add_argument("--quantize", choices=["nf4"], default=S, help="QLoRA: keep the frozen base in 4-bit NF4")
+    g.add_argument("--quantize", choices=["nf4"], default=S, help=QUANTIZE_HELP)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=S, help=f"passes over the data (default {run.epochs})")
     g.add_argument("--max-steps", dest="max_steps", type=positive_int, default=S,
@@ -54,10 +76,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=positive_float, default=S, help=f"peak learning rate (default {run.lr:g})")
     g.add_argument("--lr-scheduler", dest="lr_scheduler", choices=LR_SCHEDULERS, default=S,
                    help=f"after the warmup: decay to 0 at the last step, or constant (default {run.lr_scheduler})")
-    g.add_argument("--batch-size", dest="batch_size", type=positive_int, default=S,
-                   help=f"examples per micro-batch (default {run.batch_size})")
-    g.add_argument("--grad-accum", dest="grad_accum", type=positive_int, default=S,
-                   help=f"micro-batches per step (default {run.grad_accum})")
+    add_batch_options(g)
     g.add_argument("--warmup-ratio", dest="warmup_ratio", type=fraction, default=S,
                    help=f"share of the steps with the lr rising linearly from 0 (default {run.warmup_ratio})")
     g.add_argument("--warmup-steps", dest="warmup_steps", type=non_negative_int, default=S,
@@ -101,19 +120,31 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """TrainConfig from its defaults < --config file < flags; the LoRA flags change the recipe's adapter."""
-    from lorakit.train_config import TrainConfig, lora_recipe, targets_from_names
+def merged_train_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields and LoRA flags that were set: --config file < flags."""
+    from lorakit.train_config import TrainConfig
 
     fields = [f.name for f in dataclasses.fields(TrainConfig)] + list(LORA_FLAGS)
     file_values = read_config_options(args.config, add_train_options) if getattr(args, "config", None) else {}
-    merged = merge_options({}, file_values, args, fields)
-    if not merged.get("data"):
-        raise CliError("no training data: pass --data FILE (or 'data:' in the --config file)")
+    return merge_options({}, file_values, args, fields)
+
+
+def train_config_from_options(merged: dict):
+    """TrainConfig from its defaults and `merged` (merged_train_options); the LoRA flags change the recipe's adapter."""
+    from lorakit.train_config import TrainConfig, lora_recipe, targets_from_names
+
     lora = {LORA_FLAGS[flag]: merged.pop(flag) for flag in list(merged) if flag in LORA_FLAGS}
     if "target_modules" in lora:
         lora["target_modules"] = targets_from_names(lora["target_modules"])
     return TrainConfig(lora=lora_recipe(**lora), **merged)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """TrainConfig from its defaults < --config file < flags."""
+    merged = merged_train_options(args)
+    if not merged.get("data"):
+        raise CliError("no training data: pass --data FILE (or 'data:' in the --config file)")
+    return train_config_from_options(merged)
 
 
 def run(args: argparse.Namespace) -> int:
