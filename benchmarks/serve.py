@@ -131,19 +131,18 @@ def main() -> None:
     else:
         adapter_dir = Path(tmp.name)
         names = None
-
-    def load() -> Engine:  # as `lorakit serve` does: PyTorch work before the engine starts runs on its own thread
-        base, tokenizer = load_base_model(args.base)
-        if names is None:
-            made.extend(make_random_adapters(base, args.adapters, adapter_dir, args.seed))
-        config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_adapters=args.adapters)
-        return Engine(base, tokenizer, config, base_name=args.base, adapter_dirs=[str(adapter_dir)], metrics=metrics)
-
     key = "bench"
     metrics = ServerMetrics(args.max_batch_size)
-    made: list[str] = []
-    engine = on_short_lived_thread(load)
-    names = names or made
+
+    def load(given: list[str] | None) -> tuple[Engine, list[str]]:
+        """As `lorakit serve` does: the PyTorch work before the engine starts runs on a thread of its own."""
+        base, tokenizer = load_base_model(args.base)
+        adapters = given if given is not None else make_random_adapters(base, args.adapters, adapter_dir, args.seed)
+        config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_adapters=len(adapters))
+        return Engine(base, tokenizer, config, base_name=args.base, adapter_dirs=[str(adapter_dir)],
+                      metrics=metrics), adapters
+
+    engine, names = on_short_lived_thread(load, names)
     server = ServerThread(create_app(engine, metrics, api_key=key)).start()
 
     rng = random.Random(args.seed)

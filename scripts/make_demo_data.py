@@ -816,9 +816,10 @@ def render_files(seed: int = SEED) -> dict[str, bytes]:
     return {"train.jsonl": render_jsonl(train), "eval.jsonl": render_jsonl(evals)}
 
 
-def generate_main(argv: list[str] | None, out_dir: Path, files: dict[str, bytes], script: str, summary: str) -> int:
+def generate_main(argv: list[str] | None, description: str, out_dir: Path, files: dict[str, bytes], script: str,
+                  summary: str) -> int:
     """The command line of a data generator: write `files` into --out-dir, or --check them (exit 1 if stale)."""
-    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or script).split("\n")[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out-dir", type=Path, default=out_dir, help=f"where to write (default {out_dir})")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the files in --out-dir differ from a regeneration")
@@ -841,8 +842,9 @@ def generate_main(argv: list[str] | None, out_dir: Path, files: dict[str, bytes]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generate_main(argv, OUT_DIR, render_files(), "scripts/make_demo_data.py",
+    return generate_main(argv, __doc__.split("\n")[0], OUT_DIR, render_files(), "scripts/make_demo_data.py",
                          f"{len(INTENTS)} intents, {TRAIN_PER_INTENT} train + {EVAL_PER_INTENT} eval queries each")
+
 
 if __name__ == "__main__":
     sys.exit(main())

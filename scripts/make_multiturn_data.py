@@ -100,9 +100,11 @@ def render_files(seed: int = SEED) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return demo.generate_main(argv, OUT_DIR, render_files(), "scripts/make_multiturn_data.py",
+    return demo.generate_main(argv, __doc__.split("\n")[0], OUT_DIR, render_files(),
+                              "scripts/make_multiturn_data.py",
                               f"{len(demo.INTENTS)} intents, {TRAIN_PER_INTENT} train + {EVAL_PER_INTENT} eval "
                               "conversations each")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -94,17 +94,13 @@ class LoraLayer(nn.Module):
         # For one running plain adapter, what its forward reads, down to the dicts nn.Module keeps its
         # submodules in (they stay the same objects when an entry or a parameter is replaced): decoding one
         # token runs this forward for every adapted layer, and attribute lookups were a visible share of it.
-        one = self.running[0] if len(self.running) == 1 else None
-        modules = self._modules
-        self._one_adapter = None if one is None or self.use_dora[one] or "lora_A" not in modules else (
-            one, modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules,
-            self.scaling[one])
+        self._one_adapter = self._one_adapter_reads(self.running[0]) if len(self.running) == 1 else None
 
-    def _sole_adapter(self, name: Optional[str]) -> Optional[tuple]:
-        """What _refresh keeps for one running adapter, for adapter `name` run on every row of a call."""
-        if name is None or name not in self.r or self.use_dora[name] or self._disabled or self.merged_adapters:
-            return None
+    def _one_adapter_reads(self, name: str) -> Optional[tuple]:
+        """What the forward of plain adapter `name` alone reads, or None for a DoRA adapter (see _refresh)."""
         modules = self._modules
+        if self.use_dora[name] or "lora_A" not in modules:
+            return None
         return (name, modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules,
                 self.scaling[name])
 
@@ -296,8 +292,10 @@ class LoraLinear(LoraLayer):
             one = None
         elif rows is None:
             one = self._one_adapter
-        else:  # every row on one plain adapter is the same call as with that adapter set: the same path
-            one = self._sole_adapter(rows.sole)
+        else:  # every row on one adapter is the same call as with that adapter set: the same path
+            sole = rows.sole
+            one = self._one_adapter_reads(sole) if sole in self.r and not (self._disabled or self.merged_adapters) \
+                else None
         if one is not None:  # _plain_base's and _weights' reads, inlined: see _refresh
             name, a_modules, b_modules, dropouts, scaling = one
             base = self._modules["base_layer"]

@@ -60,7 +60,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help=f"field holding the response (default: {run.response_field})")
     g.add_argument("--system-prompt", dest="system_prompt", default=S, help="system message put before each query")
     g.add_argument("--max-length", dest="max_length", type=positive_int, default=S,
-                   help=f"tokens per example, at most (default {run.max_length})")
+                   help=f"max tokens per example (default {run.max_length})")
     g.add_argument("--too-long", dest="too_long", choices=["truncate", "skip"], default=S,
                    help=f"what to do with longer examples (default {run.too_long})")
     g = p.add_argument_group("LoRA")
