@@ -52,7 +52,7 @@ def env(tmp_path_factory):
     args = parser.parse_args(["--base", str(root / "base"), "--served-model-name", BASE,
                               "--adapter", f"a={adapters / 'a'}", "--adapter-dir", str(adapters),
                               "--max-adapters", "3", "--max-batch-size", "4", "--max-model-len", "512",
-                              "--api-key", KEY])
+                              "--api-key", KEY, "--decode-precision", "fp32"])  # offline generate's weights
     server = ServerThread(build_server(args)).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)

@@ -34,7 +34,8 @@ def test_embedded_model_mixed_batch_matches_offline(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    args = parser.parse_args(["--adapter-dir", str(tmp_path / "adapters"), "--max-model-len", "512"])
+    args = parser.parse_args(["--adapter-dir", str(tmp_path / "adapters"), "--max-model-len", "512",
+                              "--decode-precision", "fp32"])  # the offline answers' weights
     server = ServerThread(build_server(args)).start()
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)

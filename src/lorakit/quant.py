@@ -279,12 +279,13 @@ def _refuse_save_pretrained(*args, **kwargs):
                      "first to save full-precision weights.")
 
 
-def _is_adapter_weight(name: str) -> bool:
+def is_adapter_weight(name: str) -> bool:
     # LoRA's own A/B matrices live under modules named lora_*; they are trained, never quantized.
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -321,7 +322,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip_modules: Sequence
                          + (f" (it has {', '.join(kinds)}, which NF4 does not cover)" if kinds else "")
                          + (f" outside skip_modules={skip}" if skip_modules is not None else "") + ".")
     for name, linear in targets:
-        _replace(model, name, NF4Linear.from_linear(linear, compute_dtype))
+        replace_module(model, name, NF4Linear.from_linear(linear, compute_dtype))
     if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = _refuse_save_pretrained  # the instance's; dequantize_model removes it
     return model
@@ -333,7 +334,7 @@ def quantized_linear_names(model: nn.Module, skip_modules: Sequence[str] | None 
     skip = _output_heads(model) if skip_modules is None else \
         ([skip_modules] if isinstance(skip_modules, str) else list(skip_modules))
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and not _matches(name, skip) and not _is_adapter_weight(name)]
+            if type(m) is nn.Linear and not _matches(name, skip) and not is_adapter_weight(name)]
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -348,7 +349,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         linear.weight = nn.Parameter(q.dequantize().to(dt), requires_grad=False)
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().to(dt).clone(), requires_grad=False)
-        _replace(model, name, linear)
+        replace_module(model, name, linear)
     if model.__dict__.get("save_pretrained") is _refuse_save_pretrained:
         del model.save_pretrained
     return model

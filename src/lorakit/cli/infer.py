@@ -8,6 +8,7 @@ import sys
 from lorakit.cli.options import CliError, positive_int
 from lorakit.models import DEFAULT_BASE
 from lorakit.precision import DTYPES
+from lorakit.weight_only import DECODE_PRECISION_HELP, DECODE_PRECISIONS
 
 BASE_HELP = f"base model (default: the one the adapter records when it is here, else {DEFAULT_BASE})"
 
@@ -21,6 +22,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype of the base weights, as `lorakit serve --dtype` (default %(default)s)")
+    p.add_argument("--decode-precision", dest="decode_precision", choices=DECODE_PRECISIONS, default="auto",
+                   help=DECODE_PRECISION_HELP)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -32,6 +35,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from lorakit import generation
     from lorakit.models import load_with_adapters
+    from lorakit.weight_only import prepare_for_decode
 
     # `echo "q" | lorakit generate` adds a newline the user did not type, and the model would answer it differently
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
@@ -39,6 +43,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CliError("empty prompt: pass it as an argument or on stdin")
     model, tokenizer, _, _ = load_with_adapters(args.base, [args.adapter] if args.adapter else [],
                                                 dtype=getattr(torch, args.dtype))
+    prepare_for_decode(model, args.decode_precision)
     messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + \
         [{"role": "user", "content": prompt}]
     torch.manual_seed(args.seed)
@@ -51,8 +56,10 @@ def run_chat(args: argparse.Namespace) -> int:
 
     from lorakit.chat import chat_loop
     from lorakit.models import load_with_adapters
+    from lorakit.weight_only import prepare_for_decode
 
     model, tokenizer, names, base = load_with_adapters(args.base, args.adapter, dtype=getattr(torch, args.dtype))
+    prepare_for_decode(model, args.decode_precision)
     torch.manual_seed(args.seed)
     chat_loop(model, tokenizer, names, base, args.system_prompt, **_sampling(args))
     return 0

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional, TypeVar
 
 from lorakit.precision import DTYPES
+from lorakit.weight_only import DECODE_PRECISION_HELP, DECODE_PRECISIONS
 
 QUANTIZE_CHOICES = ("auto", "nf4", "none")
 T = TypeVar("T")
@@ -48,6 +49,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "on (NF4-rounded for QLoRA adapters) and refuses adapters trained on another; 'nf4' "
                              "keeps a 4-bit base in memory (about a quarter of the bytes); 'none' full precision. "
                              "With nf4 or none, every adapter is served on that base")
+    parser.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="auto", help=DECODE_PRECISION_HELP)
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /playground "
                              "(default: $LORAKIT_API_KEY, else no key)")
@@ -96,6 +98,7 @@ def _build_server(args: argparse.Namespace):
 
     from lorakit.adapter_folder import check_adapter_dir, parse_adapter_specs
     from lorakit.models import QUANTIZE_AUTO, load_base_for_adapters
+    from lorakit.weight_only import prepare_for_decode
 
     from .app import create_app
     from .engine import Engine, EngineConfig
@@ -108,6 +111,8 @@ def _build_server(args: argparse.Namespace):
     model, tokenizer, quantization = load_base_for_adapters(args.base, list(adapters.values()),
                                                             dtype=getattr(torch, args.dtype), quantize=quantize,
                                                             keep_4bit=args.quantize == "nf4")
+    precision = prepare_for_decode(model, args.decode_precision)
+    logging.getLogger("lorakit.serve").info("decode precision: %s", precision)
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     max_len = args.max_model_len or min(2048, limit)
     metrics = ServerMetrics(args.max_batch_size)

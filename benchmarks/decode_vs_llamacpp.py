@@ -1,0 +1,242 @@
+"""`lorakit serve`'s engine next to llama.cpp on the same CPU and base weights: batch-1 decode, time to first token,
+8 adapters for 8 clients, and the greedy agreement of the quantized decode. Prints JSON.
+
+    make llamacpp                                  # once: llama-cpp-python (a benchmark reference only)
+    python benchmarks/decode_vs_llamacpp.py [--precisions auto,fp32] [--runs 3] [--adapter runs/demo] [--out F]
+
+Both run SmolLM2-135M-Instruct from the embedded GGUF file: llama.cpp on the file itself (Q4_1, its head Q8_0),
+lorakit on the float32 base converted from it, with each --precisions entry as `lorakit serve --decode-precision`
+would apply it. Same threads (--threads, default torch's), greedy, the same prompt tokens (lorakit's chat rendering
+of a demo question).
+
+  decode    one request, --max-tokens new tokens (end token ignored), tokens after the first per second, with an
+            unmerged random adapter (r=16 on q,k,v,o) in both: lorakit's engine and llama.cpp with that adapter
+            exported by `lorakit export --format gguf`; llama.cpp also without it.
+  ttft      a --prompt-tokens prompt (demo questions concatenated), seconds to the first new token; lorakit's
+            prefix cache is off, llama.cpp's context reset.
+  aggregate --clients requests at once, request i for adapter i mod --adapters, --max-tokens each: lorakit's
+            engine batches them all (mixed adapters in one forward); llama.cpp applies one LoRA configuration per
+            batch, and llama-cpp-python decodes one sequence at a time, so it runs them adapter by adapter (one
+            model per adapter), one request after another.
+  agreement with --adapter (the demo's, `lorakit demo`), every held-out question of the demo answered greedily
+            by `lorakit.generation.generate` on the float32 base and on each quantized one: equal answers.
+Rounds alternate between lorakit and llama.cpp; medians over --runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from serve import make_random_adapters  # benchmarks/ is the script's directory
+from train_step import emit
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL_DATA = ROOT / "src" / "lorakit" / "demo_data" / "eval.jsonl"
+
+
+def questions() -> list[str]:
+    return [json.loads(line)["query"] for line in EVAL_DATA.read_text().splitlines() if line.strip()]
+
+
+def random_adapters(directory: Path, count: int):
+    """(tokenizer, names) of `count` random adapters saved in `directory` (benchmarks/serve.py's)."""
+    from lorakit.models import load_base_model
+
+    base, tokenizer = load_base_model("smollm2")
+    return tokenizer, make_random_adapters(base, count, directory)
+
+
+def lorakit_engine(precision: str, adapter_root: Path, names: list[str], max_batch: int):
+    """The engine `lorakit serve --decode-precision PRECISION` would build, with the adapters loaded."""
+    from lorakit.models import load_base_model
+    from lorakit.serve.engine import Engine, EngineConfig
+    from lorakit.serve.server import on_short_lived_thread
+    from lorakit.weight_only import prepare_for_decode
+
+    def build():
+        model, tokenizer = load_base_model("smollm2")
+        chosen = prepare_for_decode(model, precision)
+        engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max_batch, prefix_cache_tokens=0))
+        engine.configure_adapters({name: str(adapter_root / name) for name in names})
+        return engine, chosen
+
+    engine, chosen = on_short_lived_thread(build)
+    return engine.start(), chosen
+
+
+def lorakit_decode(engine, prompt: list[int], adapter: str, max_tokens: int) -> tuple[float, float]:
+    """(decode tokens/s after the first token, seconds to the first token) of one request."""
+    import queue
+
+    from lorakit.serve.sampling import SamplingParams
+    from lorakit.serve.sequence import Sequence
+
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    engine.submit([Sequence(prompt, adapter, params, events.put)]).result(60)
+    first = last = None
+    count = 0
+    while True:
+        out = events.get(timeout=120)
+        if out.error is not None:
+            raise out.error
+        count += len(out.token_ids)
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        if out.finish_reason is not None:
+            break
+    return (count - 1) / (last - first), first - start
+
+
+def lorakit_aggregate(engine, prompts: list[list[int]], adapters: list[str], max_tokens: int) -> float:
+    """Generated tokens/s of all (prompt, adapter) requests submitted at once."""
+    import queue
+
+    from lorakit.serve.sampling import SamplingParams
+    from lorakit.serve.sequence import Sequence
+
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    seqs = [Sequence(p, a, params, events.put) for p, a in zip(prompts, adapters)]
+    start = time.perf_counter()
+    engine.submit(seqs).result(60)
+    done = tokens = 0
+    while done < len(seqs):
+        out = events.get(timeout=300)
+        if out.error is not None:
+            raise out.error
+        tokens += len(out.token_ids)
+        done += out.finish_reason is not None
+    return tokens / (time.perf_counter() - start)
+
+
+def llama_decode(llm, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        count += 1
+        first = first or time.perf_counter()
+        if count >= max_tokens:
+            break
+    return (count - 1) / (time.perf_counter() - first), first - start
+
+
+def agreement(adapter: str, precisions: list[str]) -> dict:
+    from lorakit import PeftModel
+    from lorakit.generation import generate
+    from lorakit.models import load_base_model
+    from lorakit.weight_only import prepare_for_decode
+
+    conversations = [[{"role": "user", "content": q}] for q in questions()]
+    answers, chosen = {}, {}
+    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
+        base, tokenizer = load_base_model("smollm2")
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        chosen[precision] = prepare_for_decode(model, precision)
+        answers[precision] = generate(model, tokenizer, conversations, max_new_tokens=128, batch_size=16)
+    return {p: {"precision": chosen[p], "equal_answers": sum(a == b for a, b in zip(answers[p], answers["fp32"])),
+                "questions": len(conversations)} for p in answers if p != "fp32"}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precisions", default="auto,fp32", help="lorakit decode precisions, comma list")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=500)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8, help="concurrent requests in the aggregate run")
+    parser.add_argument("--adapter", default=None, help="a trained adapter for the agreement run (runs/demo)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("llama_cpp is not importable: run `make llamacpp`")
+    from lorakit.export.gguf import export_adapter_gguf
+    from lorakit.generation import encode_prompt
+    from lorakit.models import smollm2_gguf_path
+    from lorakit.serve.server import on_short_lived_thread
+
+    torch.set_num_threads(args.threads)
+    precisions = args.precisions.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="decode-bench-"))
+    # Every PyTorch and llama.cpp call runs on a thread that ends with it: a thread that has run OpenMP work
+    # keeps its team of threads, and with two teams in the process neither spins (see on_short_lived_thread).
+    tokenizer, names = on_short_lived_thread(random_adapters, tmp, args.adapters)
+    qs = questions()
+    prompt = encode_prompt(tokenizer, [{"role": "user", "content": qs[0]}])
+    long_ids = tokenizer(" ".join(qs), add_special_tokens=False)["input_ids"][: args.prompt_tokens]
+    long_prompt = encode_prompt(tokenizer, [{"role": "user", "content": tokenizer.decode(long_ids)}])
+    requests = [(encode_prompt(tokenizer, [{"role": "user", "content": qs[i % len(qs)]}]), names[i % len(names)])
+                for i in range(args.clients)]
+
+    gguf = str(smollm2_gguf_path())
+    llama_kw = {"n_ctx": 2048, "n_threads": args.threads, "n_threads_batch": args.threads, "verbose": False}
+    for name in names:
+        export_adapter_gguf(tmp / name, tmp / f"{name}.gguf")
+    llm_plain = llama_cpp.Llama(model_path=gguf, **llama_kw)
+    llms = {name: llama_cpp.Llama(model_path=gguf, lora_path=str(tmp / f"{name}.gguf"), **llama_kw)
+            for name in names}
+
+    samples: dict[str, list] = {}
+    chosen: dict[str, str] = {}
+
+    def add(key, value):
+        samples.setdefault(key, []).append(value)
+
+    def llama_aggregate() -> float:
+        start = time.perf_counter()
+        for name in names:  # adapter by adapter, one request after another
+            for p, a in requests:
+                if a == name:
+                    llama_decode(llms[name], p, args.max_tokens)
+        return len(requests) * args.max_tokens / (time.perf_counter() - start)
+
+    for _ in range(args.runs):
+        for precision in precisions:  # one engine alive at a time (one engine thread, one OpenMP team)
+            engine, chosen[precision] = lorakit_engine(precision, tmp, names, max_batch=args.clients)
+            try:
+                lorakit_decode(engine, prompt, names[0], 8)  # warm up
+                add(f"lorakit_{precision}_decode", lorakit_decode(engine, prompt, names[0], args.max_tokens)[0])
+                add(f"lorakit_{precision}_ttft", lorakit_decode(engine, long_prompt, names[0], 2)[1])
+                add(f"lorakit_{precision}_aggregate", lorakit_aggregate(engine, [p for p, _ in requests],
+                                                                        [a for _, a in requests], args.max_tokens))
+            finally:
+                engine.stop()
+        llama = llms[names[0]]
+        add("llama_cpp_decode", on_short_lived_thread(llama_decode, llama, prompt, args.max_tokens)[0])
+        add("llama_cpp_base_only_decode", on_short_lived_thread(llama_decode, llm_plain, prompt, args.max_tokens)[0])
+        add("llama_cpp_ttft", on_short_lived_thread(llama_decode, llama, long_prompt, 2)[1])
+        add("llama_cpp_aggregate", on_short_lived_thread(llama_aggregate))
+    medians = {k: round(statistics.median(v), 4 if "ttft" in k else 1) for k, v in samples.items()}
+    ratios = {}
+    for precision in precisions:
+        ratios[precision] = {
+            "decode_vs_llama_cpp": round(medians[f"lorakit_{precision}_decode"] / medians["llama_cpp_decode"], 3),
+            "ttft_vs_llama_cpp": round(medians[f"lorakit_{precision}_ttft"] / medians["llama_cpp_ttft"], 3),
+            "aggregate_vs_llama_cpp": round(medians[f"lorakit_{precision}_aggregate"]
+                                            / medians["llama_cpp_aggregate"], 3)}
+    result = {"threads": args.threads, "runs": args.runs, "max_tokens": args.max_tokens,
+              "prompt_tokens": {"decode": len(prompt), "ttft": len(long_prompt)},
+              "aggregate_requests": len(requests), "adapters": args.adapters, "torch": torch.__version__,
+              "llama_cpp_python": llama_cpp.__version__,
+              "precision_chosen": chosen,
+              "medians": medians, "ratios": ratios, "samples": samples,
+              "agreement": on_short_lived_thread(agreement, args.adapter, precisions) if args.adapter else None}
+    emit(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

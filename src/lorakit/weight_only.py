@@ -1,0 +1,210 @@
+"""Weight-only quantized base weights for decoding: fewer bytes to read, and fewer to multiply, per token.
+
+Generating one token multiplies one activation row by every weight of the model once, so a decode step costs
+about the time it takes to stream the weights through the CPU. Two layouts, both computed by PyTorch's packed CPU
+matmuls, which take the activations in bfloat16 (rounded there, as llama.cpp rounds them to 8 bits for its
+quantized matmuls; norms, attention, the residual stream and LoRA stay in the model's own dtype):
+
+int8 (Int8Linear, `_weight_int8pack_mm`): one scale per output feature, symmetric, round to nearest:
+    scale[o] = max_i |W[o, i]| / 127        q[o, i] = round(W[o, i] / scale[o])  in [-127, 127]
+    y = x @ W.T + b  ~=  (x @ q.T) * scale + b
+int4 (Int4Linear, `_weight_int4pack_mm_for_cpu`): groups of 32 inputs, each with its own scale and zero point
+(asymmetric, like llama.cpp's Q4_1):
+    scale = (max - min) / 15     zero = min + 8 * scale     q = round((W - min) / scale)  in [0, 15]
+    W ~= (q - 8) * scale + zero
+A base converted from a 4-bit GGUF file (the embedded SmolLM2 is Q4_1) holds exactly such values, so int4
+reproduces it up to the bfloat16 rounding of the scales; for other weights it is lossy like any 4-bit format.
+
+Only for inference: nothing trains these weights, and a LoRA adapter on top reads the base weight through
+`dequantize()` as on an NF4 base. The output head is int8 in both (llama.cpp keeps it at 8 bits too).
+`decode_precision("auto", device, model)` picks int4 on a CPU where it reproduces the weights, else fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quant import is_adapter_weight, replace_module
+
+DECODE_PRECISIONS = ("auto", "fp32", "int8", "int4")
+GROUP_SIZE = 32  # inputs per int4 scale and zero point
+
+__all__ = ["DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "Int8Linear", "Int4Linear",
+           "quantize_for_decode", "decode_precision", "prepare_for_decode", "reproduces_in_int4"]
+
+DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (groups of 32, like a Q4_1 GGUF) "
+                         "or 'int8' (per output feature): fewer bytes to read per token, answers may differ slightly "
+                         "from float32's; 'fp32': the weights as loaded; 'auto' (default): on a CPU int4 where it "
+                         "reproduces the weights (a base converted from a 4-bit GGUF, like the embedded SmolLM2), "
+                         "else fp32")
+
+
+class Int8Linear(nn.Module):
+    """A frozen nn.Linear stored as int8 with one bfloat16 scale per output feature (see the module docstring)."""
+
+    def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight_q.shape
+        self.register_buffer("weight_q", weight_q)  # [out, in] int8
+        self.register_buffer("scale", scale)  # [out] bfloat16
+        self.register_buffer("bias", bias)  # [out] in the activations' dtype, or None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}.")
+        weight = linear.weight.detach().float()
+        # The bfloat16 scale is what the matmul multiplies by, so q is rounded against that very scale.
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(torch.bfloat16)
+        weight_q = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(weight_q, scale, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The [out_features, in_features] weight these int8 values stand for, in float32 (a new tensor)."""
+        return self.weight_q.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_q, self.scale)  # [tokens, out]
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               "weights=int8 (one scale per output feature)"
+
+
+class Int4Linear(nn.Module):
+    """A frozen nn.Linear stored as 4-bit values in groups of GROUP_SIZE inputs (see the module docstring)."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)  # PyTorch's CPU int4 layout of q
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / GROUP_SIZE, out, 2] bfloat16
+        self.register_buffer("bias", bias)
+
+    @staticmethod
+    def supports(linear: nn.Linear) -> bool:
+        return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        if not isinstance(linear, nn.Linear) or not cls.supports(linear):
+            raise ValueError(f"Int4Linear needs an nn.Linear with in_features a multiple of {GROUP_SIZE} and "
+                             f"out_features a multiple of 16; got {linear}.")
+        q, scale, zero = _int4_groups(linear.weight.detach().float())
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(linear.out_features, -1), 2)
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(packed, scales_and_zeros, bias, linear.in_features, linear.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The [out_features, in_features] weight as the matmul sees it (bfloat16 values, in float32)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP_SIZE,
+                                                          self.scales_and_zeros).float().T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"weights=int4 (groups of {GROUP_SIZE})"
+
+
+def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [out, groups, GROUP_SIZE] int32 in [0, 15], scale and zero [out, groups] bfloat16, W ~= (q - 8) * scale + zero.
+    q is rounded against the bfloat16 scale and zero the matmul will use."""
+    out_features = weight.shape[0]
+    groups = weight.reshape(out_features, -1, GROUP_SIZE)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(torch.bfloat16)
+    zero = (low + 8 * scale.float()).to(torch.bfloat16)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    return q.to(torch.int32), scale, zero
+
+
+def reproduces_in_int4(weight: torch.Tensor, tolerance: float = 0.05) -> bool:
+    """Whether `weight` [out, in] already holds 4-bit group values (a base converted from a 4-bit GGUF): every
+    weight within `tolerance` of a quantization step of what Int4Linear stores (the bfloat16 scales aside)."""
+    if weight.shape[1] % GROUP_SIZE:
+        return False
+    w = weight.detach().float()
+    q, scale, zero = _int4_groups(w)
+    rebuilt = (q.float() - 8) * scale.float()[..., None] + zero.float()[..., None]
+    steps = (rebuilt - w.reshape(q.shape)).abs() / scale.float()[..., None]
+    # bfloat16 keeps 8 bits of scale and zero: up to 8 steps' worth of the scale's rounding, plus the zero's
+    rounding = (8 + zero.float().abs() / scale.float())[..., None] * 2.0 ** -8
+    return bool((steps <= tolerance + rounding).all())
+
+
+def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
+    """Replace (in place) every float nn.Linear of `model` that is not part of an adapter by an Int8Linear, or for
+    "int4" by an Int4Linear where its shape allows (an Int8Linear elsewhere); the output head is int8 either way
+    (a tied head gets its own copy; the embedding keeps its weights). Works on a bare base model and on one that
+    already carries LoRA layers (their base_layer is replaced). Returns the count."""
+    if precision not in ("int8", "int4"):
+        raise ValueError(f"quantize_for_decode takes 'int8' or 'int4', got {precision!r}.")
+    if not _packed_mm_available(precision):
+        raise RuntimeError(f"this PyTorch ({torch.__version__}) has no {precision} packed CPU matmul; use decode "
+                           "precision fp32, or a newer PyTorch.")
+    targets = _base_linears(model)
+    head = _output_head(model)
+    for name, linear in targets:
+        int4 = precision == "int4" and linear is not head and Int4Linear.supports(linear)
+        layer = Int4Linear.from_linear(linear) if int4 else Int8Linear.from_linear(linear)
+        replace_module(model, name, layer.to(linear.weight.device))
+    if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False  # the head is its own (int8) tensor now
+    return len(targets)
+
+
+def _base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules()
+            if type(m) is nn.Linear and m.weight.dtype.is_floating_point and not is_adapter_weight(name)]
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return getattr(head, "base_layer", head)
+
+
+def _packed_mm_available(precision: str) -> bool:
+    op = "_weight_int8pack_mm" if precision == "int8" else "_weight_int4pack_mm_for_cpu"
+    return hasattr(torch.ops.aten, op)
+
+
+def decode_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> str:
+    """The decode precision to serve with: `requested` unless "auto", which on a CPU picks int4 when `model`'s base
+    weights reproduce in int4 (reproduces_in_int4), else fp32 (int8 decoded slower than fp32 where measured:
+    benchmarks/decode_vs_llamacpp.py); off a CPU it picks fp32."""
+    if requested not in DECODE_PRECISIONS:
+        raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {requested!r}.")
+    if requested != "auto":
+        return requested
+    if device.type != "cpu":
+        return "fp32"
+    head = _output_head(model) if model is not None else None
+    linears = [m for _, m in _base_linears(model)] if model is not None else []
+    body = [m for m in linears if m is not head]
+    if _packed_mm_available("int4") and body and all(Int4Linear.supports(m) and reproduces_in_int4(m.weight)
+                                                     for m in body):
+        return "int4"
+    return "fp32"
+
+
+def prepare_for_decode(model: nn.Module, requested: str = "auto") -> str:
+    """Resolve `requested` (see decode_precision) for the model's device and quantize the model's base weights in
+    place when that gives int8 or int4; returns the precision chosen."""
+    precision = decode_precision(requested, next(model.parameters()).device, model)
+    if precision != "fp32":
+        quantize_for_decode(model, precision)
+    return precision

@@ -1,0 +1,137 @@
+"""Int8 weight-only decoding: the layer's arithmetic, which modules a model swaps, LoRA on top, and the choice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.weight_only import (GROUP_SIZE, Int4Linear, Int8Linear, decode_precision, prepare_for_decode,
+                                 quantize_for_decode, reproduces_in_int4)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_int8_linear_is_the_rounded_weight_times_its_scale():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    q = Int8Linear.from_linear(linear)
+    assert q.weight_q.dtype == torch.int8 and q.scale.dtype == torch.bfloat16 and q.weight_q.abs().max() <= 127
+    # Each row's largest weight maps to +-127, and every weight is within half a step of its int8 value.
+    w = linear.weight.detach()
+    assert (q.weight_q.abs().amax(dim=1) == 127).all()
+    assert ((q.dequantize() - w).abs() <= q.scale.float()[:, None] / 2 * 1.01).all()
+    # The forward is the bf16-rounded input times that dequantized weight (the op's own accumulation aside).
+    x = torch.randn(3, 5, 96)
+    expected = x.bfloat16().float() @ q.dequantize().T + linear.bias.detach()
+    torch.testing.assert_close(q(x), expected, rtol=2e-2, atol=2e-2)
+    assert q(x).dtype == torch.float32 and q(x).shape == (3, 5, 40)
+    # ...and close to the float32 layer: about 1% of the output's scale.
+    out, ref = q(x), linear(x)
+    assert (out - ref).norm() / ref.norm() < 0.02
+
+
+def four_bit_weight(out_features: int, in_features: int) -> torch.Tensor:
+    """A weight as a Q4_1 GGUF stores it: per group of 32 inputs, d * q + m with q in 0..15."""
+    torch.manual_seed(1)
+    groups = in_features // GROUP_SIZE
+    d = torch.rand(out_features, groups, 1) * 0.01 + 0.001
+    m = -8 * d + torch.randn(out_features, groups, 1) * 0.002
+    q = torch.randint(0, 16, (out_features, groups, GROUP_SIZE)).float()
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps each group's min and max to the ends of the range
+    return (d * q + m).reshape(out_features, in_features)
+
+
+def test_int4_linear_reproduces_four_bit_weights_and_detects_others():
+    linear = nn.Linear(128, 48)
+    with torch.no_grad():
+        linear.weight.copy_(four_bit_weight(48, 128))
+    assert reproduces_in_int4(linear.weight) and not reproduces_in_int4(torch.randn(48, 128))
+    q = Int4Linear.from_linear(linear)
+    # The stored weight is the 4-bit one up to bfloat16 rounding (scales, zero points, dequantize's output): a small
+    # fraction of a quantization step, where a wrong code would be a whole step off.
+    groups = linear.weight.detach().reshape(48, -1, GROUP_SIZE)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    assert ((q.dequantize().reshape(groups.shape) - groups).abs() / step[..., None]).max() < 0.15
+    x = torch.randn(2, 7, 128)
+    expected = x.bfloat16().float() @ q.dequantize().T + linear.bias.detach()
+    torch.testing.assert_close(q(x), expected, rtol=2e-2, atol=2e-2)
+    assert (q(x) - linear(x)).norm() / linear(x).norm() < 0.01
+    # A random weight is rounded to the nearest of its group's 16 levels: within half a step (and bfloat16's share).
+    random = nn.Linear(128, 48)
+    groups = random.weight.detach().reshape(48, -1, GROUP_SIZE)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    error = (Int4Linear.from_linear(random).dequantize().reshape(groups.shape) - groups).abs() / step[..., None]
+    assert 0.4 < error.max() < 0.6
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Int4Linear.from_linear(nn.Linear(40, 48))
+
+
+def test_auto_picks_int4_for_a_four_bit_base_and_keeps_the_head_int8():
+    model = tiny_llama()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and name != "lm_head":
+                module.weight.copy_(four_bit_weight(*module.weight.shape))
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert prepare_for_decode(model, "auto") == "int4"
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14 and isinstance(model.lm_head, Int8Linear)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max() < 0.02 * before.abs().max()
+    # A model with ordinary weights keeps them.
+    assert decode_precision("auto", torch.device("cpu"), tiny_llama()) == "fp32"
+
+
+def test_quantize_for_decode_swaps_the_base_weights_and_leaves_the_adapter_alone():
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        lora_a = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    count = quantize_for_decode(model)
+    assert count == 2 * 7 + 1  # 7 projections in each of 2 layers, and the output head
+    assert not any(type(m) is nn.Linear and "lora_" not in name for name, m in model.named_modules())
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, Int8Linear) and type(q_proj.lora_A["default"]) is nn.Linear
+    for name, param in model.named_parameters():  # the adapter's weights are untouched
+        if "lora_" in name:
+            assert torch.equal(param, lora_a[name])
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        # The adapter still adds its update: the same model with adapters disabled answers differently.
+        with model.disable_adapter():
+            no_adapter = model(input_ids=ids).logits
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+    assert (after - no_adapter).abs().max() > 0.1 * (before - base(input_ids=ids).logits).abs().max()
+    # Greedy decoding of the int8 model is what the float32 one picks on this tiny model's first tokens.
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_an_adapter_added_after_quantizing_trains_on_the_dequantized_weight():
+    base = tiny_llama()
+    quantize_for_decode(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, Int8Linear) and layer.lora_A["default"].weight.dtype == torch.float32
+    assert not base.config.tie_word_embeddings
+
+
+def test_decode_precision_choices():
+    assert decode_precision("fp32", torch.device("cpu")) == "fp32"
+    assert decode_precision("int8", torch.device("cpu")) == "int8"
+    assert decode_precision("auto", torch.device("cuda")) == "fp32"
+    assert decode_precision("auto", torch.device("cpu")) == "fp32"  # no model to look at
+    with pytest.raises(ValueError, match="decode precision must be one of auto, fp32, int8, int4"):
+        decode_precision("int2", torch.device("cpu"))
+    model = tiny_llama()
+    assert prepare_for_decode(model, "fp32") == "fp32" and not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert prepare_for_decode(model, "int8") == "int8" and any(isinstance(m, Int8Linear) for m in model.modules())
