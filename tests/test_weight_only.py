@@ -129,6 +129,8 @@ def test_decode_precision_choices():
     assert decode_precision("fp32", torch.device("cpu")) == "fp32"
     assert decode_precision("int8", torch.device("cpu")) == "int8"
     assert decode_precision("auto", torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="CPU kernels; the model is on cuda: use --decode-precision fp32"):
+        decode_precision("int4", torch.device("cuda"))
     assert decode_precision("auto", torch.device("cpu")) == "fp32"  # no model to look at
     with pytest.raises(ValueError, match="decode precision must be one of auto, fp32, int8, int4"):
         decode_precision("int2", torch.device("cpu"))

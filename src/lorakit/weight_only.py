@@ -189,6 +189,9 @@ def decode_precision(requested: str, device: torch.device, model: nn.Module | No
     if requested not in DECODE_PRECISIONS:
         raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {requested!r}.")
     if requested != "auto":
+        if requested != "fp32" and device.type != "cpu":
+            raise ValueError(f"decode precision {requested} runs PyTorch's CPU kernels; the model is on "
+                             f"{device.type}: use --decode-precision fp32 (or auto) there.")
         return requested
     if device.type != "cpu":
         return "fp32"
