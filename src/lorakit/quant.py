@@ -279,7 +279,7 @@ def _refuse_save_pretrained(*args, **kwargs):
                      "first to save full-precision weights.")
 
 
-def is_adapter_weight(name: str) -> bool:
+def _is_adapter_weight(name: str) -> bool:
     # LoRA's own A/B matrices live under modules named lora_*; they are trained, never quantized.
     return any(part.startswith("lora_") for part in name.split("."))
 
@@ -334,7 +334,7 @@ def quantized_linear_names(model: nn.Module, skip_modules: Sequence[str] | None 
     skip = _output_heads(model) if skip_modules is None else \
         ([skip_modules] if isinstance(skip_modules, str) else list(skip_modules))
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and not _matches(name, skip) and not is_adapter_weight(name)]
+            if type(m) is nn.Linear and not _matches(name, skip) and not _is_adapter_weight(name)]
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

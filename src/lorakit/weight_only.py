@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quant import is_adapter_weight, replace_module
+from .quant import quantized_linear_names, replace_module
 
 DECODE_PRECISIONS = ("auto", "fp32", "int8", "int4")
 GROUP_SIZE = 32  # inputs per int4 scale and zero point
@@ -40,15 +40,42 @@ DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (
                          "else fp32")
 
 
-class Int8Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: rows in bfloat16 through the packed matmul, back in x's dtype, + bias."""
+
+    weights_note = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", bias)  # [out] in the activations' dtype, or None
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))  # [tokens, in] -> [tokens, out]
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"weights={self.weights_note}"
+
+
+def _bias_of(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().clone()
+
+
+class Int8Linear(_PackedLinear):
     """A frozen nn.Linear stored as int8 with one bfloat16 scale per output feature (see the module docstring)."""
 
+    weights_note = "int8 (one scale per output feature)"
+
     def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight_q.shape
+        super().__init__(weight_q.shape[1], weight_q.shape[0], bias)
         self.register_buffer("weight_q", weight_q)  # [out, in] int8
         self.register_buffer("scale", scale)  # [out] bfloat16
-        self.register_buffer("bias", bias)  # [out] in the activations' dtype, or None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -58,34 +85,26 @@ class Int8Linear(nn.Module):
         # The bfloat16 scale is what the matmul multiplies by, so q is rounded against that very scale.
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(torch.bfloat16)
         weight_q = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(weight_q, scale, bias)
+        return cls(weight_q, scale, _bias_of(linear))
 
     def dequantize(self) -> torch.Tensor:
         """The [out_features, in_features] weight these int8 values stand for, in float32 (a new tensor)."""
         return self.weight_q.float() * self.scale.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_q, self.scale)  # [tokens, out]
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out if self.bias is None else out + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               "weights=int8 (one scale per output feature)"
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.weight_q, self.scale)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_PackedLinear):
     """A frozen nn.Linear stored as 4-bit values in groups of GROUP_SIZE inputs (see the module docstring)."""
+
+    weights_note = f"int4 (groups of {GROUP_SIZE})"
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
                  in_features: int, out_features: int):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("packed", packed)  # PyTorch's CPU int4 layout of q
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / GROUP_SIZE, out, 2] bfloat16
-        self.register_buffer("bias", bias)
 
     @staticmethod
     def supports(linear: nn.Linear) -> bool:
@@ -99,24 +118,15 @@ class Int4Linear(nn.Module):
         q, scale, zero = _int4_groups(linear.weight.detach().float())
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(linear.out_features, -1), 2)
         scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(packed, scales_and_zeros, bias, linear.in_features, linear.out_features)
+        return cls(packed, scales_and_zeros, _bias_of(linear), linear.in_features, linear.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The [out_features, in_features] weight as the matmul sees it (bfloat16 values, in float32)."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP_SIZE,
-                                                          self.scales_and_zeros).float().T.contiguous()
+        return self._matmul(eye).float().T.contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales_and_zeros)
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out if self.bias is None else out + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"weights=int4 (groups of {GROUP_SIZE})"
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales_and_zeros)
 
 
 def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,26 +165,17 @@ def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
     if not _packed_mm_available(precision):
         raise RuntimeError(f"this PyTorch ({torch.__version__}) has no {precision} packed CPU matmul; use decode "
                            "precision fp32, or a newer PyTorch.")
-    targets = _base_linears(model)
-    head = _output_head(model)
-    for name, linear in targets:
-        int4 = precision == "int4" and linear is not head and Int4Linear.supports(linear)
+    modules = dict(model.named_modules())
+    everything = quantized_linear_names(model, skip_modules=())  # every Linear but LoRA's own
+    body = set(quantized_linear_names(model))  # the same without the output heads
+    for name in everything:
+        linear = modules[name]
+        int4 = precision == "int4" and name in body and Int4Linear.supports(linear)
         layer = Int4Linear.from_linear(linear) if int4 else Int8Linear.from_linear(linear)
         replace_module(model, name, layer.to(linear.weight.device))
     if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own (int8) tensor now
-    return len(targets)
-
-
-def _base_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules()
-            if type(m) is nn.Linear and m.weight.dtype.is_floating_point and not is_adapter_weight(name)]
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return getattr(head, "base_layer", head)
+    return len(everything)
 
 
 def _packed_mm_available(precision: str) -> bool:
@@ -195,9 +196,8 @@ def decode_precision(requested: str, device: torch.device, model: nn.Module | No
         return requested
     if device.type != "cpu":
         return "fp32"
-    head = _output_head(model) if model is not None else None
-    linears = [m for _, m in _base_linears(model)] if model is not None else []
-    body = [m for m in linears if m is not head]
+    modules = dict(model.named_modules()) if model is not None else {}
+    body = [modules[name] for name in quantized_linear_names(model)] if model is not None else []
     if _packed_mm_available("int4") and body and all(Int4Linear.supports(m) and reproduces_in_int4(m.weight)
                                                      for m in body):
         return "int4"
