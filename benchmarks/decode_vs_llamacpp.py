@@ -168,7 +168,9 @@ def main(argv=None) -> dict:
     from lorakit.models import smollm2_gguf_path
     from lorakit.serve.server import on_short_lived_thread
 
-    torch.set_num_threads(args.threads)
+    # Threads started from now on use args.threads; set from the main thread it would give that thread an OpenMP
+    # team of its own (see on_short_lived_thread).
+    on_short_lived_thread(torch.set_num_threads, args.threads)
     precisions = args.precisions.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="decode-bench-"))
     # Every PyTorch and llama.cpp call runs on a thread that ends with it: a thread that has run OpenMP work
@@ -183,11 +185,14 @@ def main(argv=None) -> dict:
 
     gguf = str(smollm2_gguf_path())
     llama_kw = {"n_ctx": 2048, "n_threads": args.threads, "n_threads_batch": args.threads, "verbose": False}
-    for name in names:
-        export_adapter_gguf(tmp / name, tmp / f"{name}.gguf")
-    llm_plain = llama_cpp.Llama(model_path=gguf, **llama_kw)
-    llms = {name: llama_cpp.Llama(model_path=gguf, lora_path=str(tmp / f"{name}.gguf"), **llama_kw)
-            for name in names}
+
+    def load_llama_cpp():  # llama.cpp's loading runs OpenMP work too: off the main thread, like the rest
+        for name in names:
+            export_adapter_gguf(tmp / name, tmp / f"{name}.gguf")
+        return llama_cpp.Llama(model_path=gguf, **llama_kw), {
+            name: llama_cpp.Llama(model_path=gguf, lora_path=str(tmp / f"{name}.gguf"), **llama_kw) for name in names}
+
+    llm_plain, llms = on_short_lived_thread(load_llama_cpp)
 
     samples: dict[str, list] = {}
     chosen: dict[str, str] = {}

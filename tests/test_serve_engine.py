@@ -40,15 +40,20 @@ def make_engine(setup, **overrides) -> Engine:
 
 
 def record_batches(engine: Engine) -> list[list]:
-    """Wrap the engine's forward to log the adapter of every row of every model call."""
+    """Wrap the engine's prefill forward and decode step to log the adapter of every row of every model call
+    (with the tokens per row: a decode step feeds 1)."""
     calls = []
-    forward = engine._forward
+    forward, decode = engine._forward, engine._decode
 
     def logged(names, **kwargs):
         calls.append((list(names), kwargs["input_ids"].shape[1]))
         return forward(names, **kwargs)
 
-    engine._forward = logged
+    def logged_decode(names, ids, positions):
+        calls.append((list(names), 1))
+        return decode(names, ids, positions)
+
+    engine._forward, engine._decode = logged, logged_decode
     return calls
 
 

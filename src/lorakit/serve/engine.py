@@ -55,6 +55,8 @@ class EngineConfig:
     # any_adapter_base, an adapter trained on the other kind of base is refused (it would answer differently).
     base_quantization: Optional[str] = None
     any_adapter_base: bool = False
+    # Decode steps of Llama-family models in few operations (serve/decode_step.py); False: the model's forward
+    fast_decode: bool = True
 
     def __post_init__(self):
         if self.scheduling not in SCHEDULING_MODES:
@@ -75,7 +77,7 @@ class Engine:
         self.base_name = base_name
         self.metrics = metrics
         self.served = ServedModel(model, tokenizer, config.max_model_len, config.base_quantization,
-                                  config.any_adapter_base)
+                                  config.any_adapter_base, config.fast_decode)
         self.eos_ids, self.pad_id, self.device = self.served.eos_ids, self.served.pad_id, self.served.device
         self.registry = AdapterRegistry(base_name, list(adapter_dirs), config.max_adapters,
                                         load=self._load_adapter, unload=self._unload_adapter,
@@ -306,6 +308,10 @@ class Engine:
         """One model call, row i with adapter names[i] (None: the base model)."""
         return self.served.forward(names, **kwargs)
 
+    def _decode(self, names: list[Optional[str]], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step (row i: token ids[i] at positions[i], adapter names[i]); next-token logits [n, vocab]."""
+        return self.served.decode(names, ids, positions, self.slots)
+
     def _prefill(self, seqs: list[Sequence]) -> None:
         """One forward over the new prompts, K/V copied into their slots. Prompts that share a prefix with a
         recent prompt of the same adapter (PrefixCache) only compute the rest; several prompts are padded."""
@@ -379,15 +385,10 @@ class Engine:
         positions = torch.tensor([s.cache_len for s in seqs], device=self.device)
         started = time.perf_counter()
         try:
-            self.slots.begin_step(positions)
-            kv_len = int(positions.max()) + 1
-            mask = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
-            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-            out = self._forward([s.adapter for s in seqs], input_ids=ids, position_ids=positions[:, None],
-                                attention_mask=mask[:, None, None, :], use_cache=True,
-                                **{self.served.cache_kw: self.slots})
-            tokens = sample_each(out.logits[:, -1, :], seqs)  # a row's own failure comes back as its token
-            logprobs = logprobs_each(out.logits[:, -1, :], seqs, tokens)
+            ids = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+            logits = self._decode([s.adapter for s in seqs], ids, positions)
+            tokens = sample_each(logits, seqs)  # a row's own failure comes back as its token
+            logprobs = logprobs_each(logits, seqs, tokens)
         except Exception as exc:
             log.exception("decode step failed; failing the %d sequences in the batch", n)
             for seq in seqs:

@@ -19,7 +19,7 @@ class SlotCache:
         shape = (slots, kv_heads, self.capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._rows = self._pos = None
+        self._flat = None
         self._n = self._kv_len = 0
 
     def reserve(self, length: int) -> None:
@@ -53,16 +53,20 @@ class SlotCache:
     def begin_step(self, positions: torch.Tensor) -> None:
         """Rows 0..n-1 write their new K/V at `positions[i]` in the coming forward."""
         self._n = positions.shape[0]
-        self._rows = torch.arange(self._n, device=positions.device)
-        self._pos = positions
         self._kv_len = int(positions.max()) + 1
         self.reserve(self._kv_len)
+        # where row i, head h, position positions[i] lies in a layer's buffer seen as [slots * heads * capacity, hd]
+        heads = self.k[0].shape[1]
+        rows = torch.arange(self._n, device=positions.device)[:, None] * heads
+        self._flat = ((rows + torch.arange(heads, device=positions.device)) * self.capacity + positions[:, None]).reshape(-1)
 
     # -- the part of transformers' Cache interface the attention layers call --------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write each row's new K and V ([n, kv_heads, 1, hd]); return the batch's cache up to the longest row."""
         k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self._rows, :, self._pos] = key_states[:, :, 0]
-        v[self._rows, :, self._pos] = value_states[:, :, 0]
+        dim = k.shape[-1]
+        k.view(-1, dim).index_copy_(0, self._flat, key_states.reshape(-1, dim))
+        v.view(-1, dim).index_copy_(0, self._flat, value_states.reshape(-1, dim))
         return k[: self._n, :, : self._kv_len], v[: self._n, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

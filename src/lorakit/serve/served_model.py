@@ -7,14 +7,19 @@ import inspect
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from lorakit.errors import AdapterLoadError
+
+from .decode_step import DecodeStep
+from .kv_cache import SlotCache
 
 
 class ServedModel:
     """A base model (a PeftModel once it carries adapters) and its tokenizer, owned by the engine's thread."""
 
     def __init__(self, model, tokenizer, max_model_len: int, base_quantization: Optional[str] = None,
-                 any_adapter_base: bool = False):
+                 any_adapter_base: bool = False, fast_decode: bool = True):
         self.model = model
         self.base_quantization = base_quantization  # "nf4": NF4-rounded weights (as QLoRA trains); None: full
         self.any_adapter_base = any_adapter_base  # serve adapters trained on the other kind of base too
@@ -36,6 +41,8 @@ class ServedModel:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.device = next(hf.parameters()).device
+        # Decode steps of a Llama-family model skip the model's forward (see decode_step); False: always the forward
+        self.fast_step = DecodeStep(hf) if fast_decode and DecodeStep.architecture_supported(hf) else None
 
     @property
     def is_peft(self) -> bool:
@@ -53,6 +60,18 @@ class ServedModel:
             return self.model(**kwargs)
         return self.model(adapter_names=names, **kwargs)
 
+    def decode(self, names: list[Optional[str]], ids: torch.Tensor, positions: torch.Tensor,
+               slots: SlotCache) -> torch.Tensor:
+        """Next-token logits [n, vocab] of rows feeding ids[i] at positions[i] with adapter names[i]; their K/V go to
+        their slots of `slots`."""
+        slots.begin_step(positions)
+        if self.fast_step is not None and self.fast_step.supports(names):
+            return self.fast_step.step(ids, positions, names, slots)
+        mask = torch.arange(int(positions.max()) + 1, device=ids.device)[None, :] <= positions[:, None]
+        out = self.forward(names, input_ids=ids[:, None], position_ids=positions[:, None],
+                           attention_mask=mask[:, None, None, :], use_cache=True, **{self.cache_kw: slots})
+        return out.logits[:, -1, :]
+
     def load_adapter(self, name: str, path: Path) -> None:
         from lorakit import LoraConfig, get_peft_model
         from lorakit.adapter_folder import base_quantization
@@ -64,11 +83,21 @@ class ServedModel:
             wrapped = get_peft_model(self.model, LoraConfig.from_pretrained(str(path)), adapter_name=name)
             wrapped.delete_adapter(name)
             self.model = wrapped.eval()
-        self.model.load_adapter(str(path), adapter_name=name)
+        try:
+            self.model.load_adapter(str(path), adapter_name=name)
+        finally:
+            self._adapters_changed()
         self.model.eval()
 
     def unload_adapter(self, name: str) -> None:
-        self.model.delete_adapter(name)
+        try:
+            self.model.delete_adapter(name)
+        finally:
+            self._adapters_changed()
+
+    def _adapters_changed(self) -> None:
+        if self.fast_step is not None:
+            self.fast_step.adapters_changed()
 
     def _check_base(self, name: str, trained_on: Optional[str]) -> None:
         """Refuse an adapter trained on another base than the one served (unless --quantize chose it)."""

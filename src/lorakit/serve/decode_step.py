@@ -1,0 +1,284 @@
+"""One decode step of a Llama-family model (Llama, Mistral, Qwen2, SmolLM) in a few operations per layer.
+
+Decoding one token multiplies one activation row by every weight once. The model's own forward, through
+transformers' modules and a LoRA layer per projection, spends most of a small model's step in per-operation
+overhead (hundreds of operations per layer), not in those multiplications. This step computes the same thing
+with the same weights, reading the model's modules directly:
+
+    per layer, n rows (one new token each, at its own position, with its own adapter):
+    h = rms_norm(x)                                                   x: [n, d]
+    qkv = h [Wq; Wk; Wv]^T + lora_qkv(h)                              one matmul over the three projections
+    q, k = rope(q, k);  k, v -> the row's KV-cache slot               q: [n, heads, hd], k, v: [n, kv_heads, hd]
+    x = x + attention(q, cache) Wo^T + lora_o(.)
+    h = rms_norm(x);  gu = h [Wg; Wu]^T + lora_gu(h)                  one matmul over gate and up
+    x = x + (silu(g) * u) Wd^T + lora_d(.)
+
+The LoRA update is the one of lorakit.kernels, y += s * x A^T B^T, applied to a batch whose rows use different
+adapters (or none) as three stacked matmuls per group of projections that read the same input:
+    t = h A_all^T               A_all: [every (projection, adapter) block's rows stacked, in]   t: [n, cols]
+    t = t * mask                mask[i, c] = 1 where column c belongs to row i's adapter
+    y_p += t_p (s B_p)_all^T    per projection p: its columns, its B's side by side, [out_p, cols_p]
+so an adapter's weights are read once per step however many rows use it. The stacked tables are built when
+the adapters change: a batch of one adapter uses that adapter's own tables (no mask), a batch of several the
+tables of every resident adapter this step covers (one set, so the memory stays twice the adapters').
+
+The fused base weights share storage with the model's: after fusing, each projection's weight is a view of
+its rows of the fused tensor (int4 packs rows in blocks of 64, so an int4 projection fuses only when its
+output size is a multiple of 64). Batches this step does not cover (a DoRA adapter, an adapted embedding or
+head, merged adapters, another architecture) run through the model's ordinary forward: `supports(names)`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.weight_only import Int4Linear, Int8Linear
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+MLP_IN = ("gate_proj", "up_proj")
+PROJECTIONS = ATTENTION + ("o_proj",) + MLP_IN + ("down_proj",)
+INT4_ROW_BLOCK = 64  # PyTorch's CPU int4 layout packs output rows in blocks of 64
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The frozen layer under a LoRA layer (the module itself when it carries none)."""
+    return getattr(module, "base_layer", module)
+
+
+def fuse_rows(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """One layer computing [parts[0](x), parts[1](x), ...] in one matmul, or None when the parts cannot fuse.
+    Each part's weight (int8/int4: its quantized values) becomes a view of the fused one: no second copy."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts) or len({(p.bias is None) for p in parts}) > 1:
+        return None
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    if kind is nn.Linear:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        _share_rows(parts, weight, lambda p, rows: setattr(p.weight, "data", rows))
+        return fused
+    if kind is Int8Linear:
+        fused = Int8Linear(torch.cat([p.weight_q for p in parts]), torch.cat([p.scale for p in parts]), bias)
+        _share_rows(parts, fused.weight_q, lambda p, rows: setattr(p, "weight_q", rows))
+        return fused
+    if kind is Int4Linear and all(p.out_features % INT4_ROW_BLOCK == 0 for p in parts):
+        out = sum(p.out_features for p in parts)
+        fused = Int4Linear(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_zeros for p in parts], 1),
+                           bias, parts[0].in_features, out)
+        _share_rows(parts, fused.packed, lambda p, rows: setattr(p, "packed", rows))
+        return fused
+    return None
+
+
+def _share_rows(parts: Sequence[nn.Module], fused: torch.Tensor, point) -> None:
+    start = 0
+    for part in parts:
+        point(part, fused[start: start + part.out_features])
+        start += part.out_features
+
+
+class _Projections:
+    """Projections that read the same input (q, k, v / gate, up / one alone): the base matmul, fused where the
+    weights allow, plus each adapter's update from stacked tables (see the module docstring)."""
+
+    def __init__(self, owner: nn.Module, names: Sequence[str]):
+        self.owner, self.names = owner, tuple(names)  # the modules are looked up again for new adapters
+        self.bases = [_base(m) for m in self.modules]
+        self.sizes = [b.out_features for b in self.bases]
+        self.fused = self.bases[0] if len(self.bases) == 1 else fuse_rows(self.bases)
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [getattr(self.owner, n) for n in self.names]
+
+    def base(self, h: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(h)
+        return torch.cat([b(h) for b in self.bases], dim=-1)
+
+    def tables(self, names: Sequence[str]) -> Optional[tuple]:
+        """(A_all^T [in, cols], [(output columns, t's columns, (s B_p)_all^T [cols_p, out_p])], column -> index in
+        `names`) for adapters `names`, or None when none of them adapts these projections. For one adapter the
+        B's form one block-diagonal matrix over all outputs: one matmul instead of one per projection."""
+        a_rows, b_parts, owners = [], [], []
+        col, out = 0, 0
+        for module, size in zip(self.modules, self.sizes):
+            blocks = [(i, module.lora_A[n].weight, module.lora_B[n].weight * module.scaling[n])
+                      for i, n in enumerate(names) if n in getattr(module, "r", {})]
+            if blocks:
+                width = sum(a.shape[0] for _, a, _ in blocks)
+                a_rows += [a for _, a, _ in blocks]
+                owners += [torch.full((a.shape[0],), i) for i, a, _ in blocks]
+                b_parts.append((slice(out, out + size), slice(col, col + width),
+                                torch.cat([b for _, _, b in blocks], dim=1).detach().T))
+                col += width
+            out += size
+        if not a_rows:
+            return None
+        if len(names) == 1 and len(b_parts) > 1:
+            block_diagonal = b_parts[0][2].new_zeros(col, out)
+            for out_cols, cols, b_t in b_parts:
+                block_diagonal[cols, out_cols] = b_t
+            b_parts = [(slice(0, out), slice(0, col), block_diagonal)]
+        b_parts = [(None if o == slice(0, out) else o, None if c == slice(0, col) else c, b_t.contiguous())
+                   for o, c, b_t in b_parts]
+        return torch.cat(a_rows).detach().T.contiguous(), b_parts, torch.cat(owners).to(a_rows[0].device)
+
+    def __call__(self, h: torch.Tensor, tables, row_index: Optional[torch.Tensor], masks: dict) -> torch.Tensor:
+        y = self.base(h)
+        if tables is None:
+            return y
+        a_t, b_parts, owners = tables
+        t = h.to(a_t.dtype) @ a_t  # [n, cols]
+        if row_index is not None:  # several adapters in the batch: each row keeps its own adapter's columns
+            if owners not in masks:  # owners tensors are shared by the layers that have the same layout
+                masks[owners] = (row_index[:, None] == owners[None, :]).to(t.dtype)
+            t = t * masks[owners]
+        for out_cols, cols, b_t in b_parts:
+            target = y if out_cols is None else y[:, out_cols]
+            t_cols = t if cols is None else t[:, cols]
+            if y.dtype == b_t.dtype:
+                target.addmm_(t_cols, b_t)
+            else:  # the update in the adapter's dtype, rounded once to the base output's (as lorakit.kernels)
+                target += (t_cols @ b_t).to(y.dtype)
+        return y
+
+
+class DecodeStep:
+    """The decode step of one served model; `step(...)` returns the next-token logits of every row."""
+
+    def __init__(self, hf_model: nn.Module):
+        self.hf = hf_model
+        self.inner = hf_model.model
+        self.heads = hf_model.config.num_attention_heads
+        hd = self.inner.layers[0].self_attn.head_dim
+        # rope's rotate_half(x) = [-x2, x1] as a matrix: x @ R (one small matmul instead of slices, a negation, a cat)
+        eye = torch.eye(hd // 2)
+        rotate = torch.zeros(hd, hd)
+        rotate[hd // 2:, : hd // 2], rotate[: hd // 2, hd // 2:] = -eye, eye
+        self._rotate_half = rotate.to(next(hf_model.parameters()).device)
+        self._layers = [(_Projections(l.self_attn, ATTENTION), _Projections(l.self_attn, ("o_proj",)),
+                         _Projections(l.mlp, MLP_IN), _Projections(l.mlp, ("down_proj",)), l)
+                        for l in self.inner.layers]
+        self._plain = None  # adapters this step runs (see _plain_adapters)
+        self._tables: dict = {}
+
+    @staticmethod
+    def architecture_supported(hf_model: nn.Module) -> bool:
+        config = getattr(hf_model, "config", None)
+        inner = getattr(hf_model, "model", None)
+        if getattr(config, "model_type", None) not in ARCHITECTURES or inner is None:
+            return False
+        if getattr(config, "hidden_act", None) != "silu" or not hasattr(inner, "rotary_emb"):
+            return False
+        layer = inner.layers[0]
+        return all(hasattr(layer.self_attn, n) for n in ATTENTION + ("o_proj",)) and \
+            all(hasattr(layer.mlp, n) for n in MLP_IN + ("down_proj",)) and \
+            not hasattr(layer.self_attn, "q_norm")
+
+    def adapters_changed(self) -> None:
+        """Forget the stacked tables and which adapters run here: adapters were loaded, unloaded or merged."""
+        self._tables.clear()
+        self._plain = None
+
+    def supports(self, names: Sequence[Optional[str]]) -> bool:
+        """Whether a batch with these row adapters runs here (else through the model's forward)."""
+        if self._plain is None:
+            self._plain = self._plain_adapters()
+        return self._plain is not False and all(n is None or n in self._plain for n in names)
+
+    def _plain_adapters(self):
+        """Adapters that only put plain LoRA on the seven projections, or False while an adapter is merged (the
+        forward's rules for merged weights apply then)."""
+        modules = dict(self.hf.named_modules())
+        adapted: dict[str, set] = {}  # adapter -> where it adapts something
+        merged = False
+        for name, module in modules.items():
+            for adapter in getattr(module, "r", {}):
+                adapted.setdefault(adapter, set()).add(name.rsplit(".", 1)[-1])
+                if module.use_dora.get(adapter):
+                    adapted[adapter].add("dora")
+            merged |= bool(getattr(module, "merged_adapters", None))
+            for adapter in getattr(getattr(module, "modules_to_save", None) or {}, "keys", lambda: [])():
+                adapted.setdefault(adapter, set()).add("modules_to_save")
+        return False if merged else {a for a, where in adapted.items() if where <= set(PROJECTIONS)}
+
+    def _tables_for(self, names: tuple) -> list:
+        if names not in self._tables:
+            tables, layouts = [], {}
+            for layer in self._layers:
+                groups = [p.tables(names) for p in layer[:4]]
+                # one owners tensor per column layout, so a step builds each row mask once (see _Projections)
+                groups = [g if g is None else (g[0], g[1], layouts.setdefault(tuple(g[2].tolist()), g[2]))
+                          for g in groups]
+                tables.append(tuple(groups))
+            self._tables[names] = tables
+        return self._tables[names]
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, names: Sequence[Optional[str]], cache) -> torch.Tensor:
+        """Logits [n, vocab] of the next token for rows feeding ids[i] at positions[i] with adapter names[i]; the
+        rows' K/V go to `cache` (a SlotCache after begin_step(positions))."""
+        if not self.supports(names):
+            raise ValueError(f"this decode step does not run adapters {sorted(set(names) - {None})} (DoRA, an adapted "
+                             "embedding or head, or merged adapters): use the model's forward (see supports()).")
+        present = sorted({n for n in names if n is not None})
+        # one adapter: its own tables; several: the tables of every adapter that runs here (one set, built once)
+        table_names = tuple(present) if len(present) <= 1 else tuple(sorted(self._plain))
+        row_index = None
+        if len(present) > 1 or (present and None in names):
+            index = {n: i for i, n in enumerate(table_names)}
+            row_index = torch.tensor([index.get(n, -1) for n in names], device=ids.device)
+        tables = self._tables_for(table_names) if present else [(None,) * 4] * len(self._layers)
+        x = _base(self.inner.embed_tokens)(ids)  # [n, d]
+        cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [n, 1, hd]
+        n, kv_len = ids.shape[0], int(positions.max()) + 1
+        visible = torch.arange(kv_len, device=ids.device)[None, :] <= positions[:, None]
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=ids.device).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        masks: dict = {}
+        rotate_half = self._rotate_half.to(cos.dtype)
+        for index, (qkv, o, gate_up, down, layer) in enumerate(self._layers):
+            t_qkv, t_o, t_gu, t_down = tables[index]
+            attn = layer.self_attn
+            hd = attn.head_dim
+            h = _rms_norm(layer.input_layernorm, x)
+            y = qkv(h, t_qkv, row_index, masks).view(n, -1, hd)  # [n, heads + 2 kv_heads, hd]
+            heads = self.heads
+            kv_heads = (y.shape[1] - heads) // 2
+            qk = y[:, : heads + kv_heads]
+            qk = torch.addcmul(qk * cos, qk @ rotate_half, sin)
+            q = qk[:, :heads, None]  # [n, heads, 1, hd]
+            k, v = qk[:, heads:, None], y[:, heads + kv_heads:, None]  # [n, kv_heads, 1, hd]
+            keys, values = cache.update(k, v, index)  # [n, kv_heads, kv_len, hd]
+            x = x + o(_attend(q, keys, values, mask, attn.scaling).reshape(n, heads * hd), t_o, row_index, masks)
+            h = _rms_norm(layer.post_attention_layernorm, x)
+            g = gate_up(h, t_gu, row_index, masks)
+            half = g.shape[1] // 2
+            x = x + down(F.silu(g[:, :half]) * g[:, half:], t_down, row_index, masks)
+        return _base(self.hf.lm_head)(_rms_norm(self.inner.norm, x))
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+    """softmax(q k^T * scale + mask) v for one query per row, the query heads grouped over the K/V heads:
+    q [n, heads, 1, hd], keys/values [n, kv_heads, L, hd], mask [n, 1, 1, L] -> [n, heads, hd] (in some layout).
+    One row: PyTorch's fused kernel. Several: two batched matmuls, which that kernel is slower than for one
+    query over many rows (benchmarks/README.md)."""
+    n, heads, _, hd = q.shape
+    kv_heads = keys.shape[1]
+    if n == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=heads != kv_heads)
+    grouped = q.view(n, kv_heads, heads // kv_heads, hd)  # query heads kv_heads*j .. share K/V head j
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).add_(mask)  # [n, kv_heads, group, L]
+    return torch.matmul(torch.softmax(scores, dim=-1), values)  # [n, kv_heads, group, hd]
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a Llama RMSNorm module computes (weight * x / rms(x), in float32), in one operation."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
