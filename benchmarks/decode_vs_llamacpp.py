@@ -19,7 +19,10 @@ of a demo question).
             batch, and llama-cpp-python decodes one sequence at a time, so it runs them adapter by adapter (one
             model per adapter), one request after another.
   agreement with --adapter (the demo's, `lorakit demo`), every held-out question of the demo answered greedily
-            by `lorakit.generation.generate` on the float32 base and on each quantized one: equal answers.
+            by the engine at each precision (float32 too: the fast decode step itself) and by transformers'
+            generate on the float32 base (what `lorakit eval` runs): equal answers.
+  profile   one decode step under torch.profiler: operations and milliseconds per step, the fast step and the
+            model's own forward (the path before it), per precision.
 Rounds alternate between lorakit and llama.cpp; medians over --runs.
 """
 
@@ -130,21 +133,103 @@ def llama_decode(llm, prompt: list[int], max_tokens: int) -> tuple[float, float]
     return (count - 1) / (time.perf_counter() - first), first - start
 
 
-def agreement(adapter: str, precisions: list[str]) -> dict:
+def served_answers(engine, prompts: list[list[int]], adapter: str, max_tokens: int) -> list[str]:
+    """The engine's greedy answers to every prompt (submitted at once; it batches them)."""
+    import queue
+
+    from lorakit.serve.sampling import SamplingParams
+    from lorakit.serve.sequence import Sequence
+
+    queues = [queue.SimpleQueue() for _ in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    engine.submit([Sequence(p, adapter, params, q.put) for p, q in zip(prompts, queues)]).result(60)
+    answers = []
+    for q in queues:
+        text = []
+        while True:
+            out = q.get(timeout=600)
+            if out.error is not None:
+                raise out.error
+            text.append(out.text)
+            if out.finish_reason is not None:
+                break
+        answers.append("".join(text).strip())
+    return answers
+
+
+def agreement(adapter: str, precisions: list[str], max_batch: int) -> dict:
+    """Greedy answers of the served engine at each precision against the float32 base's through transformers'
+    generate (what `lorakit eval` runs) on every held-out demo question."""
     from lorakit import PeftModel
-    from lorakit.generation import generate
+    from lorakit.generation import encode_prompt, generate
     from lorakit.models import load_base_model
-    from lorakit.weight_only import prepare_for_decode
+    from lorakit.serve.server import on_short_lived_thread
 
     conversations = [[{"role": "user", "content": q}] for q in questions()]
-    answers, chosen = {}, {}
-    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
+
+    def reference():
         base, tokenizer = load_base_model("smollm2")
         model = PeftModel.from_pretrained(base, adapter).eval()
-        chosen[precision] = prepare_for_decode(model, precision)
-        answers[precision] = generate(model, tokenizer, conversations, max_new_tokens=128, batch_size=16)
-    return {p: {"precision": chosen[p], "equal_answers": sum(a == b for a, b in zip(answers[p], answers["fp32"])),
-                "questions": len(conversations)} for p in answers if p != "fp32"}
+        return tokenizer, generate(model, tokenizer, conversations, max_new_tokens=128, batch_size=16)
+
+    tokenizer, expected = on_short_lived_thread(reference)
+    prompts = [encode_prompt(tokenizer, c) for c in conversations]
+    path = Path(adapter).resolve()
+    result = {}
+    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
+        engine, chosen = lorakit_engine(precision, path.parent, [path.name], max_batch)
+        try:
+            answers = served_answers(engine, prompts, path.name, 128)
+        finally:
+            engine.stop()
+        result[precision] = {"precision": chosen, "equal_answers": sum(a == b for a, b in zip(answers, expected)),
+                             "questions": len(prompts)}
+    return result
+
+
+def step_profile(precision: str, adapter_root: Path, name: str, steps: int = 20) -> dict:
+    """One decode step (one row, an unmerged adapter, 100 tokens in the cache) under torch.profiler: PyTorch
+    operations and milliseconds per step, and the five operations that take longest, for the fast decode step
+    (`lorakit serve`'s) and for the model's own forward (what it ran before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.models import load_base_model
+    from lorakit.serve.kv_cache import SlotCache
+    from lorakit.serve.served_model import ServedModel
+    from lorakit.weight_only import prepare_for_decode
+
+    model, tokenizer = load_base_model("smollm2")
+    prepare_for_decode(model, precision)
+    served = ServedModel(model, tokenizer, 2048)
+    served.load_adapter(name, adapter_root / name)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    fast_step = served.fast_step
+    result = {}
+    torch.set_grad_enabled(False)
+    for label, step in (("fast_step", fast_step), ("model_forward", None)):
+        served.fast_step = step
+        cache = SlotCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, 1, 2048, torch.float32,
+                          torch.device("cpu"))
+        ids, positions = torch.tensor([100]), torch.tensor([100])
+        for _ in range(5):
+            served.decode([name], ids, positions, cache)
+        start = time.perf_counter()
+        for _ in range(steps):
+            served.decode([name], ids, positions, cache)
+        ms = (time.perf_counter() - start) / steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                served.decode([name], ids, positions, cache)
+        events = prof.key_averages()
+        ops = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+        result[label] = {"ms_per_step": round(ms, 2), "aten_ops_per_step": round(ops),
+                         "top_self_cpu": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                                           "self_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 2)}
+                                          for e in top]}
+    served.fast_step = fast_step
+    return result
 
 
 def main(argv=None) -> dict:
@@ -238,7 +323,8 @@ def main(argv=None) -> dict:
               "llama_cpp_python": llama_cpp.__version__,
               "precision_chosen": chosen,
               "medians": medians, "ratios": ratios, "samples": samples,
-              "agreement": on_short_lived_thread(agreement, args.adapter, precisions) if args.adapter else None}
+              "profile": {p: on_short_lived_thread(step_profile, p, tmp, names[0]) for p in precisions},
+              "agreement": agreement(args.adapter, precisions, args.clients) if args.adapter else None}
     emit(result, args.out)
     return result
 

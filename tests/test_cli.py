@@ -382,17 +382,20 @@ def test_inspect_counts_one_step_in_the_singular(tmp_path, capsys):
 
 
 def test_generate_drops_the_newline_that_ends_a_piped_prompt(tiny_base, monkeypatch, capsys):
+    from lorakit.serve.engine import Engine
+
     seen = []
 
-    def fake_generate(model, tokenizer, conversations, **options):
-        seen.append(conversations[0][-1]["content"])
-        return ["ok"]
+    def fake_generate(engine, prompt_ids, adapter=None, params=None, timeout=600.0):
+        seen.append(engine.tokenizer.decode(prompt_ids))
+        return "ok", [], "stop"
 
-    monkeypatch.setattr("lorakit.generation.generate", fake_generate)
+    monkeypatch.setattr(Engine, "generate", fake_generate)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the code for room 3?\n"))
     assert main(["generate", "--base", tiny_base]) == 0
     assert main(["generate", "--base", tiny_base, "What is the code for room 3?"]) == 0
-    assert seen == ["What is the code for room 3?"] * 2 and capsys.readouterr().out == "ok\nok\n"
+    assert len(seen) == 2 and seen[0] == seen[1] and "What is the code for room 3?<" in seen[0]
+    assert capsys.readouterr().out == "ok\nok\n"
 
 
 def test_help_states_the_defaults(capsys):

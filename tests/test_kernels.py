@@ -184,3 +184,61 @@ def test_bf16_base_with_float32_adapter_takes_the_fast_path_with_the_update_in_f
         assert (ours_grad - ref_grad).norm() <= 3e-2 * ref_grad.norm()
     with torch.no_grad():  # decoding takes the general path: the adapter in float32, as PEFT computes it
         assert (layer(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def _stacked_case(dtype=torch.float32):
+    """Three adapters (ranks 4, 2, 3) on three projections of 8, 4, 4 outputs reading a 16-wide input; adapter 1
+    skips the second projection."""
+    torch.manual_seed(0)
+    from lorakit.kernels import LoraWeights
+
+    sizes, ranks = [8, 4, 4], [4, 2, 3]
+    projections = [[None if (p == 1 and i == 1) else
+                    LoraWeights(torch.randn(r, 16), torch.randn(size, r), scaling=0.5 * (i + 1))
+                    for i, r in enumerate(ranks)] for p, size in enumerate(sizes)]
+    x = torch.randn(5, 16)
+    base = torch.randn(5, sum(sizes), dtype=dtype)
+    return projections, sizes, x, base
+
+
+def _expected(projections, sizes, x, base, row_adapter):
+    """Each row: its adapter's s x A^T B^T per projection, added to the base in float32, rounded once."""
+    out = base.float().clone()
+    start = 0
+    for adapters, size in zip(projections, sizes):
+        for i, adapter in enumerate(row_adapter):
+            lora = adapters[adapter] if adapter >= 0 else None
+            if lora is not None:
+                out[i, start:start + size] += lora.scaling * (x[i] @ lora.a.T) @ lora.b.T
+        start += size
+    return out.to(base.dtype)
+
+
+def test_stacked_lora_gives_each_row_its_own_adapters_update():
+    from lorakit.kernels import add_stacked_lora, stack_lora
+
+    projections, sizes, x, base = _stacked_case()
+    stacked = stack_lora(projections, sizes)
+    rows = [2, -1, 0, 1, 2]
+    masks = {}
+    got = add_stacked_lora(base.clone(), x, stacked, torch.tensor(rows), masks)
+    torch.testing.assert_close(got, _expected(projections, sizes, x, base, rows), atol=1e-5, rtol=1e-5)
+    assert list(masks) == [stacked.owners]  # the row mask is kept for the step's other layers
+    # one adapter alone: its B's in one block-diagonal matrix, one matmul for the three projections
+    alone = stack_lora([[adapters[0]] for adapters in projections], sizes)
+    assert len(alone.parts) == 1 and alone.parts[0][:2] == (None, None)
+    got = add_stacked_lora(base.clone(), x, alone, None)
+    torch.testing.assert_close(got, _expected(projections, sizes, x, base, [0] * 5), atol=1e-5, rtol=1e-5)
+    assert stack_lora([[None], [None], [None]], sizes) is None
+
+
+def test_stacked_lora_on_a_bf16_base_sums_in_the_adapters_dtype_and_rounds_once():
+    from lorakit.kernels import add_stacked_lora, stack_lora
+
+    projections, sizes, x, base = _stacked_case(torch.bfloat16)
+    rows = [0, 1, 2, -1, 0]
+    got = add_stacked_lora(base.clone(), x, stack_lora(projections, sizes), torch.tensor(rows))
+    assert got.dtype == torch.bfloat16
+    expected = _expected(projections, sizes, x, base, rows)
+    # one rounding of the float32 sum: at most half a bf16 step off (float32 summation order aside)
+    assert ((got.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -8 + 1e-6).all()

@@ -6,7 +6,7 @@
 One rounding rule everywhere: the update is computed in the adapter's dtype (under autocast, in autocast's),
 the base output is added to it in that dtype, and the sum is rounded once to the base output's dtype.
 
-Three entry points, one arithmetic:
+Four entry points, one arithmetic:
 - `lora_linear`: one plain adapter on a plain weight. With autograd, one node (`LoraLinearFunction`) whose
   backward saves only x, x A^T and a bool dropout mask; without, the base matmul and an in-place update.
 - `add_lora`: the base layer's output plus each running adapter's update (DoRA, several adapters, any base).
@@ -14,6 +14,10 @@ Three entry points, one arithmetic:
   whole batch, exactly as `add_lora` computes it, and kept for that adapter's rows: a row's output is the
   one it gets when its adapter runs alone on the batch, bit for bit. (Computing each adapter on its own rows
   only would be fewer operations, but a BLAS picks other kernels for other row counts and rounds differently.)
+- `stack_lora` + `add_stacked_lora`: the server's decode step. Several adapters on several projections that read
+  the same input (q, k and v of a layer) as three matmuls whatever the adapters in the batch, each adapter's
+  weights read once; `s` is folded into B, and a row's update is its adapter's alone up to the order of the
+  sums (other adapters' columns add exact zeros).
 
 Imports nothing else from lorakit.
 """
@@ -282,3 +286,66 @@ def dora_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
     with torch.no_grad():  # detached: no graph, and no saved W + sBA, is built for it
         norm = (weight + (b @ a) * scaling).norm(p=2, dim=1)
     return magnitude / norm
+
+
+# -- many adapters on projections that read the same input, stacked ----------------------------------------
+
+class StackedLora(NamedTuple):
+    """Adapters on projections that share their input, as `add_stacked_lora` applies them:
+        t = x A_all^T                A_all: every (projection, adapter) A, stacked        t: [n, cols]
+        t = t * mask                 mask[i, c] = 1 where column c belongs to row i's adapter (several adapters)
+        y_p += t_p (s B_p)_all^T     per projection p: its columns of t, its adapters' s B side by side
+    """
+
+    a_t: torch.Tensor  # A_all^T: [in, cols]
+    parts: tuple  # per part: (columns of y or None for all, columns of t or None for all, [cols_p, out_p])
+    owners: torch.Tensor  # [cols]: which adapter (its index in the stack) each column of t belongs to
+
+
+def stack_lora(projections: Sequence[Sequence[Optional[LoraWeights]]], sizes: Sequence[int]) -> Optional[StackedLora]:
+    """projections[p][i]: adapter i's weights on projection p (None where it does not adapt p); sizes[p]: p's
+    output features, the projections' outputs side by side in y. None when no adapter adapts any. For a single
+    adapter the B's form one block-diagonal matrix over all outputs: one matmul instead of one per projection."""
+    a_rows, parts, owners = [], [], []
+    col = out = 0
+    for adapters, size in zip(projections, sizes):
+        blocks = [(i, lora) for i, lora in enumerate(adapters) if lora is not None]
+        if blocks:
+            width = sum(lora.a.shape[0] for _, lora in blocks)
+            a_rows += [lora.a.detach() for _, lora in blocks]
+            owners += [torch.full((lora.a.shape[0],), i, device=lora.a.device) for i, lora in blocks]
+            b_t = torch.cat([lora.b.detach() * lora.scaling for _, lora in blocks], dim=1).T  # [width, size]
+            parts.append((slice(out, out + size), slice(col, col + width), b_t))
+            col += width
+        out += size
+    if not a_rows:
+        return None
+    if max(len(adapters) for adapters in projections) == 1 and len(parts) > 1:
+        block_diagonal = parts[0][2].new_zeros(col, out)
+        for out_cols, cols, b_t in parts:
+            block_diagonal[cols, out_cols] = b_t
+        parts = [(slice(0, out), slice(0, col), block_diagonal)]
+    parts = tuple((None if o == slice(0, out) else o, None if c == slice(0, col) else c, b_t.contiguous())
+                  for o, c, b_t in parts)
+    return StackedLora(torch.cat(a_rows).T.contiguous(), parts, torch.cat(owners))
+
+
+def add_stacked_lora(out: torch.Tensor, x: torch.Tensor, stacked: StackedLora, row_adapter: Optional[torch.Tensor],
+                     masks: Optional[dict] = None) -> torch.Tensor:
+    """out [n, sum(sizes)] (the projections' base outputs for x [n, in], the caller's own tensor) plus row i's
+    adapter's update, row_adapter[i] its index in the stack (-1: none); None: every row adapter 0, the only one.
+    `masks` keeps each layout's row mask for the rest of a step (key: the owners tensor)."""
+    dtype = stacked.a_t.dtype
+    total = out if out.dtype == dtype else out.to(dtype)
+    t = (x if x.dtype == dtype else x.to(dtype)) @ stacked.a_t  # [n, cols]
+    if row_adapter is not None:
+        mask = None if masks is None else masks.get(stacked.owners)
+        if mask is None:
+            mask = (row_adapter[:, None] == stacked.owners[None, :]).to(dtype)
+            if masks is not None:
+                masks[stacked.owners] = mask
+        t = t * mask
+    for out_cols, cols, b_t in stacked.parts:
+        target = total if out_cols is None else total[:, out_cols]
+        target.addmm_(t if cols is None else t[:, cols], b_t)
+    return total if total.dtype == out.dtype else total.to(out.dtype)

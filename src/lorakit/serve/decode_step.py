@@ -13,14 +13,11 @@ with the same weights, reading the model's modules directly:
     h = rms_norm(x);  gu = h [Wg; Wu]^T + lora_gu(h)                  one matmul over gate and up
     x = x + (silu(g) * u) Wd^T + lora_d(.)
 
-The LoRA update is the one of lorakit.kernels, y += s * x A^T B^T, applied to a batch whose rows use different
-adapters (or none) as three stacked matmuls per group of projections that read the same input:
-    t = h A_all^T               A_all: [every (projection, adapter) block's rows stacked, in]   t: [n, cols]
-    t = t * mask                mask[i, c] = 1 where column c belongs to row i's adapter
-    y_p += t_p (s B_p)_all^T    per projection p: its columns, its B's side by side, [out_p, cols_p]
-so an adapter's weights are read once per step however many rows use it. The stacked tables are built when
-the adapters change: a batch of one adapter uses that adapter's own tables (no mask), a batch of several the
-tables of every resident adapter this step covers (one set, so the memory stays twice the adapters').
+The LoRA update is lorakit.kernels' stacked form (`stack_lora`, `add_stacked_lora`): per group of projections
+that read the same input, three matmuls whatever adapters the rows use (or none), each adapter's weights read
+once per step. The stacks are built when the adapters change: a batch of one adapter uses that adapter's own,
+a batch of several the stack of every resident adapter this step covers (one set, so the memory stays twice
+the adapters').
 
 The fused base weights share storage with the model's: after fusing, each projection's weight is a view of
 its rows of the fused tensor (int4 packs rows in blocks of 64, so an int4 projection fuses only when its
@@ -36,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.kernels import LoraWeights, StackedLora, add_stacked_lora, stack_lora
 from lorakit.weight_only import Int4Linear, Int8Linear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -103,52 +101,21 @@ class _Projections:
             return self.fused(h)
         return torch.cat([b(h) for b in self.bases], dim=-1)
 
-    def tables(self, names: Sequence[str]) -> Optional[tuple]:
-        """(A_all^T [in, cols], [(output columns, t's columns, (s B_p)_all^T [cols_p, out_p])], column -> index in
-        `names`) for adapters `names`, or None when none of them adapts these projections. For one adapter the
-        B's form one block-diagonal matrix over all outputs: one matmul instead of one per projection."""
-        a_rows, b_parts, owners = [], [], []
-        col, out = 0, 0
-        for module, size in zip(self.modules, self.sizes):
-            blocks = [(i, module.lora_A[n].weight, module.lora_B[n].weight * module.scaling[n])
-                      for i, n in enumerate(names) if n in getattr(module, "r", {})]
-            if blocks:
-                width = sum(a.shape[0] for _, a, _ in blocks)
-                a_rows += [a for _, a, _ in blocks]
-                owners += [torch.full((a.shape[0],), i) for i, a, _ in blocks]
-                b_parts.append((slice(out, out + size), slice(col, col + width),
-                                torch.cat([b for _, _, b in blocks], dim=1).detach().T))
-                col += width
-            out += size
-        if not a_rows:
-            return None
-        if len(names) == 1 and len(b_parts) > 1:
-            block_diagonal = b_parts[0][2].new_zeros(col, out)
-            for out_cols, cols, b_t in b_parts:
-                block_diagonal[cols, out_cols] = b_t
-            b_parts = [(slice(0, out), slice(0, col), block_diagonal)]
-        b_parts = [(None if o == slice(0, out) else o, None if c == slice(0, col) else c, b_t.contiguous())
-                   for o, c, b_t in b_parts]
-        return torch.cat(a_rows).detach().T.contiguous(), b_parts, torch.cat(owners).to(a_rows[0].device)
+    def tables(self, names: Sequence[str]) -> Optional[StackedLora]:
+        """Adapters `names` on these projections, stacked (None when none of them adapts any)."""
+        return stack_lora([[_lora_weights(m, n) for n in names] for m in self.modules], self.sizes)
 
-    def __call__(self, h: torch.Tensor, tables, row_index: Optional[torch.Tensor], masks: dict) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, stacked: Optional[StackedLora], row_adapter: Optional[torch.Tensor],
+                 masks: dict) -> torch.Tensor:
         y = self.base(h)
-        if tables is None:
-            return y
-        a_t, b_parts, owners = tables
-        t = h.to(a_t.dtype) @ a_t  # [n, cols]
-        if row_index is not None:  # several adapters in the batch: each row keeps its own adapter's columns
-            if owners not in masks:  # owners tensors are shared by the layers that have the same layout
-                masks[owners] = (row_index[:, None] == owners[None, :]).to(t.dtype)
-            t = t * masks[owners]
-        for out_cols, cols, b_t in b_parts:
-            target = y if out_cols is None else y[:, out_cols]
-            t_cols = t if cols is None else t[:, cols]
-            if y.dtype == b_t.dtype:
-                target.addmm_(t_cols, b_t)
-            else:  # the update in the adapter's dtype, rounded once to the base output's (as lorakit.kernels)
-                target += (t_cols @ b_t).to(y.dtype)
-        return y
+        return y if stacked is None else add_stacked_lora(y, h, stacked, row_adapter, masks)
+
+
+def _lora_weights(module: nn.Module, name: str) -> Optional[LoraWeights]:
+    """Plain adapter `name` on `module` as the kernels take it, or None where it does not adapt the module."""
+    if name not in getattr(module, "r", {}):
+        return None
+    return LoraWeights(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
 
 
 class DecodeStep:
@@ -215,8 +182,8 @@ class DecodeStep:
             tables, layouts = [], {}
             for layer in self._layers:
                 groups = [p.tables(names) for p in layer[:4]]
-                # one owners tensor per column layout, so a step builds each row mask once (see _Projections)
-                groups = [g if g is None else (g[0], g[1], layouts.setdefault(tuple(g[2].tolist()), g[2]))
+                # one owners tensor per column layout, so a step builds each row mask once (add_stacked_lora)
+                groups = [g if g is None else g._replace(owners=layouts.setdefault(tuple(g.owners.tolist()), g.owners))
                           for g in groups]
                 tables.append(tuple(groups))
             self._tables[names] = tables
@@ -231,10 +198,10 @@ class DecodeStep:
         present = sorted({n for n in names if n is not None})
         # one adapter: its own tables; several: the tables of every adapter that runs here (one set, built once)
         table_names = tuple(present) if len(present) <= 1 else tuple(sorted(self._plain))
-        row_index = None
+        row_adapter = None
         if len(present) > 1 or (present and None in names):
             index = {n: i for i, n in enumerate(table_names)}
-            row_index = torch.tensor([index.get(n, -1) for n in names], device=ids.device)
+            row_adapter = torch.tensor([index.get(n, -1) for n in names], device=ids.device)
         tables = self._tables_for(table_names) if present else [(None,) * 4] * len(self._layers)
         x = _base(self.inner.embed_tokens)(ids)  # [n, d]
         cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [n, 1, hd]
@@ -248,7 +215,7 @@ class DecodeStep:
             attn = layer.self_attn
             hd = attn.head_dim
             h = _rms_norm(layer.input_layernorm, x)
-            y = qkv(h, t_qkv, row_index, masks).view(n, -1, hd)  # [n, heads + 2 kv_heads, hd]
+            y = qkv(h, t_qkv, row_adapter, masks).view(n, -1, hd)  # [n, heads + 2 kv_heads, hd]
             heads = self.heads
             kv_heads = (y.shape[1] - heads) // 2
             qk = y[:, : heads + kv_heads]
@@ -256,11 +223,11 @@ class DecodeStep:
             q = qk[:, :heads, None]  # [n, heads, 1, hd]
             k, v = qk[:, heads:, None], y[:, heads + kv_heads:, None]  # [n, kv_heads, 1, hd]
             keys, values = cache.update(k, v, index)  # [n, kv_heads, kv_len, hd]
-            x = x + o(_attend(q, keys, values, mask, attn.scaling).reshape(n, heads * hd), t_o, row_index, masks)
+            x = x + o(_attend(q, keys, values, mask, attn.scaling).reshape(n, heads * hd), t_o, row_adapter, masks)
             h = _rms_norm(layer.post_attention_layernorm, x)
-            g = gate_up(h, t_gu, row_index, masks)
+            g = gate_up(h, t_gu, row_adapter, masks)
             half = g.shape[1] // 2
-            x = x + down(F.silu(g[:, :half]) * g[:, half:], t_down, row_index, masks)
+            x = x + down(F.silu(g[:, :half]) * g[:, half:], t_down, row_adapter, masks)
         return _base(self.hf.lm_head)(_rms_norm(self.inner.norm, x))
 
 
@@ -280,5 +247,7 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a Llama RMSNorm module computes (weight * x / rms(x), in float32), in one operation."""
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    """What a Llama RMSNorm module computes: x / rms(x) in float32, rounded to x's dtype, times the weight."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype)
