@@ -188,8 +188,9 @@ def agreement(adapter: str, precisions: list[str], max_batch: int) -> dict:
 
 
 def step_profile(precision: str, adapter_root: Path, name: str, steps: int = 20) -> dict:
-    """One decode step (one row, an unmerged adapter, 100 tokens in the cache) under torch.profiler: PyTorch
-    operations and milliseconds per step, and the five operations that take longest, for the fast decode step
+    """One decode step (one row, an unmerged adapter, 100 tokens in the cache) under torch.profiler: milliseconds,
+    PyTorch operations called from Python and aten calls in all (theirs included) per step, and the five that take
+    longest, for the fast decode step
     (`lorakit serve`'s) and for the model's own forward (what it ran before)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -222,9 +223,13 @@ def step_profile(precision: str, adapter_root: Path, name: str, steps: int = 20)
             for _ in range(steps):
                 served.decode([name], ids, positions, cache)
         events = prof.key_averages()
-        ops = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+        calls = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+        # the operations called from Python (an aten call not made by another one)
+        outer = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))) / steps
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
-        result[label] = {"ms_per_step": round(ms, 2), "aten_ops_per_step": round(ops),
+        result[label] = {"ms_per_step": round(ms, 2), "operations_per_step": round(outer),
+                         "aten_calls_per_step": round(calls),
                          "top_self_cpu": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
                                            "self_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 2)}
                                           for e in top]}

@@ -19,9 +19,9 @@ from lorakit.weight_only import Int4Linear, Int8Linear, quantize_for_decode
 VOCAB = 96
 
 
-def llama(seed=0, cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra) -> torch.nn.Module:
+def llama(seed=0, cls=LlamaForCausalLM, config_cls=LlamaConfig, hidden=64, **extra) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = config_cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, **extra)
     return cls(config).eval()
 
@@ -43,7 +43,7 @@ def prefilled(hf, prompts: list[list[int]], names, peft=None) -> SlotCache:
     """A slot cache holding each prompt's K/V (its own adapter's), as the engine's prefill leaves it."""
     cfg = hf.config
     cache = SlotCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                      len(prompts), 256, torch.float32, torch.device("cpu"))
+                      len(prompts), 256, hf.dtype, torch.device("cpu"))
     from transformers import DynamicCache
 
     for slot, (prompt, name) in enumerate(zip(prompts, names)):
@@ -106,8 +106,13 @@ def test_one_adapter_and_a_mixed_batch_equal_forward():
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_quantized_base_equals_forward(precision):
-    hf = llama()
+    hf = llama(hidden=128)  # k and v have 64 outputs: int4 fuses q, k and v (rows in blocks of 64)
     quantize_for_decode(hf, precision)
+    DecodeStep(hf)
+    attn, mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
+    storage = lambda m: (m.packed if precision == "int4" else m.weight_q).untyped_storage().data_ptr()
+    assert storage(attn.q_proj) == storage(attn.k_proj) == storage(attn.v_proj) != storage(mlp.gate_proj)
+    assert storage(mlp.gate_proj) == storage(mlp.up_proj)
     model = with_adapters(hf, {"a": dict(r=8, target_modules="all-linear"), "b": dict(r=4, target_modules=["q_proj"])})
     fast, slow = both_ways(model, hf, ["a", "b", None], PROMPTS[:3])
     # the packed matmul of a fused weight is the same arithmetic per output row as the parts'
@@ -122,6 +127,16 @@ def test_nf4_base_runs_its_parts_apart_and_equals_forward():
     model = with_adapters(hf, {"a": dict(r=4, target_modules="all-linear")})
     fast, slow = both_ways(model, hf, ["a", None], PROMPTS[:2])
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_with_float32_adapters_is_close_to_forward():
+    hf = llama().to(torch.bfloat16)
+    model = with_adapters(hf, {"a": dict(r=8, target_modules="all-linear"), "b": dict(r=4, target_modules=["v_proj"])})
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["a"].weight.dtype == torch.float32
+    fast, slow = both_ways(model, hf, ["a", "b", None], PROMPTS[:3])
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    # the same arithmetic up to bf16 roundings taken in another order (fused matmuls, the stacked update)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=0.05, rtol=0.02)
 
 
 def test_qwen2_with_attention_bias_equals_forward():

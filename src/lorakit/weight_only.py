@@ -185,8 +185,9 @@ def _packed_mm_available(precision: str) -> bool:
 
 def decode_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> str:
     """The decode precision to serve with: `requested` unless "auto", which on a CPU picks int4 when `model`'s base
-    weights reproduce in int4 (reproduces_in_int4), else fp32 (int8 decoded slower than fp32 where measured:
-    benchmarks/decode_vs_llamacpp.py); off a CPU it picks fp32."""
+    weights reproduce in int4 (reproduces_in_int4), else fp32; off a CPU it picks fp32. int8 is not chosen: where
+    measured it decoded faster than fp32 but read a long prompt slower and changed a few greedy answers
+    (benchmarks/decode_vs_llamacpp.py), a trade for the user to make."""
     if requested not in DECODE_PRECISIONS:
         raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {requested!r}.")
     if requested != "auto":
