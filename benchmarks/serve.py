@@ -112,15 +112,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from lorakit.serve.server import on_short_lived_thread
+
+    if args.threads:  # from a thread that ends: the main thread keeps no OpenMP team (see on_short_lived_thread)
+        on_short_lived_thread(torch.set_num_threads, args.threads)
 
     from lorakit.models import load_base_model
     from lorakit.serve import ServerThread
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine, EngineConfig
     from lorakit.serve.metrics import ServerMetrics
-    from lorakit.serve.server import on_short_lived_thread
 
     tmp = tempfile.TemporaryDirectory(prefix="lorakit-serve-bench-")
     if args.adapter_dir:
