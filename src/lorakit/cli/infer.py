@@ -74,7 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
                             seed=args.seed)
     engine.start()
     try:
-        text, _, _ = engine.generate(prompt_ids, name, params)
+        text, _, _ = engine.generate(prompt_ids, name, params, timeout=7 * 24 * 3600)  # a slow CPU may take hours
     finally:
         engine.stop()
     print(text.strip())
