@@ -12,9 +12,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.serve.decode_step import DecodeStep, fuse_rows
+from lorakit.serve.decode_step import DecodeStep
 from lorakit.serve.kv_cache import SlotCache
-from lorakit.weight_only import Int4Linear, Int8Linear, quantize_for_decode
+from lorakit.weight_only import Int4Linear, Int8Linear, fuse_rows, quantize_for_decode
 
 VOCAB = 96
 

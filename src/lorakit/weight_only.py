@@ -22,6 +22,8 @@ Only for inference: nothing trains these weights, and a LoRA adapter on top read
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
 
@@ -29,8 +31,9 @@ from .quant import quantized_linear_names, replace_module
 
 DECODE_PRECISIONS = ("auto", "fp32", "int8", "int4")
 GROUP_SIZE = 32  # inputs per int4 scale and zero point
+INT4_ROW_BLOCK = 64  # PyTorch's CPU int4 layout packs output rows in blocks of 64
 
-__all__ = ["DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "Int8Linear", "Int4Linear",
+__all__ = ["DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "Int8Linear", "Int4Linear", "fuse_rows",
            "quantize_for_decode", "decode_precision", "prepare_for_decode", "reproduces_in_int4"]
 
 DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (groups of 32, like a Q4_1 GGUF) "
@@ -127,6 +130,40 @@ class Int4Linear(_PackedLinear):
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scales_and_zeros)
+
+
+def fuse_rows(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """One layer computing [parts[0](x), parts[1](x), ...] in one matmul, or None when the parts cannot fuse.
+    Each part's weight (int8/int4: its quantized values) becomes a view of the fused one: no second copy."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts) or len({(p.bias is None) for p in parts}) > 1:
+        return None
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    if kind is nn.Linear:
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        _share_rows(parts, weight, lambda p, rows: setattr(p.weight, "data", rows))
+        return fused
+    if kind is Int8Linear:
+        fused = Int8Linear(torch.cat([p.weight_q for p in parts]), torch.cat([p.scale for p in parts]), bias)
+        _share_rows(parts, fused.weight_q, lambda p, rows: setattr(p, "weight_q", rows))
+        return fused
+    if kind is Int4Linear and all(p.out_features % INT4_ROW_BLOCK == 0 for p in parts):
+        out = sum(p.out_features for p in parts)
+        fused = Int4Linear(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_zeros for p in parts], 1),
+                           bias, parts[0].in_features, out)
+        _share_rows(parts, fused.packed, lambda p, rows: setattr(p, "packed", rows))
+        return fused
+    return None
+
+
+def _share_rows(parts: Sequence[nn.Module], fused: torch.Tensor, point) -> None:
+    start = 0
+    for part in parts:
+        point(part, fused[start: start + part.out_features])
+        start += part.out_features
 
 
 def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

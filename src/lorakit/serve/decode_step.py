@@ -34,52 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.kernels import LoraWeights, StackedLora, add_stacked_lora, stack_lora
-from lorakit.weight_only import Int4Linear, Int8Linear
+from lorakit.fused_loss import RMS_NORMS, SWIGLU_MLPS, rms_norm
+from lorakit.weight_only import fuse_rows
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 PROJECTIONS = ATTENTION + ("o_proj",) + MLP_IN + ("down_proj",)
-INT4_ROW_BLOCK = 64  # PyTorch's CPU int4 layout packs output rows in blocks of 64
 
 
 def _base(module: nn.Module) -> nn.Module:
     """The frozen layer under a LoRA layer (the module itself when it carries none)."""
     return getattr(module, "base_layer", module)
-
-
-def fuse_rows(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
-    """One layer computing [parts[0](x), parts[1](x), ...] in one matmul, or None when the parts cannot fuse.
-    Each part's weight (int8/int4: its quantized values) becomes a view of the fused one: no second copy."""
-    kind = type(parts[0])
-    if any(type(p) is not kind for p in parts) or len({(p.bias is None) for p in parts}) > 1:
-        return None
-    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-    if kind is nn.Linear:
-        weight = torch.cat([p.weight.detach() for p in parts])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        _share_rows(parts, weight, lambda p, rows: setattr(p.weight, "data", rows))
-        return fused
-    if kind is Int8Linear:
-        fused = Int8Linear(torch.cat([p.weight_q for p in parts]), torch.cat([p.scale for p in parts]), bias)
-        _share_rows(parts, fused.weight_q, lambda p, rows: setattr(p, "weight_q", rows))
-        return fused
-    if kind is Int4Linear and all(p.out_features % INT4_ROW_BLOCK == 0 for p in parts):
-        out = sum(p.out_features for p in parts)
-        fused = Int4Linear(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_zeros for p in parts], 1),
-                           bias, parts[0].in_features, out)
-        _share_rows(parts, fused.packed, lambda p, rows: setattr(p, "packed", rows))
-        return fused
-    return None
-
-
-def _share_rows(parts: Sequence[nn.Module], fused: torch.Tensor, point) -> None:
-    start = 0
-    for part in parts:
-        point(part, fused[start: start + part.out_features])
-        start += part.out_features
 
 
 class _Projections:
@@ -125,7 +91,7 @@ class DecodeStep:
         self.hf = hf_model
         self.inner = hf_model.model
         self.heads = hf_model.config.num_attention_heads
-        hd = self.inner.layers[0].self_attn.head_dim
+        self.head_dim = hd = self.inner.layers[0].self_attn.head_dim
         # rope's rotate_half(x) = [-x2, x1] as a matrix: x @ R (one small matmul instead of slices, a negation, a cat)
         eye = torch.eye(hd // 2)
         rotate = torch.zeros(hd, hd)
@@ -141,14 +107,13 @@ class DecodeStep:
     def architecture_supported(hf_model: nn.Module) -> bool:
         config = getattr(hf_model, "config", None)
         inner = getattr(hf_model, "model", None)
-        if getattr(config, "model_type", None) not in ARCHITECTURES or inner is None:
-            return False
-        if getattr(config, "hidden_act", None) != "silu" or not hasattr(inner, "rotary_emb"):
+        if getattr(config, "model_type", None) not in ARCHITECTURES or not hasattr(inner, "rotary_emb"):
             return False
         layer = inner.layers[0]
-        return all(hasattr(layer.self_attn, n) for n in ATTENTION + ("o_proj",)) and \
-            all(hasattr(layer.mlp, n) for n in MLP_IN + ("down_proj",)) and \
-            not hasattr(layer.self_attn, "q_norm")
+        # norms and MLPs whose forward is exactly LlamaRMSNorm's and down(silu(gate(x)) * up(x)) (see fused_loss)
+        return getattr(config, "hidden_act", None) == "silu" and type(layer.mlp).__name__ in SWIGLU_MLPS and \
+            type(layer.input_layernorm).__name__ in RMS_NORMS and not hasattr(layer.self_attn, "q_norm") and \
+            all(hasattr(layer.self_attn, n) for n in ATTENTION + ("o_proj",))
 
     def adapters_changed(self) -> None:
         """Forget the stacked tables and which adapters run here: adapters were loaded, unloaded or merged."""
@@ -207,16 +172,16 @@ class DecodeStep:
         cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [n, 1, hd]
         n, kv_len = ids.shape[0], int(positions.max()) + 1
         visible = torch.arange(kv_len, device=ids.device)[None, :] <= positions[:, None]
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=ids.device).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=ids.device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :]  # [n, 1, 1, kv_len]: 0 where a row may look, -inf past its position
         masks: dict = {}
+        heads, hd = self.heads, self.head_dim
         rotate_half = self._rotate_half.to(cos.dtype)
         for index, (qkv, o, gate_up, down, layer) in enumerate(self._layers):
             t_qkv, t_o, t_gu, t_down = tables[index]
             attn = layer.self_attn
-            hd = attn.head_dim
-            h = _rms_norm(layer.input_layernorm, x)
+            h = _norm(layer.input_layernorm, x)
             y = qkv(h, t_qkv, row_adapter, masks).view(n, -1, hd)  # [n, heads + 2 kv_heads, hd]
-            heads = self.heads
             kv_heads = (y.shape[1] - heads) // 2
             qk = y[:, : heads + kv_heads]
             qk = torch.addcmul(qk * cos, qk @ rotate_half, sin)
@@ -224,11 +189,11 @@ class DecodeStep:
             k, v = qk[:, heads:, None], y[:, heads + kv_heads:, None]  # [n, kv_heads, 1, hd]
             keys, values = cache.update(k, v, index)  # [n, kv_heads, kv_len, hd]
             x = x + o(_attend(q, keys, values, mask, attn.scaling).reshape(n, heads * hd), t_o, row_adapter, masks)
-            h = _rms_norm(layer.post_attention_layernorm, x)
+            h = _norm(layer.post_attention_layernorm, x)
             g = gate_up(h, t_gu, row_adapter, masks)
             half = g.shape[1] // 2
             x = x + down(F.silu(g[:, :half]) * g[:, half:], t_down, row_adapter, masks)
-        return _base(self.hf.lm_head)(_rms_norm(self.inner.norm, x))
+        return _base(self.hf.lm_head)(_norm(self.inner.norm, x))
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -246,8 +211,6 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return torch.matmul(torch.softmax(scores, dim=-1), values)  # [n, kv_heads, group, hd]
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a Llama RMSNorm module computes: x / rms(x) in float32, rounded to x's dtype, times the weight."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon).to(x.dtype)
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-family RMSNorm module's forward (fused_loss.rms_norm: transformers' arithmetic)."""
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
