@@ -23,7 +23,8 @@ of a demo question).
             generate on the float32 base (what `lorakit eval` runs): equal answers.
   profile   one decode step under torch.profiler: operations and milliseconds per step, the fast step and the
             model's own forward (the path before it), per precision.
-Rounds alternate between lorakit and llama.cpp; medians over --runs.
+Rounds alternate between lorakit and llama.cpp (lorakit's precisions in turn, their order reversed every round);
+medians over --runs.
 """
 
 from __future__ import annotations
@@ -298,8 +299,9 @@ def main(argv=None) -> dict:
                     llama_decode(llms[name], p, args.max_tokens)
         return len(requests) * args.max_tokens / (time.perf_counter() - start)
 
-    for _ in range(args.runs):
-        for precision in precisions:  # one engine alive at a time (one engine thread, one OpenMP team)
+    for run in range(args.runs):
+        # one engine alive at a time (one engine thread, one OpenMP team), the precisions' order reversed every run
+        for precision in precisions if run % 2 == 0 else precisions[::-1]:
             engine, chosen[precision] = lorakit_engine(precision, tmp, names, max_batch=args.clients)
             try:
                 lorakit_decode(engine, prompt, names[0], 8)  # warm up

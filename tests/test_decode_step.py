@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lorakit import LoraConfig, get_peft_model
+from lorakit import LoraConfig, get_peft_model, weight_only
 from lorakit.serve.decode_step import DecodeStep
 from lorakit.serve.kv_cache import SlotCache
 from lorakit.weight_only import Int4Linear, Int8Linear, fuse_rows, quantize_for_decode
@@ -104,15 +104,18 @@ def test_one_adapter_and_a_mixed_batch_equal_forward():
     assert (fast[:, 0] - base_logits[:, 0]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_quantized_base_equals_forward(precision):
+@pytest.mark.parametrize("precision", ["int4", "int8", "int4+bf16"])
+def test_quantized_base_equals_forward(precision, monkeypatch):
     hf = llama(hidden=128)  # k and v have 64 outputs: int4 fuses q, k and v (rows in blocks of 64)
     quantize_for_decode(hf, precision)
+    monkeypatch.setattr(weight_only, "BATCH_ROWS", 2)  # int4+bf16: this test's batches use the bfloat16 copy
     DecodeStep(hf)
     attn, mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
-    storage = lambda m: (m.packed if precision == "int4" else m.weight_q).untyped_storage().data_ptr()
-    assert storage(attn.q_proj) == storage(attn.k_proj) == storage(attn.v_proj) != storage(mlp.gate_proj)
-    assert storage(mlp.gate_proj) == storage(mlp.up_proj)
+    for stored in ("packed", "batch_weight") if precision == "int4+bf16" else ("packed" if precision == "int4"
+                                                                               else "weight_q",):
+        storage = lambda m: getattr(m, stored).untyped_storage().data_ptr()
+        assert storage(attn.q_proj) == storage(attn.k_proj) == storage(attn.v_proj) != storage(mlp.gate_proj)
+        assert storage(mlp.gate_proj) == storage(mlp.up_proj)
     model = with_adapters(hf, {"a": dict(r=8, target_modules="all-linear"), "b": dict(r=4, target_modules=["q_proj"])})
     fast, slow = both_ways(model, hf, ["a", "b", None], PROMPTS[:3])
     # the packed matmul of a fused weight is the same arithmetic per output row as the parts'

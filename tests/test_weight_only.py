@@ -10,8 +10,9 @@ from tiny_models import tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.weight_only import (GROUP_SIZE, Int4Linear, Int8Linear, decode_precision, prepare_for_decode,
-                                 quantize_for_decode, reproduces_in_int4)
+from lorakit import weight_only
+from lorakit.weight_only import (BATCH_ROWS, GROUP_SIZE, Int4Linear, Int8Linear, decode_precision, fuse_rows,
+                                 prepare_for_decode, quantize_for_decode, reproduces_in_int4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,22 +72,73 @@ def test_int4_linear_reproduces_four_bit_weights_and_detects_others():
         Int4Linear.from_linear(nn.Linear(40, 48))
 
 
-def test_auto_picks_int4_for_a_four_bit_base_and_keeps_the_head_int8():
+def four_bit_llama():
     model = tiny_llama()
     with torch.no_grad():
         for name, module in model.named_modules():
             if type(module) is nn.Linear and name != "lm_head":
                 module.weight.copy_(four_bit_weight(*module.weight.shape))
+    return model
+
+
+def test_auto_picks_int4_for_a_four_bit_base_and_keeps_the_head_int8(monkeypatch):
+    model = four_bit_llama()
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
+    monkeypatch.setattr(weight_only, "bf16_matmul_speedup", lambda device: 0.3)  # a CPU without bf16 units
     assert prepare_for_decode(model, "auto") == "int4"
+    assert all(m.batch_weight is None for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear)))
     assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14 and isinstance(model.lm_head, Int8Linear)
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert (after - before).abs().max() < 0.02 * before.abs().max()
     # A model with ordinary weights keeps them.
     assert decode_precision("auto", torch.device("cpu"), tiny_llama()) == "fp32"
+
+
+def test_int4_with_a_bf16_copy_multiplies_batches_by_the_same_weights(monkeypatch):
+    linear = nn.Linear(128, 64)
+    with torch.no_grad():
+        linear.weight.copy_(four_bit_weight(64, 128))
+    plain, layer = Int4Linear.from_linear(linear), Int4Linear.from_linear(linear)
+    layer.keep_bf16_copy()
+    # The copy is the weight the packed matmul multiplies by (already bfloat16 values), not saved with the model.
+    assert layer.batch_weight.dtype == torch.bfloat16 and torch.equal(layer.batch_weight.float(), plain.dequantize())
+    assert "batch_weight" not in layer.state_dict() and "bfloat16 copy" in repr(layer)
+    few, many = torch.randn(BATCH_ROWS - 1, 128), torch.randn(2, BATCH_ROWS, 128)
+    # Under BATCH_ROWS rows the packed matmul, bit for bit; from BATCH_ROWS on the bfloat16 matmul on the copy.
+    assert torch.equal(layer(few), plain(few))
+    by_copy = (many.bfloat16() @ layer.batch_weight.T).float() + linear.bias.detach()
+    assert torch.equal(layer(many), by_copy)
+    torch.testing.assert_close(layer(many), plain(many), rtol=1e-2, atol=1e-2)
+    # Fusing keeps one copy: the parts' copies are views of the fused one's rows.
+    parts = [Int4Linear.from_linear(nn.Linear(128, 64)) for _ in range(2)]
+    for part in parts:
+        part.keep_bf16_copy()
+    fused = fuse_rows(parts)
+    assert fused.batch_weight.shape == (128, 128)
+    assert parts[1].batch_weight.data_ptr() == fused.batch_weight[64:].data_ptr()
+    x = torch.randn(BATCH_ROWS, 128)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_auto_keeps_a_bf16_copy_where_bf16_matmuls_are_fast(monkeypatch):
+    model = four_bit_llama()
+    ids = torch.arange(3, 3 + 2 * BATCH_ROWS)[None]  # a prompt long enough for the copy
+    int4 = copy.deepcopy(model)
+    quantize_for_decode(int4, "int4")
+    with torch.no_grad():
+        before, packed = model(input_ids=ids).logits, int4(input_ids=ids).logits
+    monkeypatch.setattr(weight_only, "bf16_matmul_speedup", lambda device: 1.8)
+    assert prepare_for_decode(model, "auto") == "int4+bf16"
+    layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert len(layers) == 15 and all(m.batch_weight is not None for m in layers)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    # The same weights as int4 alone (bfloat16 outputs either way), and as near the float32 model
+    assert (after - packed).abs().max() < 0.01 * before.abs().max()
+    assert (after - before).abs().max() < 0.03 * before.abs().max()
 
 
 def test_quantize_for_decode_swaps_the_base_weights_and_leaves_the_adapter_alone():
@@ -132,7 +184,8 @@ def test_decode_precision_choices():
     with pytest.raises(ValueError, match="CPU kernels; the model is on cuda: use --decode-precision fp32"):
         decode_precision("int4", torch.device("cuda"))
     assert decode_precision("auto", torch.device("cpu")) == "fp32"  # no model to look at
-    with pytest.raises(ValueError, match="decode precision must be one of auto, fp32, int8, int4"):
+    assert decode_precision("int4+bf16", torch.device("cpu")) == "int4+bf16"
+    with pytest.raises(ValueError, match="decode precision must be one of auto, fp32, int8, int4, int4\\+bf16"):
         decode_precision("int2", torch.device("cpu"))
     model = tiny_llama()
     assert prepare_for_decode(model, "fp32") == "fp32" and not any(isinstance(m, Int8Linear) for m in model.modules())

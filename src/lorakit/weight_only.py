@@ -17,7 +17,16 @@ reproduces it up to the bfloat16 rounding of the scales; for other weights it is
 
 Only for inference: nothing trains these weights, and a LoRA adapter on top reads the base weight through
 `dequantize()` as on an NF4 base. The output head is int8 in both (llama.cpp keeps it at 8 bits too).
-`decode_precision("auto", device, model)` picks int4 on a CPU where it reproduces the weights, else fp32.
+
+int4+bf16: the int4 layers (and the int8 head) also keep their dequantized weights in bfloat16, and multiply by
+those from BATCH_ROWS rows on. The packed kernels unpack the weights again for every few rows, so their cost grows
+with the rows; a bfloat16 matmul on a CPU with bf16 units (AMX, AVX512-BF16) reads each weight once for a whole
+batch. One row (a single user's decode) reads the fewer int4 bytes; a batch of users, and a prompt, the bf16 copy.
+Both hold the same weights: `dequantize()` in bfloat16, for int4 the very values the packed matmul multiplies
+by, for the int8 head its int8 values times their scale rounded to bfloat16.
+
+`decode_precision("auto", device, model)` picks int4 on a CPU where it reproduces the weights, int4+bf16 there
+when bfloat16 matmuls run faster than float32 ones (precision.bf16_matmul_speedup), else fp32.
 """
 
 from __future__ import annotations
@@ -27,24 +36,29 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .precision import BF16_MIN_SPEEDUP, bf16_matmul_speedup
 from .quant import quantized_linear_names, replace_module
 
-DECODE_PRECISIONS = ("auto", "fp32", "int8", "int4")
+DECODE_PRECISIONS = ("auto", "fp32", "int8", "int4", "int4+bf16")
 GROUP_SIZE = 32  # inputs per int4 scale and zero point
 INT4_ROW_BLOCK = 64  # PyTorch's CPU int4 layout packs output rows in blocks of 64
+BATCH_ROWS = 16  # int4+bf16: from this many rows on, the bfloat16 copy (benchmarks/README.md: the fast decode step)
 
 __all__ = ["DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "Int8Linear", "Int4Linear", "fuse_rows",
            "quantize_for_decode", "decode_precision", "prepare_for_decode", "reproduces_in_int4"]
 
 DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (groups of 32, like a Q4_1 GGUF) "
                          "or 'int8' (per output feature): fewer bytes to read per token, answers may differ slightly "
-                         "from float32's; 'fp32': the weights as loaded; 'auto' (default): on a CPU int4 where it "
+                         "from float32's; 'int4+bf16': int4 for one row at a time, plus a bfloat16 copy of the same "
+                         "weights for batches of users and for prompts (more memory, faster batches on a CPU with "
+                         "bf16 units); 'fp32': the weights as loaded; 'auto' (default): on a CPU int4 where it "
                          "reproduces the weights (a base converted from a 4-bit GGUF, like the embedded SmolLM2), "
-                         "else fp32")
+                         "int4+bf16 there when bf16 matmuls are fast, else fp32")
 
 
 class _PackedLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: rows in bfloat16 through the packed matmul, back in x's dtype, + bias."""
+    """What Int8Linear and Int4Linear share: rows in bfloat16 through the packed matmul (or, with a bfloat16 copy,
+    from BATCH_ROWS rows on through that), back in x's dtype, + bias."""
 
     weights_note = ""
 
@@ -52,18 +66,32 @@ class _PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", bias)  # [out] in the activations' dtype, or None
+        # [out, in] bfloat16, the same weights for batches (keep_bf16_copy), or None; not saved with the model
+        self.register_buffer("batch_weight", None, persistent=False)
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keep_bf16_copy(self) -> None:
+        """Keep the weights in bfloat16 too, for batches of BATCH_ROWS rows or more (int4+bf16)."""
+        self.batch_weight = self.dequantize().to(torch.bfloat16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))  # [tokens, in] -> [tokens, out]
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
+        if self.batch_weight is not None and rows.shape[0] >= BATCH_ROWS:
+            out = rows @ self.batch_weight.T  # [tokens, out]
+        else:
+            out = self._matmul(rows)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
+        copy = ", bfloat16 copy for batches" if self.batch_weight is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"weights={self.weights_note}"
+               f"weights={self.weights_note}{copy}"
 
 
 def _bias_of(linear: nn.Linear) -> torch.Tensor | None:
@@ -149,14 +177,17 @@ def fuse_rows(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
     if kind is Int8Linear:
         fused = Int8Linear(torch.cat([p.weight_q for p in parts]), torch.cat([p.scale for p in parts]), bias)
         _share_rows(parts, fused.weight_q, lambda p, rows: setattr(p, "weight_q", rows))
-        return fused
-    if kind is Int4Linear and all(p.out_features % INT4_ROW_BLOCK == 0 for p in parts):
+    elif kind is Int4Linear and all(p.out_features % INT4_ROW_BLOCK == 0 for p in parts):
         out = sum(p.out_features for p in parts)
         fused = Int4Linear(torch.cat([p.packed for p in parts]), torch.cat([p.scales_and_zeros for p in parts], 1),
                            bias, parts[0].in_features, out)
         _share_rows(parts, fused.packed, lambda p, rows: setattr(p, "packed", rows))
-        return fused
-    return None
+    else:
+        return None
+    if all(p.batch_weight is not None for p in parts):
+        fused.batch_weight = torch.cat([p.batch_weight for p in parts])
+        _share_rows(parts, fused.batch_weight, lambda p, rows: setattr(p, "batch_weight", rows))
+    return fused
 
 
 def _share_rows(parts: Sequence[nn.Module], fused: torch.Tensor, point) -> None:
@@ -195,20 +226,24 @@ def reproduces_in_int4(weight: torch.Tensor, tolerance: float = 0.05) -> bool:
 def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
     """Replace (in place) every float nn.Linear of `model` that is not part of an adapter by an Int8Linear, or for
     "int4" by an Int4Linear where its shape allows (an Int8Linear elsewhere); the output head is int8 either way
-    (a tied head gets its own copy; the embedding keeps its weights). Works on a bare base model and on one that
-    already carries LoRA layers (their base_layer is replaced). Returns the count."""
-    if precision not in ("int8", "int4"):
-        raise ValueError(f"quantize_for_decode takes 'int8' or 'int4', got {precision!r}.")
-    if not _packed_mm_available(precision):
-        raise RuntimeError(f"this PyTorch ({torch.__version__}) has no {precision} packed CPU matmul; use decode "
+    (a tied head gets its own copy; the embedding keeps its weights); "int4+bf16" as "int4", each layer keeping a
+    bfloat16 copy for batches. Works on a bare base model and on one that already carries LoRA layers (their
+    base_layer is replaced). Returns the count."""
+    if precision not in ("int8", "int4", "int4+bf16"):
+        raise ValueError(f"quantize_for_decode takes 'int8', 'int4' or 'int4+bf16', got {precision!r}.")
+    packed = precision.split("+")[0]
+    if not _packed_mm_available(packed):
+        raise RuntimeError(f"this PyTorch ({torch.__version__}) has no {packed} packed CPU matmul; use decode "
                            "precision fp32, or a newer PyTorch.")
     modules = dict(model.named_modules())
     everything = quantized_linear_names(model, skip_modules=())  # every Linear but LoRA's own
     body = set(quantized_linear_names(model))  # the same without the output heads
     for name in everything:
         linear = modules[name]
-        int4 = precision == "int4" and name in body and Int4Linear.supports(linear)
+        int4 = packed == "int4" and name in body and Int4Linear.supports(linear)
         layer = Int4Linear.from_linear(linear) if int4 else Int8Linear.from_linear(linear)
+        if precision.endswith("+bf16"):
+            layer.keep_bf16_copy()
         replace_module(model, name, layer.to(linear.weight.device))
     if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own (int8) tensor now
@@ -222,8 +257,9 @@ def _packed_mm_available(precision: str) -> bool:
 
 def decode_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> str:
     """The decode precision to serve with: `requested` unless "auto", which on a CPU picks int4 when `model`'s base
-    weights reproduce in int4 (reproduces_in_int4), else fp32; off a CPU it picks fp32. int8 is not chosen: where
-    measured it decoded faster than fp32 but read a long prompt slower and changed a few greedy answers
+    weights reproduce in int4 (reproduces_in_int4), int4+bf16 when bfloat16 matmuls also run at least
+    BF16_MIN_SPEEDUP times faster than float32 ones there, else fp32; off a CPU it picks fp32. int8 is not chosen:
+    where measured it decoded faster than fp32 but read a long prompt slower and changed a few greedy answers
     (benchmarks/decode_vs_llamacpp.py), a trade for the user to make."""
     if requested not in DECODE_PRECISIONS:
         raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {requested!r}.")
@@ -238,13 +274,13 @@ def decode_precision(requested: str, device: torch.device, model: nn.Module | No
     body = [modules[name] for name in quantized_linear_names(model)] if model is not None else []
     if _packed_mm_available("int4") and body and all(Int4Linear.supports(m) and reproduces_in_int4(m.weight)
                                                      for m in body):
-        return "int4"
+        return "int4+bf16" if bf16_matmul_speedup(device) >= BF16_MIN_SPEEDUP else "int4"
     return "fp32"
 
 
 def prepare_for_decode(model: nn.Module, requested: str = "auto") -> str:
     """Resolve `requested` (see decode_precision) for the model's device and quantize the model's base weights in
-    place when that gives int8 or int4; returns the precision chosen."""
+    place when that gives int8, int4 or int4+bf16; returns the precision chosen."""
     precision = decode_precision(requested, next(model.parameters()).device, model)
     if precision != "fp32":
         quantize_for_decode(model, precision)
