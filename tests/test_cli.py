@@ -171,7 +171,7 @@ def test_generate_and_chat_switch_between_adapter_and_base(trained, tiny_base, m
     base_only = capsys.readouterr().out.strip()
     assert with_adapter != base_only
 
-    lines = iter(["/adapters", "What is the code for room 3?", "/base", "What is the code for room 3?",
+    lines = iter(["/adapters", "What is the code for room 3?", "word " * 600, "/base", "What is the code for room 3?",
                   "/adapter nope", "/adapter default", "/reset", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--base", tiny_base, "--adapter", f"default={out}", "--max-new-tokens", "5"]) == 0
@@ -180,6 +180,8 @@ def test_generate_and_chat_switch_between_adapter_and_base(trained, tiny_base, m
     # a multi-turn chat: the second answer sees the first, so compare with the one-shot answers loosely
     assert len(replies) == 2 and replies[0] == with_adapter
     assert "using the base model" in text and "no adapter 'nope'" in text and "using adapter default" in text
+    # a turn past the model's context (512 here) is refused with what to do, and the chat goes on
+    assert "reads at most 511: /reset to start over" in text
 
 
 def test_errors_are_one_line_with_exit_status_2(tiny_base, tmp_path, capsys):

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional, Sequence
 
 HELP = "commands: /adapter NAME (switch), /base (no adapter), /adapters (list), /reset (forget history), /quit"
 
+Answer = Callable[[list[dict], Optional[str]], str]  # (messages, adapter or None for the base) -> the reply
 
-def chat_loop(model, tokenizer, adapters: Sequence[str], base: str, system_prompt: Optional[str] = None,
-              read: Optional[Callable[[str], str]] = None, **sampling) -> None:
+
+def chat_loop(answer: Answer, adapters: Sequence[str], base: str, system_prompt: Optional[str] = None,
+              read: Optional[Callable[[str], str]] = None) -> None:
     """Read user turns until /quit or end of input; answer each with the chosen adapter (the first, at start).
 
-    `read` asks for a line (default: input()); `sampling`: generate()'s max_new_tokens, temperature and top_p.
+    `answer(messages, adapter)` gives the reply to the conversation so far (ValueError: it cannot, say why; the
+    turn is dropped); `read` asks for a line (default: input()).
     """
-    from lorakit.generation import generate
-
     read = read or input
     names = list(adapters)
     current: Optional[str] = names[0] if names else None
@@ -35,17 +35,18 @@ def chat_loop(model, tokenizer, adapters: Sequence[str], base: str, system_promp
             command, _, arg = text.partition(" ")
             if command in ("/quit", "/exit", "/q"):
                 return
-            current = _command(model, names, current, history, command, arg.strip())
+            current = _command(names, current, history, command, arg.strip())
             continue
-        history.append({"role": "user", "content": text})
-        with model.disable_adapter() if (current is None and names) else contextlib.nullcontext():
-            reply = generate(model, tokenizer, [system + history], **sampling)[0]
-        history.append({"role": "assistant", "content": reply})
+        try:
+            reply = answer(system + history + [{"role": "user", "content": text}], current)
+        except ValueError as exc:
+            print(f"lorakit chat: {exc}")
+            continue
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         print(f"[{current or 'base'}] assistant> {reply}")
 
 
-def _command(model, names: list[str], current: Optional[str], history: list, command: str,
-             arg: str) -> Optional[str]:
+def _command(names: list[str], current: Optional[str], history: list, command: str, arg: str) -> Optional[str]:
     """Run one /command; returns the adapter in use after it (None: the base model)."""
     if command == "/base":
         print("using the base model")
@@ -54,7 +55,6 @@ def _command(model, names: list[str], current: Optional[str], history: list, com
         if arg not in names:
             print(f"no adapter {arg!r}; loaded: {', '.join(names) or 'none'} (load more with --adapter NAME=DIR)")
             return current
-        model.set_adapter(arg)
         print(f"using adapter {arg}")
         return arg
     if command == "/adapters":
