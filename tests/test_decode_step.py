@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lorakit import LoraConfig, get_peft_model, weight_only
+from lorakit import LoraConfig, get_peft_model
 from lorakit.serve.decode_step import DecodeStep
 from lorakit.serve.kv_cache import SlotCache
 from lorakit.weight_only import Int4Linear, Int8Linear, fuse_rows, quantize_for_decode
@@ -105,10 +105,12 @@ def test_one_adapter_and_a_mixed_batch_equal_forward():
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8", "int4+bf16"])
-def test_quantized_base_equals_forward(precision, monkeypatch):
+def test_quantized_base_equals_forward(precision):
     hf = llama(hidden=128)  # k and v have 64 outputs: int4 fuses q, k and v (rows in blocks of 64)
     quantize_for_decode(hf, precision)
-    monkeypatch.setattr(weight_only, "BATCH_ROWS", 2)  # int4+bf16: this test's batches use the bfloat16 copy
+    for module in hf.modules():  # int4+bf16: this test's batches (3 rows) use the bfloat16 copy
+        if getattr(module, "batch_weight", None) is not None:
+            module.batch_rows = 2
     DecodeStep(hf)
     attn, mlp = hf.model.layers[0].self_attn, hf.model.layers[0].mlp
     for stored in ("packed", "batch_weight") if precision == "int4+bf16" else ("packed" if precision == "int4"

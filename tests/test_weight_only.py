@@ -11,8 +11,8 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit import weight_only
-from lorakit.weight_only import (BATCH_ROWS, GROUP_SIZE, Int4Linear, Int8Linear, decode_precision, fuse_rows,
-                                 prepare_for_decode, quantize_for_decode, reproduces_in_int4)
+from lorakit.weight_only import (BATCH_ROWS, GROUP_SIZE, HEAD_BATCH_ROWS, Int4Linear, Int8Linear, decode_precision,
+                                 fuse_rows, prepare_for_decode, quantize_for_decode, reproduces_in_int4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +117,7 @@ def test_int4_with_a_bf16_copy_multiplies_batches_by_the_same_weights(monkeypatc
     for part in parts:
         part.keep_bf16_copy()
     fused = fuse_rows(parts)
-    assert fused.batch_weight.shape == (128, 128)
+    assert fused.batch_weight.shape == (128, 128) and fused.batch_rows == BATCH_ROWS
     assert parts[1].batch_weight.data_ptr() == fused.batch_weight[64:].data_ptr()
     x = torch.randn(BATCH_ROWS, 128)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
@@ -134,6 +134,9 @@ def test_auto_keeps_a_bf16_copy_where_bf16_matmuls_are_fast(monkeypatch):
     assert prepare_for_decode(model, "auto") == "int4+bf16"
     layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
     assert len(layers) == 15 and all(m.batch_weight is not None for m in layers)
+    # the head (int8) from HEAD_BATCH_ROWS rows on, the int4 body from BATCH_ROWS
+    assert model.lm_head.batch_rows == HEAD_BATCH_ROWS
+    assert all(m.batch_rows == BATCH_ROWS for m in layers if m is not model.lm_head)
     with torch.no_grad():
         after = model(input_ids=ids).logits
     # The same weights as int4 alone (bfloat16 outputs either way), and as near the float32 model

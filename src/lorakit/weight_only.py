@@ -19,11 +19,11 @@ Only for inference: nothing trains these weights, and a LoRA adapter on top read
 `dequantize()` as on an NF4 base. The output head is int8 in both (llama.cpp keeps it at 8 bits too).
 
 int4+bf16: the int4 layers (and the int8 head) also keep their dequantized weights in bfloat16, and multiply by
-those from BATCH_ROWS rows on. The packed kernels unpack the weights again for every few rows, so their cost grows
-with the rows; a bfloat16 matmul on a CPU with bf16 units (AMX, AVX512-BF16) reads each weight once for a whole
-batch. One row (a single user's decode) reads the fewer int4 bytes; a batch of users, and a prompt, the bf16 copy.
-Both hold the same weights: `dequantize()` in bfloat16, for int4 the very values the packed matmul multiplies
-by, for the int8 head its int8 values times their scale rounded to bfloat16.
+those from BATCH_ROWS rows on (the head from HEAD_BATCH_ROWS). The packed kernels unpack the weights again for
+every few rows, so their cost grows with the rows; a bfloat16 matmul on a CPU with bf16 units (AMX, AVX512-BF16)
+reads each weight once for a whole batch. One row (a single user's decode) reads the fewer int4 bytes; a batch of
+users, and a prompt, the bf16 copy. Both hold the same weights: `dequantize()` in bfloat16, for int4 the very
+values the packed matmul multiplies by, for the int8 head its int8 values times their scale rounded to bfloat16.
 
 `decode_precision("auto", device, model)` picks int4 on a CPU where it reproduces the weights, int4+bf16 there
 when bfloat16 matmuls run faster than float32 ones (precision.bf16_matmul_speedup), else fp32.
@@ -42,10 +42,14 @@ from .quant import quantized_linear_names, replace_module
 DECODE_PRECISIONS = ("auto", "fp32", "int8", "int4", "int4+bf16")
 GROUP_SIZE = 32  # inputs per int4 scale and zero point
 INT4_ROW_BLOCK = 64  # PyTorch's CPU int4 layout packs output rows in blocks of 64
-BATCH_ROWS = 16  # int4+bf16: from this many rows on, the bfloat16 copy (benchmarks/README.md: the fast decode step)
+# int4+bf16: from this many rows on, a layer multiplies by its bfloat16 copy; the output head (int8, not 3x
+# cheaper to read than bf16 as the int4 body is) from fewer (benchmarks/README.md: int4 with a bf16 copy)
+BATCH_ROWS = 16
+HEAD_BATCH_ROWS = 8
 
-__all__ = ["DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "Int8Linear", "Int4Linear", "fuse_rows",
-           "quantize_for_decode", "decode_precision", "prepare_for_decode", "reproduces_in_int4"]
+__all__ = ["BATCH_ROWS", "DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "HEAD_BATCH_ROWS", "Int8Linear",
+           "Int4Linear", "fuse_rows", "quantize_for_decode", "decode_precision", "prepare_for_decode",
+           "reproduces_in_int4"]
 
 DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (groups of 32, like a Q4_1 GGUF) "
                          "or 'int8' (per output feature): fewer bytes to read per token, answers may differ slightly "
@@ -58,7 +62,7 @@ DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (
 
 class _PackedLinear(nn.Module):
     """What Int8Linear and Int4Linear share: rows in bfloat16 through the packed matmul (or, with a bfloat16 copy,
-    from BATCH_ROWS rows on through that), back in x's dtype, + bias."""
+    from batch_rows rows on through that), back in x's dtype, + bias."""
 
     weights_note = ""
 
@@ -66,8 +70,10 @@ class _PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", bias)  # [out] in the activations' dtype, or None
-        # [out, in] bfloat16, the same weights for batches (keep_bf16_copy), or None; not saved with the model
+        # [out, in] bfloat16, the same weights for batches of batch_rows rows or more (keep_bf16_copy), or None;
+        # not saved with the model
         self.register_buffer("batch_weight", None, persistent=False)
+        self.batch_rows = BATCH_ROWS
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -75,13 +81,14 @@ class _PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def keep_bf16_copy(self) -> None:
-        """Keep the weights in bfloat16 too, for batches of BATCH_ROWS rows or more (int4+bf16)."""
+    def keep_bf16_copy(self, from_rows: int = BATCH_ROWS) -> None:
+        """Keep the weights in bfloat16 too, for batches of `from_rows` rows or more (int4+bf16)."""
         self.batch_weight = self.dequantize().to(torch.bfloat16)
+        self.batch_rows = from_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
-        if self.batch_weight is not None and rows.shape[0] >= BATCH_ROWS:
+        if self.batch_weight is not None and rows.shape[0] >= self.batch_rows:
             out = rows @ self.batch_weight.T  # [tokens, out]
         else:
             out = self._matmul(rows)
@@ -185,7 +192,7 @@ def fuse_rows(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
     else:
         return None
     if all(p.batch_weight is not None for p in parts):
-        fused.batch_weight = torch.cat([p.batch_weight for p in parts])
+        fused.batch_weight, fused.batch_rows = torch.cat([p.batch_weight for p in parts]), parts[0].batch_rows
         _share_rows(parts, fused.batch_weight, lambda p, rows: setattr(p, "batch_weight", rows))
     return fused
 
@@ -243,7 +250,7 @@ def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
         int4 = packed == "int4" and name in body and Int4Linear.supports(linear)
         layer = Int4Linear.from_linear(linear) if int4 else Int8Linear.from_linear(linear)
         if precision.endswith("+bf16"):
-            layer.keep_bf16_copy()
+            layer.keep_bf16_copy(BATCH_ROWS if name in body else HEAD_BATCH_ROWS)
         replace_module(model, name, layer.to(linear.weight.device))
     if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own (int8) tensor now
