@@ -97,7 +97,7 @@ def test_auto_picks_int4_for_a_four_bit_base_and_keeps_the_head_int8(monkeypatch
     assert decode_precision("auto", torch.device("cpu"), tiny_llama()) == "fp32"
 
 
-def test_int4_with_a_bf16_copy_multiplies_batches_by_the_same_weights(monkeypatch):
+def test_int4_with_a_bf16_copy_multiplies_batches_by_the_same_weights():
     linear = nn.Linear(128, 64)
     with torch.no_grad():
         linear.weight.copy_(four_bit_weight(64, 128))

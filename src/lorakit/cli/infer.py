@@ -46,17 +46,17 @@ def _start_engine(args: argparse.Namespace, base: str, adapters: dict[str, str],
         model, tokenizer, quantization = load_base_for_adapters(base, list(adapters.values()),
                                                                 dtype=getattr(torch, args.dtype))
         prepare_for_decode(model, args.decode_precision)
-        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        limit = getattr(model.config, "max_position_embeddings", None)  # None: the model does not say
         kwargs = {}
         prompt_ids = None
         if messages is not None:
             prompt_ids = encode_prompt(tokenizer, messages)
-            if len(prompt_ids) >= limit:
+            if limit and len(prompt_ids) >= limit:
                 raise CliError(f"the prompt has {len(prompt_ids)} tokens; {base} reads at most {limit - 1}")
-            limit = min(limit, len(prompt_ids) + args.max_new_tokens + 1)
+            limit = min(limit or float("inf"), len(prompt_ids) + args.max_new_tokens + 1)
             kwargs["prefix_cache_tokens"] = 0
-        config = EngineConfig(max_batch_size=1, max_model_len=limit, max_adapters=max(8, len(adapters)),
-                              base_quantization=quantization, **kwargs)
+        config = EngineConfig(max_batch_size=1, max_model_len=int(limit or EngineConfig.max_model_len),
+                              max_adapters=max(8, len(adapters)), base_quantization=quantization, **kwargs)
         engine = Engine(model, tokenizer, config, base_name=base)
         engine.configure_adapters(adapters)
         return engine, tokenizer, prompt_ids
