@@ -356,6 +356,9 @@ def test_chat_refuses_two_adapters_with_one_name(trained, tiny_base, tmp_path, m
                                          [arg for a in adapters for arg in ("--adapter", a)], capsys)
         assert code == 2 and f"two adapters are named 'a' ({first} and {second})" in err
         assert "name them with --adapter NAME=PATH" in err
+    # a name the engine does not take (its rule, checked before the model loads)
+    code, err = _exit_code_and_error(["chat", "--base", tiny_base, "--adapter", f"a b={first}"], capsys)
+    assert code == 2 and "Invalid adapter name 'a b'" in err and f"Name it with --adapter NAME={first}" in err
 
 
 def test_inspect_names_a_damaged_file(trained, tmp_path, capsys):

@@ -87,6 +87,15 @@ def parse_adapter_specs(specs: Sequence[str], flag: str = "--adapter") -> list[t
     return adapters
 
 
+def checked_adapter_specs(specs: Sequence[str], flag: str = "--adapter") -> list[tuple[str, str]]:
+    """parse_adapter_specs, then every folder checked by check_adapter_dir: what the commands do with their
+    `--adapter [NAME=]DIR` options before any slow model load."""
+    adapters = parse_adapter_specs(specs, flag)
+    for _, path in adapters:
+        check_adapter_dir(path, flag)
+    return adapters
+
+
 # -- reading and writing the two PEFT files ------------------------------------------------------------
 
 def read_json(file: Path, error: type[LoraKitError] = AdapterLoadError) -> dict[str, Any]:

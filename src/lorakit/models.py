@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lorakit.adapter_folder import base_quantization, check_adapter_dir, parse_adapter_specs, required_base
+from lorakit.adapter_folder import base_quantization, checked_adapter_specs, required_base
 from lorakit.errors import LoraKitError
 from lorakit.io_utils import private_dir_made_ordinary
 
@@ -255,9 +255,7 @@ def load_with_adapters(base: Optional[str], adapters: Sequence[str], dtype: torc
     """
     from lorakit.model import PeftModel
 
-    named = parse_adapter_specs(adapters)
-    for _, path in named:  # before the slow model load
-        check_adapter_dir(path)
+    named = checked_adapter_specs(adapters)
     paths = [path for _, path in named]
     base = required_base(base, paths, DEFAULT_BASE)
     model, tokenizer, _ = load_base_for_adapters(base, paths, dtype, device, quantize)

@@ -47,16 +47,17 @@ def _start_engine(args: argparse.Namespace, base: str, adapters: dict[str, str],
                                                                 dtype=getattr(torch, args.dtype))
         prepare_for_decode(model, args.decode_precision)
         limit = getattr(model.config, "max_position_embeddings", None)  # None: the model does not say
-        kwargs = {}
-        prompt_ids = None
-        if messages is not None:
+        prompt_ids, kwargs = None, {}
+        if messages is None:  # chat: the model's whole context
+            context = limit or EngineConfig.max_model_len
+        else:  # one answer: the prompt and its new tokens
             prompt_ids = encode_prompt(tokenizer, messages)
             if limit and len(prompt_ids) >= limit:
                 raise CliError(f"the prompt has {len(prompt_ids)} tokens; {base} reads at most {limit - 1}")
-            limit = min(limit or float("inf"), len(prompt_ids) + args.max_new_tokens + 1)
+            context = min(len(prompt_ids) + args.max_new_tokens + 1, limit or float("inf"))
             kwargs["prefix_cache_tokens"] = 0
-        config = EngineConfig(max_batch_size=1, max_model_len=int(limit or EngineConfig.max_model_len),
-                              max_adapters=max(8, len(adapters)), base_quantization=quantization, **kwargs)
+        config = EngineConfig(max_batch_size=1, max_model_len=context, max_adapters=max(8, len(adapters)),
+                              base_quantization=quantization, **kwargs)
         engine = Engine(model, tokenizer, config, base_name=base)
         engine.configure_adapters(adapters)
         return engine, tokenizer, prompt_ids
@@ -101,20 +102,18 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     """A conversation on the same engine as `lorakit generate` and `lorakit serve`."""
-    from lorakit.adapter_folder import check_adapter_dir, parse_adapter_specs, required_base
+    from lorakit.adapter_folder import checked_adapter_specs, required_base
     from lorakit.chat import chat_loop
     from lorakit.generation import encode_prompt
-    from lorakit.serve.registry import NAME_RE
+    from lorakit.serve.registry import check_name
 
-    named = parse_adapter_specs(args.adapter)
-    for name, path in named:  # before the slow model load
-        check_adapter_dir(path)
-        if not NAME_RE.match(name):
-            raise CliError(f"adapter name {name!r} ({path}): use 1-64 letters, digits, '.', '_', '-' (starting "
-                           "with a letter or digit); name it with --adapter NAME=PATH")
+    named = checked_adapter_specs(args.adapter)
     base = required_base(args.base, [path for _, path in named], DEFAULT_BASE)
-    if base in dict(named):
-        raise CliError(f"an adapter is named {base!r}, as the base model: name it with --adapter NAME=PATH")
+    for name, path in named:  # the engine's rule for names, before the slow model load
+        try:
+            check_name(name, base)
+        except ValueError as exc:
+            raise CliError(f"--adapter {path}: {exc} Name it with --adapter NAME={path}") from None
     engine, tokenizer, _ = _start_engine(args, base, dict(named))
     turns = itertools.count()  # each turn samples with its own seed: args.seed, args.seed + 1, ...
 

@@ -96,7 +96,7 @@ def build_server(args: argparse.Namespace):
 def _build_server(args: argparse.Namespace):
     import torch
 
-    from lorakit.adapter_folder import check_adapter_dir, parse_adapter_specs
+    from lorakit.adapter_folder import checked_adapter_specs
     from lorakit.models import QUANTIZE_AUTO, load_base_for_adapters
     from lorakit.weight_only import prepare_for_decode
 
@@ -104,9 +104,7 @@ def _build_server(args: argparse.Namespace):
     from .engine import Engine, EngineConfig
     from .metrics import ServerMetrics
 
-    adapters = dict(parse_adapter_specs(args.adapter))
-    for path in adapters.values():
-        check_adapter_dir(path)
+    adapters = dict(checked_adapter_specs(args.adapter))
     quantize = {"auto": QUANTIZE_AUTO, "none": None}.get(args.quantize, args.quantize)
     model, tokenizer, quantization = load_base_for_adapters(args.base, list(adapters.values()),
                                                             dtype=getattr(torch, args.dtype), quantize=quantize,
