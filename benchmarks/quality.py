@@ -19,7 +19,9 @@ Recipes: `lorakit` (TrainConfig's defaults), `lorakit_nf4` (the same with QLoRA)
 this benchmark: lr 2e-4, cosine, warmup 5%, clipping at 1.0, exact length sorting), and `plain`: a plain loop over
 PEFT's get_peft_model (the real `peft` package) with shuffled batches, a constant lr, no clipping, AdamW; the
 same r, alpha, targets, dropout, epochs, batch size, lr, weight decay and tokenized data as the lorakit recipe
-it is compared with. `NAME[key=value,...]` changes TrainConfig fields of one recipe; `--set key=value,...` changes them for every recipe, the plain loop too.
+it is compared with. The comparison is paired: with one seed both start from the same LoRA weights (PEFT and
+lorakit draw A the same way after torch.manual_seed) and see the same shuffled batches (lorakit.data's
+training_batches without grouping), so what differs between them is the recipe, not the luck of the draw. `NAME[key=value,...]` changes TrainConfig fields of one recipe; `--set key=value,...` changes them for every recipe, the plain loop too.
 Precision: bf16 autocast where bf16 matmuls are faster (precision.bf16_matmul_speedup, as the demo), else fp32.
 `--jobs N` runs N trainings at once in separate processes (for a GPU; tokens/s are then shared-device figures).
 """
@@ -177,7 +179,7 @@ def run_job(job: Job) -> dict:
             lengths = _lengths(config)
             batches = [b for e in range(math.ceil(result.epochs))
                        for b in training_batches(lengths, config.batch_size, config.seed, e, config.group_by_length,
-                                                 tolerance=config.length_tolerance)]
+                                                 tolerance=config.length_tolerance)][:result.steps * config.grad_accum]
             report = evaluate(base=config.base, adapter=config.out, **common)
         tuned = report.tuned
         return {"dataset": job.dataset, "recipe": job.recipe, "seed": job.seed, "split": job.split,
@@ -210,7 +212,7 @@ def plain_peft_loop(config) -> tuple[dict, list[int], list[list[int]]]:
     import peft
     import torch
 
-    from lorakit.data import collate
+    from lorakit.data import collate, training_batches
     from lorakit.models import load_base_model, resolve_device
     from lorakit.precision import autocast
     from lorakit.train import load_data
@@ -226,16 +228,13 @@ def plain_peft_loop(config) -> tuple[dict, list[int], list[list[int]]]:
         task_type="CAUSAL_LM"))  # adapter weights in float32 (PEFT's autocast_adapter_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    shuffle = torch.Generator().manual_seed(config.seed)
     batches, losses, tokens, seconds = [], [], 0, 0.0
     model.train()
     epochs = config.epochs if not config.max_steps else math.ceil(config.max_steps * config.batch_size / len(data))
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=shuffle).tolist()
-        for start in range(0, len(order), config.batch_size):
+    for epoch in range(epochs):
+        for idx in training_batches(data.lengths, config.batch_size, config.seed, epoch, group_by_length=False):
             if config.max_steps and len(losses) == config.max_steps:
                 break
-            idx = order[start:start + config.batch_size]
             batch = {k: v.to(device) for k, v in collate([data.items[i] for i in idx], tokenizer.pad_token_id).items()}
             t0 = time.perf_counter()
             with autocast(config.bf16, device.type):

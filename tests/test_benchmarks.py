@@ -119,3 +119,15 @@ def test_quality_trains_and_scores_lorakit_and_the_plain_peft_loop(tiny_base, tm
     assert lorakit["settings"]["lr"] == plain["settings"]["lr"] == 2e-3 and before["settings"]["lr"] == 2e-4
     assert before["settings"]["length_tolerance"] == 0.0 and before["padding_share"] < plain["padding_share"]
     assert list(tmp_path.iterdir()) == []  # each run's files are removed
+
+
+def test_quality_comparison_is_paired_lorakit_without_warmup_or_clipping_is_the_plain_loop(tiny_base, tmp_path):
+    """Same seed: the same initial LoRA weights, the same batches, so the two loops differ only by their recipes."""
+    pytest.importorskip("peft")
+    common = dict(split="test", base=tiny_base, device="cpu", bf16=False, shared={"max_steps": 6},
+                  workdir=str(tmp_path), eval_limit=2, eval_batch_size=2)
+    plain, lorakit = (quality.run_job(quality.Job("demo100", recipe, 1, **common))
+                      for recipe in ("plain", "lorakit[warmup_ratio=0,max_grad_norm=0]"))
+    assert lorakit["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-4)
+    assert lorakit["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-4)
+    assert lorakit["padding_share"] == plain["padding_share"]  # the same batches

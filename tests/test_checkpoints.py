@@ -106,8 +106,10 @@ RUNNER = textwrap.dedent("""
 
 
 def test_resume_after_sigint_and_sigkill_matches_an_uninterrupted_run(tiny_base, data_file, tmp_path):
-    # dropout > 0, accumulation and a short last step per epoch: RNG and data position must be restored
-    settings = dict(epochs=4, batch_size=5, grad_accum=2, lora={"lora_dropout": 0.1}, save_every=2, lr=5e-3)
+    # dropout > 0, NEFTune noise, accumulation and a short last step per epoch: RNG and data position must be
+    # restored
+    settings = dict(epochs=4, batch_size=5, grad_accum=2, lora={"lora_dropout": 0.1}, save_every=2, lr=5e-3,
+                    neftune_alpha=5.0)
     reference = train(cfg(tiny_base, data_file, tmp_path / "ref", **settings))
     assert reference.steps == 12
 

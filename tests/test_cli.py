@@ -465,6 +465,7 @@ def test_without_base_the_adapter_runs_on_the_base_it_records(trained, tiny_base
     ("--weight-decay", "-0.1", "argument --weight-decay: expected a number >= 0, got -0.1"),
     ("--max-grad-norm", "-1", "argument --max-grad-norm: expected a number >= 0, got -1"),
     ("--loraplus-lr-ratio", "0", "argument --loraplus-lr-ratio: expected a number > 0, got 0"),
+    ("--neftune-alpha", "-5", "argument --neftune-alpha: expected a number >= 0, got -5"),
     ("--seed", "-3", "argument --seed: expected an integer >= 0, got -3"),
     ("--lr-scheduler", "step", "argument --lr-scheduler: invalid choice: 'step'"),
 ])

@@ -13,7 +13,7 @@ from lorakit.data import collate
 from lorakit.fused_loss import takes_fused_loss
 from lorakit.loss import accumulate_gradients, batch_loss
 from lorakit.optim import build_optimizer, lr_multiplier
-from lorakit.train import TrainConfig, TrainError, load_data, lora_recipe, prepare_model, train
+from lorakit.train import TrainConfig, TrainError, add_embedding_noise, load_data, lora_recipe, prepare_model, train
 from tiny_models import tiny_train_config as cfg
 from tiny_models import write_code_pairs
 
@@ -128,6 +128,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, data_file, t
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16  # every LoRA weight got a gradient
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_embedding_noise_is_bounded_and_only_in_training(tiny_base, data_file, tmp_path):
+    model, tok = prepare_model(cfg(tiny_base, data_file, tmp_path))
+    ids = collate(load_data(cfg(tiny_base, data_file, tmp_path), tok, data_file).items[:4], tok.pad_token_id)["input_ids"]
+    embed = model.get_base_model().get_input_embeddings()
+    clean = embed(ids)
+    handle = add_embedding_noise(model, alpha=5.0)
+    bound = 5.0 / math.sqrt(ids.shape[1] * clean.shape[2])  # alpha / sqrt(L * d)
+    model.train()
+    noise = embed(ids) - clean
+    assert noise.abs().max() <= bound and noise.abs().max() > 0.9 * bound  # uniform in [-bound, bound]
+    assert noise.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    model.eval()
+    assert torch.equal(embed(ids), clean)
+    handle.remove()
+    model.train()
+    assert torch.equal(embed(ids), clean)
+
+
+def test_neftune_run_trains_deterministically_and_differs_from_a_clean_run(tiny_base, data_file, tmp_path):
+    adapters = {}
+    for name, alpha in (("clean", 0.0), ("noisy", 5.0), ("noisy-again", 5.0)):
+        result = train(cfg(tiny_base, data_file, tmp_path / name, neftune_alpha=alpha, epochs=3))
+        assert result.final_loss < result.first_loss
+        adapters[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    for key, value in adapters["noisy"].items():
+        assert torch.equal(value, adapters["noisy-again"][key])  # the noise follows the seed
+    assert any(not torch.equal(v, adapters["clean"][k]) for k, v in adapters["noisy"].items())
 
 
 def test_lora_run_writes_adapter_metrics_and_plot_and_peft_loads_it(tiny_base, data_file, tmp_path):

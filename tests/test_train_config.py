@@ -30,6 +30,7 @@ from lorakit.train_config import TrainConfig, TrainError, TrainResult, lora_reci
     ({"max_length": 1}, "max_length must be > 1, got 1"),
     ({"length_tolerance": -0.1}, r"length_tolerance must be >= 0 \(0: sort by exact length\)"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive, got 0"),
+    ({"neftune_alpha": -1.0}, r"neftune_alpha must be >= 0 \(0: no noise\), got -1.0"),
     ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1, got 0"),
     ({"log_every": 0}, "log_every must be >= 1, got 0"),
     ({"eval_every": -1}, "save_every and eval_every must be >= 0"),

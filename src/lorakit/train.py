@@ -88,6 +88,23 @@ def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
     return model, tokenizer
 
 
+def add_embedding_noise(model: torch.nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+    """NEFTune (Jain et al., 2023): in training mode, the input embeddings get uniform noise,
+
+        e' = e + U(-1, 1) * alpha / sqrt(L * d)        e: (batch, L, d), L the batch's padded length
+
+    so the adapter cannot lean on the exact wording of the training queries. Returns the hook's handle."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def noisy(module: torch.nn.Module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return embeddings
+        bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])
+        return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
+
+    return inner.get_input_embeddings().register_forward_hook(noisy)
+
+
 def _check_every_target_exists(model, targets: list[str]) -> None:
     """Each --targets name must name a module: a typo beside a correct name would otherwise just be skipped."""
     from lorakit.inject import candidate_names
@@ -184,6 +201,8 @@ class _Run:
         # receive their shards of process 0's weights when it is sharded.
         load_on = self.device if not config.fsdp else torch.device("cpu" if world.is_main else "meta")
         self.model, self.tokenizer = prepare_model(config, load_on)
+        if config.neftune_alpha:
+            add_embedding_noise(self.model, config.neftune_alpha)
         if world.rank:  # every process starts from the same LoRA weights, but draws its own dropout masks
             torch.manual_seed(config.seed + world.rank)
         self.parallel = distributed.wrap(self.model, world, self.device, config.fsdp)

@@ -54,6 +54,7 @@ class TrainConfig:
     attention: Optional[str] = None  # transformers attn_implementation ("eager", "sdpa"); None: its default
     device: str = "auto"  # "auto": the GPU if there is one, else the CPU; or "cpu", "cuda", "cuda:1"
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices learn at lr * ratio
+    neftune_alpha: float = 0.0  # NEFTune: noise on the input embeddings while training (0: none)
     # bookkeeping
     eval_every: int = 0  # steps between eval-loss measurements (0: only at the end, or each epoch with keep_best)
     keep_best: bool = False  # with eval_data: the adapter at the top of `out` is the one of the lowest eval loss
@@ -117,6 +118,7 @@ class TrainConfig:
             (not (self.fsdp and self.quantize), "fsdp shards floating-point weights, and a 4-bit (quantize nf4) base "
                                                 "has none to shard: train QLoRA with DDP (drop fsdp)"),
             (not (self.fsdp and self.full), "fsdp trains LoRA adapters here; run full fine-tuning with DDP (drop fsdp)"),
+            (self.neftune_alpha >= 0, f"neftune_alpha must be >= 0 (0: no noise), got {self.neftune_alpha}"),
             (self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
              f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
@@ -146,7 +148,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_FLOAT_FIELDS = ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "loraplus_lr_ratio", "length_tolerance")
+_FLOAT_FIELDS = ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "loraplus_lr_ratio", "length_tolerance",
+                 "neftune_alpha")
 
 
 def _check_field_types(config: TrainConfig) -> None:

@@ -87,6 +87,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help=f"gradient clipping norm, 0 for none (default {run.max_grad_norm})")
     g.add_argument("--loraplus-lr-ratio", dest="loraplus_lr_ratio", type=positive_float, default=S,
                    help="LoRA+: lr of the B matrices = lr * ratio")
+    g.add_argument("--neftune-alpha", dest="neftune_alpha", type=non_negative_float, default=S,
+                   help=f"NEFTune: uniform noise of scale alpha / sqrt(length * hidden size) on the input embeddings "
+                        f"while training, 0 for none (default {run.neftune_alpha:g})")
     g.add_argument("--seed", type=non_negative_int, default=S, help=f"random seed (default {run.seed})")
     grouping = "on" if run.group_by_length else "off"
     g.add_argument("--group-by-length", dest="group_by_length", action=argparse.BooleanOptionalAction, default=S,
