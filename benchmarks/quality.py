@@ -21,7 +21,9 @@ PEFT's get_peft_model (the real `peft` package) with shuffled batches, a constan
 same r, alpha, targets, dropout, epochs, batch size, lr, weight decay and tokenized data as the lorakit recipe
 it is compared with. The comparison is paired: with one seed both start from the same LoRA weights (PEFT and
 lorakit draw A the same way after torch.manual_seed) and see the same shuffled batches (lorakit.data's
-training_batches without grouping), so what differs between them is the recipe, not the luck of the draw. `NAME[key=value,...]` changes TrainConfig fields of one recipe; `--set key=value,...` changes them for every recipe, the plain loop too.
+training_batches without grouping), so what differs between them is the recipe, not the luck of the draw.
+`NAME[key=value,...]` changes TrainConfig fields of one recipe; `--set key=value,...` changes them for every recipe,
+the plain loop too.
 Precision: bf16 autocast where bf16 matmuls are faster (precision.bf16_matmul_speedup, as the demo), else fp32.
 `--jobs N` runs N trainings at once in separate processes (for a GPU; tokens/s are then shared-device figures).
 """
