@@ -131,8 +131,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, data_file, t
 
 
 def test_embedding_noise_is_bounded_and_only_in_training(tiny_base, data_file, tmp_path):
-    model, tok = prepare_model(cfg(tiny_base, data_file, tmp_path))
-    ids = collate(load_data(cfg(tiny_base, data_file, tmp_path), tok, data_file).items[:4], tok.pad_token_id)["input_ids"]
+    config = cfg(tiny_base, data_file, tmp_path)
+    model, tok = prepare_model(config)
+    ids = collate(load_data(config, tok, data_file).items[:4], tok.pad_token_id)["input_ids"]
     embed = model.get_base_model().get_input_embeddings()
     clean = embed(ids)
     handle = add_embedding_noise(model, alpha=5.0)
