@@ -94,15 +94,13 @@ def add_embedding_noise(model: torch.nn.Module, alpha: float) -> torch.utils.hoo
         e' = e + U(-1, 1) * alpha / sqrt(L * d)        e: (batch, L, d), L the batch's padded length
 
     so the adapter cannot lean on the exact wording of the training queries. Returns the hook's handle."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-
     def noisy(module: torch.nn.Module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return embeddings
         bound = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])
         return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
 
-    return inner.get_input_embeddings().register_forward_hook(noisy)
+    return model.get_input_embeddings().register_forward_hook(noisy)  # a PeftModel passes it to its base
 
 
 def _check_every_target_exists(model, targets: list[str]) -> None:
