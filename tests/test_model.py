@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 import lorakit
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.model import unwrapped
 
 ATOL = 1e-5
 
@@ -49,6 +50,14 @@ def build_pair(model_name: str, variant: dict, **extra):
                 value.add_(torch.randn_like(value) * 0.1)
     ours.load_state_dict(theirs.state_dict())
     return theirs.eval(), ours.eval()
+
+
+def test_unwrapped_finds_the_users_model_inside_either_wrapper():
+    theirs, ours = build_pair("llama", {})
+    assert isinstance(unwrapped(ours), LlamaForCausalLM) and unwrapped(ours) is ours.base_model.model
+    assert unwrapped(theirs) is theirs.base_model.model
+    bare = tiny_llama()
+    assert unwrapped(bare) is bare
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

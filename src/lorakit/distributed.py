@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import LoraKitError
+from lorakit.model import unwrapped
 
 
 class DistributedError(LoraKitError, RuntimeError):
@@ -170,7 +171,7 @@ def shard(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     layer_types = set(getattr(inner, "_no_split_modules", None) or ())
     layers = [m for m in inner.modules() if type(m).__name__ in layer_types]
     if not layers:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lorakit import distributed
 from lorakit.data import IGNORE_INDEX, TokenizedData, collate
 from lorakit.fused_loss import takes_fused_loss
-from lorakit.model import PeftModel
+from lorakit.model import PeftModel, unwrapped
 from lorakit.precision import autocast
 
 
@@ -21,8 +21,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def supports_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], logits_to_keep: bool = True,

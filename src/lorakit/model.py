@@ -260,6 +260,11 @@ def _warn_on_base_mismatch(config: LoraConfig, model: nn.Module, path: Path) -> 
     warn_on_base_mismatch(config.base_model_name_or_path, model_name(model), path)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's own model: the one inside a PeftModel (lorakit's or PEFT's), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """Freeze `model`, inject the adapter described by `peft_config`, return the wrapper."""
     if isinstance(model, PeftModel):

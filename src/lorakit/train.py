@@ -34,6 +34,7 @@ from lorakit.data import IGNORE_INDEX, TokenizedData, collate, load_examples, to
 from lorakit.errors import TrainError
 from lorakit.io_utils import atomic_write, nearest_existing
 from lorakit.loss import accumulate_gradients, eval_loss, supports_logits_to_keep
+from lorakit.model import get_peft_model, unwrapped
 from lorakit.models import load_base_model, load_tokenizer, resolve_device
 from lorakit.optim import build_optimizer, build_scheduler, clip_gradients
 from lorakit.precision import slow_bf16_warning
@@ -58,8 +59,6 @@ class RunState:
 
 def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
     """Load the base, optionally quantize it, and make the parameters that should train trainable."""
-    from lorakit import get_peft_model
-
     # A frozen base needs no float32 master weights: under bf16 autocast every matmul runs in bf16
     # anyway, and bf16 weights spare autocast re-casting each one on every call. LoRA weights (and a
     # fully trained model) stay float32.
@@ -80,7 +79,7 @@ def prepare_model(config: TrainConfig, device: Optional[torch.device] = None):
         _check_every_target_exists(model, config.target_names)
         model = get_peft_model(model, config.lora)
     if config.gradient_checkpointing:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrapped(model)
         # Non-reentrant checkpointing: it backpropagates into a segment whose inputs need no grad (the
         # frozen embedding's output), and DDP takes it as it is (reentrant needs DDP's static graph,
         # which then fails with gradient accumulation's no_sync).
