@@ -9,7 +9,10 @@ from typing import Optional
 
 import torch
 
+from lorakit.adapter_folder import base_quantization
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterLoadError
+from lorakit.model import PeftModel, get_peft_model, unwrapped
 
 from .decode_step import DecodeStep
 from .kv_cache import SlotCache
@@ -46,13 +49,11 @@ class ServedModel:
 
     @property
     def is_peft(self) -> bool:
-        from lorakit import PeftModel
-
         return isinstance(self.model, PeftModel)
 
     @property
     def hf_model(self):
-        return self.model.get_base_model() if self.is_peft else self.model
+        return unwrapped(self.model)
 
     def forward(self, names: list[Optional[str]], **kwargs):
         """One model call, row i with adapter names[i] (None: the base model)."""
@@ -73,9 +74,6 @@ class ServedModel:
         return out.logits[:, -1, :]
 
     def load_adapter(self, name: str, path: Path) -> None:
-        from lorakit import LoraConfig, get_peft_model
-        from lorakit.adapter_folder import base_quantization
-
         self._check_base(name, base_quantization([path]))
         if not self.is_peft:
             # Wrap the base with the adapter's own config, then drop the freshly initialised copy and
