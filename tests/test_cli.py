@@ -480,10 +480,10 @@ def test_keep_best_schedule_warmup_and_grouping_flags(tmp_path, capsys):
     parser = build_parser()
     config = train_config_from_args(parser.parse_args(
         ["train", "--data", "d.jsonl", "--eval-data", "e.jsonl", "--keep-best", "--lr-scheduler", "linear",
-         "--warmup-ratio", "0", "--warmup-steps", "12", "--group-by-length", "--max-grad-norm", "0",
+         "--warmup-ratio", "0", "--warmup-steps", "12", "--group-by-length", "--max-grad-norm", "0.5",
          "--length-tolerance", "0.25"]))
     assert (config.keep_best, config.lr_scheduler, config.warmup_steps, config.group_by_length,
-            config.max_grad_norm, config.length_tolerance) == (True, "linear", 12, True, 0.0, 0.25)
+            config.max_grad_norm, config.length_tolerance) == (True, "linear", 12, True, 0.5, 0.25)
     assert train_config_from_args(parser.parse_args(["train", "--data", "d", "--no-group-by-length"])) \
         .group_by_length is False
     path = tmp_path / "run.yaml"
