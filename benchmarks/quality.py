@@ -16,12 +16,13 @@ rows of the demo's train.jsonl, seed 1, the 780 others to train on, demo100 draw
 conversations) and scores on it. Defaults are chosen there (`--pick`), and reported on the held-out sets.
 
 Recipes: `lorakit` (TrainConfig's defaults), `lorakit_nf4` (the same with QLoRA), `before` (the defaults up to
-this benchmark: lr 2e-4, cosine, warmup 5%, clipping at 1.0, exact length sorting), and `plain`: a plain loop over
-PEFT's get_peft_model (the real `peft` package) with shuffled batches, a constant lr, no clipping, AdamW; the
-same r, alpha, targets, dropout, epochs, batch size, lr, weight decay and tokenized data as the lorakit recipe
-it is compared with. The comparison is paired: with one seed both start from the same LoRA weights (PEFT and
-lorakit draw A the same way after torch.manual_seed) and see the same shuffled batches (lorakit.data's
-training_batches without grouping), so what differs between them is the recipe, not the luck of the draw.
+this benchmark: lr 2e-4, cosine, warmup 5%, clipping at 1.0, exact length sorting), `demo` (`lorakit demo`'s run,
+its epochs winning over a dataset's), and `plain`: a plain loop over PEFT's get_peft_model (the real `peft`
+package) with shuffled batches, a constant lr, no clipping, AdamW; the same r, alpha, targets, dropout, epochs,
+batch size, lr, weight decay and tokenized data as the lorakit recipe it is compared with. The comparison is
+paired: with one seed both start from the same LoRA weights (PEFT and lorakit draw A the same way after
+torch.manual_seed) and see the same shuffled batches (lorakit.data's training_batches without grouping), so what
+differs between them is the recipe, not the luck of the draw.
 `NAME[key=value,...]` changes TrainConfig fields of one recipe; `--set key=value,...` changes them for every recipe,
 the plain loop too.
 Precision: bf16 autocast where bf16 matmuls are faster (precision.bf16_matmul_speedup, as the demo), else fp32.
@@ -57,6 +58,7 @@ NAMED = {
     "before": {"lr": 2e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "warmup_steps": 0, "max_grad_norm": 1.0,
                "group_by_length": True, "length_tolerance": 0.0},
     "plain": {},
+    "demo": {},  # `lorakit demo`'s own run, read from lorakit.demo (demo_recipe)
 }
 SHARED_KEYS = ("lr", "epochs", "batch_size", "weight_decay")  # settings the plain loop shares with the recipe
 
@@ -110,12 +112,22 @@ def parse_settings(text: str) -> dict:
     return {k.strip(): _value(k.strip(), v.strip()) for k, v in pairs}
 
 
+def demo_recipe() -> dict:
+    """The TrainConfig settings of `lorakit demo` (its adapter, epochs, schedule, batching, clipping), without what
+    names the run (data, base, output, seed, precision)."""
+    from lorakit.demo import demo_config
+
+    run_keys = ("data", "base", "eval_data", "out", "seed", "bf16", "attention", "device", "progress")
+    return {k: v for k, v in dataclasses.asdict(demo_config()).items() if k not in run_keys}
+
+
 def parse_recipe(spec: str) -> tuple[str, dict]:
     """'lorakit[lr=1e-3]' -> ('lorakit', {'lr': 0.001}), the named recipe's changes included."""
     name, _, rest = spec.partition("[")
     if name not in NAMED:
         raise SystemExit(f"unknown recipe {name!r}; choose from {', '.join(NAMED)}")
-    return name, {**NAMED[name], **parse_settings(rest.rstrip("]"))}
+    named = demo_recipe() if name == "demo" else NAMED[name]
+    return name, {**named, **parse_settings(rest.rstrip("]"))}
 
 
 def split_recipes(text: str) -> list[str]:
@@ -326,7 +338,7 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def pick(summary: dict, exclude: tuple[str, ...] = ("plain", "before")) -> tuple[str | None, dict]:
+def pick(summary: dict, exclude: tuple[str, ...] = ("plain", "before", "demo")) -> tuple[str | None, dict]:
     """The recipe with the best accuracy averaged over datasets (each dataset weighing the same), among those
     run on every dataset with the most seeds; its score and every candidate's."""
     datasets = list(summary)

@@ -1,5 +1,6 @@
 """benchmarks/: the training-step and decoding benchmarks run end to end on a tiny model and check what they claim."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -87,6 +88,15 @@ def test_quality_recipes_parse_and_pick_the_best_complete_one():
         ("lorakit", {"lr": 1e-3, "max_grad_norm": 0.0, "group_by_length": False})
     assert quality.parse_recipe("lorakit_nf4[lr_scheduler=linear]")[1] == {"quantize": "nf4", "lr_scheduler": "linear"}
     assert quality.parse_recipe("before")[1]["length_tolerance"] == 0.0
+    # `demo` is `lorakit demo`'s run: a TrainConfig built from it trains as the demo does, changes on top
+    from lorakit.demo import demo_config
+    from lorakit.train_config import TrainConfig
+
+    name, changes = quality.parse_recipe("demo[max_grad_norm=0]")
+    demo, rebuilt = demo_config(), TrainConfig(data="x", **changes)
+    assert name == "demo" and rebuilt.max_grad_norm == 0.0 and demo.max_grad_norm > 0
+    assert dataclasses.replace(rebuilt, max_grad_norm=demo.max_grad_norm, data=demo.data, out=demo.out, bf16=demo.bf16,
+                               attention=demo.attention) == demo
     with pytest.raises(SystemExit, match="not a TrainConfig field"):
         quality.parse_recipe("lorakit[learning_rate=1]")
     with pytest.raises(SystemExit, match="unknown recipe"):
