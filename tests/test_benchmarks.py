@@ -141,3 +141,22 @@ def test_quality_comparison_is_paired_lorakit_without_warmup_or_clipping_is_the_
     assert lorakit["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-4)
     assert lorakit["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-4)
     assert lorakit["padding_share"] == plain["padding_share"]  # the same batches
+
+
+import grad_precision  # noqa: E402
+
+
+def test_grad_precision_lorakit_bf16_gradients_are_as_close_to_float32_as_peft(tiny_base, capsys):
+    """Under bf16 autocast lorakit's kernels and fused loss move the LoRA gradients from float32's no further than
+    PEFT's modules do; on a float32 base they are PEFT's up to summation order."""
+    pytest.importorskip("peft")
+    data = Path(quality.DEMO_DIR) / "train.jsonl"
+    report = grad_precision.main(["--base", tiny_base, "--data", str(data), "--batches", "2", "--batch-size", "4"])
+    variants = report["variants"]
+    assert set(variants) == set(grad_precision.VARIANTS)
+    assert max(variants["lorakit_fp32"]["grad_rel_error"]) < 1e-5
+    for name in ("peft_bf16", "lorakit_bf16", "lorakit_bf16_unfused_loss"):
+        errors = variants[name]["grad_rel_error"]
+        assert len(errors) == 2 and all(1e-4 < e < 0.2 for e in errors), (name, errors)  # bf16 did run, and roughly
+    assert report["lorakit_vs_peft_bf16_error"] < 1.25
+    assert json.loads(capsys.readouterr().out)["variants"].keys() == variants.keys()

@@ -189,6 +189,33 @@ def test_fused_linear_cross_entropy_bf16_is_close():
     assert (out[0][1] - out[1][1]).norm() / out[1][1].norm() < 2e-2
 
 
+@pytest.mark.parametrize("confidence", [1.0, 1.3, 1.6, 2.0])  # mean loss about 0.3, 0.03, 0.003, 0.0003
+def test_bf16_gradient_of_confident_rows_is_as_close_to_float32_as_transformers(confidence):
+    """Late in training most rows are confident (p_target near 1). Forming sum_v p_v W_v with bf16-rounded
+    probabilities and subtracting W_t afterwards left mostly rounding error: 2x transformers' gradient error
+    at a loss of 0.03, 7x at 0.0003. With the target's term kept out of the matmul it is transformers' error."""
+    torch.manual_seed(0)
+    vocab, width, rows = 4096, 64, 512
+    weight = (torch.randn(vocab, width) * 0.5).bfloat16()
+    targets = torch.randint(0, vocab, (rows,))
+    toward_target = weight[targets].float() / weight[targets].float().norm(dim=1, keepdim=True)
+    hidden0 = (torch.randn(rows, width) * 0.3 + 3 * confidence * toward_target).bfloat16()
+    grads = {}
+    for kind in ("float32", "fused", "transformers"):
+        hidden = (hidden0.float() if kind == "float32" else hidden0.clone()).requires_grad_(True)
+        w = weight.float() if kind == "float32" else weight
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind != "float32"):
+            if kind == "fused":  # four vocabulary slices
+                loss = fused_linear_cross_entropy(hidden, w, None, targets, chunk_elements=rows * vocab // 4)
+            else:
+                loss = F.cross_entropy((hidden @ w.t()).float(), targets)
+        loss.backward()
+        grads[kind] = hidden.grad.float()
+    error = {k: float((grads[k] - grads["float32"]).norm() / grads["float32"].norm())
+             for k in ("fused", "transformers")}
+    assert error["fused"] < 1.1 * error["transformers"], error
+
+
 def test_ordinary_path_when_logits_are_expected():
     model = lora_llama()
     ids, mask, labels = padded_batch()

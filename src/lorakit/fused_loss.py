@@ -204,35 +204,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h: bool):
     """Loss and grad_h (head frozen), one pass over vocabulary slices with an online softmax.
 
-    Every matmul spans all rows (efficient shapes, unlike small row chunks). With m the running max
-    and s the running sum of exp(logit - m), grad_h = sum_v softmax_v W_v - W_target accumulates as
-    acc = acc * exp(m_old - m_new) + exp(z - m_new) @ W_slice, divided by s at the end.
+    Every matmul spans all rows (efficient shapes, unlike small row chunks). With m the running max, e_v =
+    exp(logit_v - m), s = sum_v e_v and t the target:
+        loss = m + log s - logit_t
+        grad_h = sum_v p_v W_v - W_t = (sum_{v != t} e_v W_v - (s - e_t) W_t) / s
+    The sum over v != t accumulates slice by slice (rescaled by exp(m_old - m_new) as m grows). The target's own
+    term stays out of the matmul: for a confident row (p_t near 1) sum_v p_v W_v is nearly W_t, and with the
+    probabilities rounded to bf16 for the matmul, subtracting W_t afterwards left mostly rounding error
+    (tests/test_fused_loss.py holds the gradient as close to float32's as transformers' loss is).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
+    dtype = _matmul_dtype(hidden, weight)
     for r0 in range(0, n, ROW_BLOCK):
         h = hidden[r0:r0 + ROW_BLOCK]
         t = targets[r0:r0 + ROW_BLOCK]
         rows = h.shape[0]
-        w_target = weight.index_select(0, t)
-        # The target's logit as the matmul below computes it: from inputs in the matmul's dtype (autocast
-        # casts them to bf16), rounded to that dtype. Taken exactly instead, a confident row's loss came out
-        # negative (the log-sum-exp of rounded logits below the exact logit).
-        dtype = _matmul_dtype(h, weight)
-        target_logit = (h.to(dtype).float() * w_target.to(dtype).float()).sum(1)
-        if bias is not None:
-            target_logit += bias.index_select(0, t).to(dtype).float()
-        target_logit = target_logit.to(dtype).float()
-        m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=h.device)
-        sumexp = torch.zeros(rows, dtype=torch.float32, device=h.device)
-        acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         step = max(256, chunk_elements // rows)
+        slice_of_target = t.div(step, rounding_mode="floor")
+        m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=h.device)
+        others = torch.zeros(rows, dtype=torch.float32, device=h.device)  # s - e_t
+        e_target = torch.zeros(rows, dtype=torch.float32, device=h.device)
+        logit_target = torch.zeros(rows, dtype=torch.float32, device=h.device)
+        acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
         # One buffer for every slice's logits: a fresh allocation of this size page-faults on each slice.
         # Autocast skips ops given out=, so the matmul's inputs are cast here, as autocast would cast them.
         buffer = torch.empty(rows * min(step, vocab), dtype=dtype, device=h.device)
         h_mm = h.to(dtype)
-        for v0 in range(0, vocab, step):
+        for k, v0 in enumerate(range(0, vocab, step)):
             w = weight[v0:v0 + step]
             logits = buffer[:rows * w.shape[0]].view(rows, w.shape[0])
             if bias is not None:
@@ -240,16 +240,23 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
             else:
                 torch.mm(h_mm, w.to(dtype).t(), out=logits)
             z = logits.float()  # the loss is taken in float32, as transformers does
+            here = (slice_of_target == k).nonzero().squeeze(1)  # rows whose target is in this slice
+            cols = t.index_select(0, here) - v0
+            logit_target.index_copy_(0, here, z[here, cols])
             m_new = torch.maximum(m, z.amax(1))
             rescale = (m - m_new).exp_()
             z.sub_(m_new[:, None]).exp_()
-            sumexp.mul_(rescale).add_(z.sum(1))
+            e_target.mul_(rescale).index_copy_(0, here, z[here, cols])
+            z[here, cols] = 0.0
+            others.mul_(rescale).add_(z.sum(1))
             if need_h:
                 acc.mul_(rescale[:, None]).add_(z.to(w.dtype) @ w)
             m = m_new
-        total += (m + sumexp.log() - target_logit).sum()
+        sumexp = others + e_target
+        total += (m + sumexp.log() - logit_target).sum()
         if need_h:
-            grad_h[r0:r0 + rows] = acc.div_(sumexp[:, None]).sub_(w_target.float())
+            w_target = weight.index_select(0, t).float()
+            grad_h[r0:r0 + rows] = acc.sub_(others[:, None] * w_target).div_(sumexp[:, None])
     return total, grad_h
 
 
