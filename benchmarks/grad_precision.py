@@ -2,10 +2,13 @@
 
     python benchmarks/grad_precision.py                       # SmolLM2-135M, 4 batches of the multiturn data
     python benchmarks/grad_precision.py --data my.jsonl --batches 8
+    python benchmarks/grad_precision.py --adapter runs/demo --data src/lorakit/demo_data/train.jsonl   # trained
 
 Both models get the same adapter (r=16, alpha 32 on q, k, v, o, no dropout) with the same random A and B (B not
-zero, so both factors have a gradient), see the same shuffled batches of 8, and take one forward and backward per
-batch, from scratch each time (no optimizer step). The reference is PEFT on the float32 base without autocast.
+zero, so both factors have a gradient), or with `--adapter` a trained adapter's A and B (the demo's is this shape;
+late in training most tokens are predicted confidently, where bf16 rounding in the loss's gradient shows most),
+see the same shuffled batches of 8, and take one forward and backward per batch, from scratch each time (no
+optimizer step). The reference is PEFT on the float32 base without autocast.
 Variants: lorakit on the float32 base (the same arithmetic up to summation order), and on a bf16 base under bf16
 autocast as training runs (`TrainConfig.bf16`): PEFT, lorakit with its fused head + loss, and lorakit with
 `fused_loss = False` (the model's own head and cross-entropy). For each: the loss, and the relative L2 error and
@@ -45,7 +48,21 @@ def _batches(base: str, data: str, count: int, batch_size: int, seed: int) -> li
     return [collate([tokenized.items[i] for i in idx], tokenizer.pad_token_id) for idx in order]
 
 
-def _adapted(library: str, base: str, bf16: bool, fused: bool | None, seed: int) -> torch.nn.Module:
+def _adapter_weights(adapter: str) -> dict[str, torch.Tensor]:
+    """A trained adapter's tensors, named as the models' parameters; it must be the shape compared here."""
+    from lorakit.adapter_folder import read_config, read_weights
+
+    config = read_config(adapter)
+    shape = (config.get("r"), config.get("lora_alpha"), sorted(config.get("target_modules") or []))
+    if shape != (16, 32, sorted(TARGETS)):
+        raise SystemExit(f"--adapter {adapter} is r={shape[0]}, alpha {shape[1]} on {shape[2]}; this benchmark "
+                         f"compares r=16, alpha 32 on {', '.join(TARGETS)} (the demo's adapter is)")
+    return {key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
+            tensor for key, tensor in read_weights(adapter).items()}
+
+
+def _adapted(library: str, base: str, bf16: bool, fused: bool | None, seed: int,
+             trained: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     from lorakit.models import load_base_model
 
     model, _ = load_base_model(base, dtype=torch.bfloat16 if bf16 else torch.float32, device=torch.device("cpu"),
@@ -65,17 +82,17 @@ def _adapted(library: str, base: str, bf16: bool, fused: bool | None, seed: int)
     with torch.no_grad():  # the same A and B in both libraries (the names and shapes are PEFT's in both)
         for name, param in sorted(model.named_parameters()):
             if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(trained[name] if trained else torch.randn(param.shape, generator=generator) * 0.02)
     return model.train()
 
 
-def gradients(library: str, bf16: bool, fused: bool | None, base: str, batches: list[dict],
-              seed: int) -> list[tuple[float, torch.Tensor]]:
+def gradients(library: str, bf16: bool, fused: bool | None, base: str, batches: list[dict], seed: int,
+              trained: dict[str, torch.Tensor] | None = None) -> list[tuple[float, torch.Tensor]]:
     """(loss, every LoRA gradient flattened in name order) per batch."""
     from lorakit.loss import batch_loss
     from lorakit.precision import autocast
 
-    model = _adapted(library, base, bf16, fused, seed)
+    model = _adapted(library, base, bf16, fused, seed, trained)
     params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     out = []
     for batch in batches:
@@ -104,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=DEFAULT_BASE)
     p.add_argument("--data", default=str(ROOT / "benchmarks" / "data" / "multiturn" / "train.jsonl"))
+    p.add_argument("--adapter", default=None,
+                   help="start from this trained adapter's weights (r=16, alpha 32 on q, k, v, o)")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -117,12 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    trained = _adapter_weights(args.adapter) if args.adapter else None
     batches = _batches(args.base, args.data, args.batches, args.batch_size, args.seed)
-    reference = gradients("peft", False, None, args.base, batches, args.seed)
-    results = {name: compare(reference, gradients(*VARIANTS[name], args.base, batches, args.seed)) for name in variants}
+    reference = gradients("peft", False, None, args.base, batches, args.seed, trained)
+    results = {name: compare(reference, gradients(*VARIANTS[name], args.base, batches, args.seed, trained))
+               for name in variants}
     report = {"benchmark": "grad_precision",
               "setup": {"base": args.base, "data": args.data, "batches": len(batches), "batch_size": args.batch_size,
-                        "seed": args.seed, "reference": "peft, float32 base, no autocast",
+                        "seed": args.seed, "adapter": args.adapter or "random A and B",
+                        "reference": "peft, float32 base, no autocast",
                         "reference_loss": [round(loss, 6) for loss, _ in reference],
                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                         "cpu": platform.processor() or platform.machine()},

@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s of adapter popularity")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="auto",
-                   help="the base's weights while decoding, as `lorakit serve --decode-precision` (default: auto, as it)")
+                   help="the base's weights while decoding, as `lorakit serve --decode-precision` (default auto)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)

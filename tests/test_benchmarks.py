@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import single_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -146,12 +147,21 @@ def test_quality_comparison_is_paired_lorakit_without_warmup_or_clipping_is_the_
 import grad_precision  # noqa: E402
 
 
-def test_grad_precision_lorakit_bf16_gradients_are_as_close_to_float32_as_peft(tiny_base, capsys):
+def test_grad_precision_lorakit_bf16_gradients_are_as_close_to_float32_as_peft(tiny_base, tmp_path, capsys):
     """Under bf16 autocast lorakit's kernels and fused loss move the LoRA gradients from float32's no further than
-    PEFT's modules do; on a float32 base they are PEFT's up to summation order."""
+    PEFT's modules do; on a float32 base they are PEFT's up to summation order. From a saved adapter's weights."""
     pytest.importorskip("peft")
+    from lorakit import get_peft_model
+    from lorakit.models import load_base_model
+    from lorakit.train_config import lora_recipe
+
+    torch.manual_seed(0)
+    saved = get_peft_model(load_base_model(tiny_base)[0], lora_recipe(init_lora_weights=False))  # B not zero
+    saved.save_pretrained(tmp_path / "adapter")
     data = Path(quality.DEMO_DIR) / "train.jsonl"
-    report = grad_precision.main(["--base", tiny_base, "--data", str(data), "--batches", "2", "--batch-size", "4"])
+    report = grad_precision.main(["--base", tiny_base, "--data", str(data), "--batches", "2", "--batch-size", "4",
+                                  "--adapter", str(tmp_path / "adapter")])
+    assert report["setup"]["adapter"] == str(tmp_path / "adapter")
     variants = report["variants"]
     assert set(variants) == set(grad_precision.VARIANTS)
     assert max(variants["lorakit_fp32"]["grad_rel_error"]) < 1e-5
