@@ -222,7 +222,6 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
         t = targets[r0:r0 + ROW_BLOCK]
         rows = h.shape[0]
         step = max(256, chunk_elements // rows)
-        slice_of_target = t.div(step, rounding_mode="floor")
         m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=h.device)
         others = torch.zeros(rows, dtype=torch.float32, device=h.device)  # s - e_t
         e_target = torch.zeros(rows, dtype=torch.float32, device=h.device)
@@ -232,7 +231,7 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
         # Autocast skips ops given out=, so the matmul's inputs are cast here, as autocast would cast them.
         buffer = torch.empty(rows * min(step, vocab), dtype=dtype, device=h.device)
         h_mm = h.to(dtype)
-        for k, v0 in enumerate(range(0, vocab, step)):
+        for v0 in range(0, vocab, step):
             w = weight[v0:v0 + step]
             logits = buffer[:rows * w.shape[0]].view(rows, w.shape[0])
             if bias is not None:
@@ -240,14 +239,18 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
             else:
                 torch.mm(h_mm, w.to(dtype).t(), out=logits)
             z = logits.float()  # the loss is taken in float32, as transformers does
-            here = (slice_of_target == k).nonzero().squeeze(1)  # rows whose target is in this slice
-            cols = t.index_select(0, here) - v0
-            logit_target.index_copy_(0, here, z[here, cols])
+            # Rows whose target is in this slice, without a device sync: every row reads one column (its target's,
+            # clamped into the slice), and only those rows keep what they read.
+            local = t - v0
+            here = (local >= 0) & (local < w.shape[0])
+            col = local.clamp(0, w.shape[0] - 1)[:, None]
+            logit_target = torch.where(here, z.gather(1, col).squeeze(1), logit_target)
             m_new = torch.maximum(m, z.amax(1))
             rescale = (m - m_new).exp_()
             z.sub_(m_new[:, None]).exp_()
-            e_target.mul_(rescale).index_copy_(0, here, z[here, cols])
-            z[here, cols] = 0.0
+            picked = z.gather(1, col).squeeze(1)
+            e_target = torch.where(here, picked, e_target * rescale)
+            z.scatter_(1, col, torch.where(here, 0.0, picked)[:, None])  # the target's term leaves the sums
             others.mul_(rescale).add_(z.sum(1))
             if need_h:
                 acc.mul_(rescale[:, None]).add_(z.to(w.dtype) @ w)
