@@ -244,6 +244,7 @@ def _ce_vocab_chunks(hidden, weight, bias, targets, chunk_elements: int, need_h:
             local = t - v0
             here = (local >= 0) & (local < w.shape[0])
             col = local.clamp(0, w.shape[0] - 1)[:, None]
+            # The target's logit as the softmax sees it (recomputed apart, a confident row's loss came out negative)
             logit_target = torch.where(here, z.gather(1, col).squeeze(1), logit_target)
             m_new = torch.maximum(m, z.amax(1))
             rescale = (m - m_new).exp_()
