@@ -18,13 +18,13 @@ cosine of all LoRA gradients against the reference, per batch and their median.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+from train_step import emit  # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -49,7 +49,7 @@ def _batches(base: str, data: str, count: int, batch_size: int, seed: int) -> li
 
 
 def _adapter_weights(adapter: str) -> dict[str, torch.Tensor]:
-    """A trained adapter's tensors, named as the models' parameters; it must be the shape compared here."""
+    """A trained adapter's tensors; it must be the shape compared here."""
     from lorakit.adapter_folder import read_config, read_weights
 
     config = read_config(adapter)
@@ -57,8 +57,7 @@ def _adapter_weights(adapter: str) -> dict[str, torch.Tensor]:
     if shape != (16, 32, sorted(TARGETS)):
         raise SystemExit(f"--adapter {adapter} is r={shape[0]}, alpha {shape[1]} on {shape[2]}; this benchmark "
                          f"compares r=16, alpha 32 on {', '.join(TARGETS)} (the demo's adapter is)")
-    return {key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
-            tensor for key, tensor in read_weights(adapter).items()}
+    return read_weights(adapter)  # keyed as on disk: adapter_folder.file_key(parameter name, "default")
 
 
 def _adapted(library: str, base: str, bf16: bool, fused: bool | None, seed: int,
@@ -78,11 +77,14 @@ def _adapted(library: str, base: str, bf16: bool, fused: bool | None, seed: int,
 
         model = get_peft_model(model, lora_recipe(lora_dropout=0.0, target_modules=TARGETS))
         model.fused_loss = fused
+    from lorakit.adapter_folder import file_key
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the same A and B in both libraries (the names and shapes are PEFT's in both)
         for name, param in sorted(model.named_parameters()):
             if param.requires_grad:
-                param.copy_(trained[name] if trained else torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(trained[file_key(name, "default")] if trained
+                            else torch.randn(param.shape, generator=generator) * 0.02)
     return model.train()
 
 
@@ -152,10 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "lorakit_bf16" in results and "peft_bf16" in results:  # < 1: lorakit's bf16 gradients are the closer
         report["lorakit_vs_peft_bf16_error"] = round(results["lorakit_bf16"]["grad_rel_error_median"]
                                                      / results["peft_bf16"]["grad_rel_error_median"], 3)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 
