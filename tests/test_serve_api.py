@@ -732,9 +732,22 @@ def _wait_idle(env, timeout=20.0):
     raise AssertionError(f"server still busy: {stats}")
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(env):
+@pytest.fixture
+def slow_decode(env, monkeypatch):
+    """Each decode step takes at least 10 ms, so a 480-token request outlives the client on any machine."""
+    engine = env["server"].app.state.engine
+    decode = engine._decode
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.01)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_decode", slowed)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(env, slow_decode):
     cancelled = metric(env, "lorakit_sequences_finished_total", False, finish_reason="cancelled")
-    tokens = metric(env, "lorakit_generation_tokens_total")
+    tokens = metric(env, "lorakit_generation_tokens_total", False)
     body = {"model": "c", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with env["http"].stream("POST", "/v1/completions", json=body) as response:
@@ -746,7 +759,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(env):
     assert metric(env, "lorakit_generation_tokens_total") - tokens < 480  # stopped early
 
 
-def test_client_timeout_on_non_streaming_request_frees_the_slot(env):
+def test_client_timeout_on_non_streaming_request_frees_the_slot(env, slow_decode):
     cancelled = metric(env, "lorakit_sequences_finished_total", False, finish_reason="cancelled")
     body = {"model": "b", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
     with httpx.Client(base_url=env["server"].url, headers={"Authorization": f"Bearer {KEY}"}) as short:

@@ -270,6 +270,13 @@ def test_held_back_suffix():
 def test_cancel_frees_the_row(setup):
     tok, _, _ = setup
     engine = make_engine(setup)
+    decode = engine._decode
+
+    def slowed(*args):  # 200 steps take at least 2 s, so the cancel lands mid-run on any machine
+        time.sleep(0.01)
+        return decode(*args)
+
+    engine._decode = slowed
     try:
         q = queue.SimpleQueue()
         seq = Sequence(tok(PROMPTS[0])["input_ids"], "a",
