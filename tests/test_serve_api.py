@@ -21,8 +21,8 @@ import torch
 
 from lorakit import PeftModel
 from lorakit.serve import ServerThread, add_serve_arguments, build_server
-from test_serve_helpers import (chat_ids, offline_ids, offline_text, save_base, save_random_adapter, tiny_model,
-                                tiny_tokenizer)
+from test_serve_helpers import (chat_ids, offline_ids, offline_text, save_base, save_random_adapter, slowed,
+                                tiny_model, tiny_tokenizer)
 
 KEY = "test-key-123"
 BASE = "tiny-base"
@@ -736,13 +736,7 @@ def _wait_idle(env, timeout=20.0):
 def slow_decode(env, monkeypatch):
     """Each decode step takes at least 10 ms, so a 480-token request outlives the client on any machine."""
     engine = env["server"].app.state.engine
-    decode = engine._decode
-
-    def slowed(*args, **kwargs):
-        time.sleep(0.01)
-        return decode(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_decode", slowed)
+    monkeypatch.setattr(engine, "_decode", slowed(engine._decode))
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(env, slow_decode):

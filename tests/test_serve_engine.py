@@ -15,7 +15,7 @@ from lorakit import PeftModel
 from lorakit.serve.detokenize import held_back
 from lorakit.serve.engine import Engine, EngineConfig, Sequence
 from lorakit.serve.sampling import SamplingParams
-from test_serve_helpers import byte_tokenizer, offline_ids, save_random_adapter, tiny_model, tiny_tokenizer
+from test_serve_helpers import byte_tokenizer, offline_ids, save_random_adapter, slowed, tiny_model, tiny_tokenizer
 
 PROMPTS = ["The weather today", "Hello there, how", "Once upon a time", "abc def ghi", "Numbers: 1 2 3"]
 
@@ -270,13 +270,7 @@ def test_held_back_suffix():
 def test_cancel_frees_the_row(setup):
     tok, _, _ = setup
     engine = make_engine(setup)
-    decode = engine._decode
-
-    def slowed(*args):  # 200 steps take at least 2 s, so the cancel lands mid-run on any machine
-        time.sleep(0.01)
-        return decode(*args)
-
-    engine._decode = slowed
+    engine._decode = slowed(engine._decode)  # 200 steps take at least 2 s: the cancel lands mid-run
     try:
         q = queue.SimpleQueue()
         seq = Sequence(tok(PROMPTS[0])["input_ids"], "a",

@@ -1,9 +1,10 @@
 """Shared pieces for the serve tests: a tiny ASCII tokenizer with a chat template, a tiny random Llama
-sized to it, random adapters saved to disk, and the offline reference generation."""
+sized to it, random adapters saved to disk, the offline reference generation, and a slowed decode step."""
 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -109,3 +110,12 @@ def chat_ids(tokenizer, content: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def slowed(step, seconds: float = 0.01):
+    """`step` taking at least `seconds` longer per call: an engine's decode step slowed this way keeps a long
+    request running for a while on any machine, so a test can cancel it or time out mid-run."""
+    def slow_step(*args, **kwargs):
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+    return slow_step
