@@ -154,9 +154,7 @@ def test_layer_activations_equal_what_autograd_keeps(bf16, attention):
     size = 2 if bf16 else 4
     parts = layer_activation_bytes(architecture(model), _layer_targets(peft_model), 2, 48, size, size, attention,
                                    dropout=False)
-    # the autocast copies of the adapter matrices (bf16) are per layer too, and not activations
-    copies = (4 * 8 * 128 + 8 * (128 + 64 + 64 + 128)) * 2 if bf16 else 0
-    assert saved[3] - saved[2] - copies == sum(parts.values())
+    assert saved[3] - saved[2] == sum(parts.values())
 
 
 def test_tiny_measured_step_within_20_percent(tmp_path):

@@ -3,8 +3,10 @@
     y = x W^T + b + s * dropout(x) A^T B^T                 A: [r, in], B: [out, r], s = alpha / r
     DoRA:  y = m / ||W + s B A|| * (x W^T + s * dropout(x) A^T B^T) + b      (row norms, detached)
 
-One rounding rule everywhere: the update is computed in the adapter's dtype (under autocast, in autocast's),
-the base output is added to it in that dtype, and the sum is rounded once to the base output's dtype.
+One rounding rule everywhere: the update is computed in the adapter's dtype (under autocast too: autocast
+rounds only the base matmul), the base output is added to it in that dtype, and the sum is rounded once to the
+base output's dtype. (An update taken in autocast's bf16 and summed there gives less accurate LoRA gradients
+than PEFT's own bf16 arithmetic.)
 
 Four entry points, one arithmetic:
 - `lora_linear`: one plain adapter on a plain weight. With autograd, one node (`LoraLinearFunction`) whose
@@ -132,12 +134,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 fan_in_fan_out: bool = False) -> torch.Tensor:
     """x W^T + b + scaling * dropout(x) A^T B^T (W is [in, out] when `fan_in_fan_out`, GPT-2's Conv1D).
 
-    Under autocast everything runs in the autocast dtype. Without autograd it is the base matmul and an
-    in-place update: the same arithmetic as `add_lora`, so both give the same bits.
+    Under autocast the base matmul runs in the autocast dtype and the update in the adapter's. Without autograd
+    it is the base matmul and an in-place update: the same arithmetic as `add_lora`, so both give the same bits.
     """
     if _any_autocast() and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_a, lora_b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, fan_in_fan_out)
@@ -191,7 +193,7 @@ def add_lora_by_rows(base_out: torch.Tensor, x: torch.Tensor,
     if len(adapters) == 1 and bool(adapters[0][1].all()):  # every row one adapter: exactly add_lora
         return _plus_update(base_out, x, adapters[0][0], training, in_place, dora)
     auto = autocast_enabled(x)
-    dtypes = {torch.get_autocast_dtype(x.device.type) if auto else lora.a.dtype for lora, _ in adapters}
+    dtypes = {lora.a.dtype for lora, _ in adapters}
     if len(dtypes) > 1 or any(lora.magnitude is not None for lora, _ in adapters):
         # DoRA rescales the base output too, and adapters of different dtypes round differently: each adapter's
         # output on the whole batch, kept for its rows.
@@ -213,9 +215,9 @@ def _plus_update(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, training
                  dora: Optional[DoraBase] = None) -> torch.Tensor:
     """out + the adapter's update of x: computed in the adapter's dtype, summed there, rounded once. `in_place`:
     `out` may be written into (no autograd, and the tensor is the caller's own)."""
-    if autocast_enabled(x):
+    if autocast_enabled(x):  # autocast would round the update's matmuls to its dtype
         with torch.autocast(x.device.type, enabled=False):
-            return _plus_update_in(out, x, lora, torch.get_autocast_dtype(x.device.type), training, in_place, dora)
+            return _plus_update_in(out, x, lora, lora.a.dtype, training, in_place, dora)
     return _plus_update_in(out, x, lora, lora.a.dtype, training, in_place, dora)
 
 

@@ -115,7 +115,8 @@ def layer_activation_bytes(arch: Architecture, targets: list[Target], batch: int
         if kind == "attn_out" and attention != "eager":
             width = 0  # SDPA keeps its output anyway (counted above), and o_proj reads that very tensor
         inputs[kind] = e * width * act_bytes
-        adapters += e * target.rank * act_bytes + (e * target.in_features if dropout and target.rank else 0)
+        # x A^T is kept in the adapter's dtype, float32 (LoRA weights train in float32, under autocast too)
+        adapters += e * target.rank * 4 + (e * target.in_features if dropout and target.rank else 0)
     parts["trained_inputs"] = sum(inputs.values())
     parts["adapters"] = adapters
     return parts
