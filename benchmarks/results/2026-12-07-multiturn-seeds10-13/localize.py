@@ -1,6 +1,10 @@
 """One-off: where lorakit's bf16 path departs from float32 more than PEFT's, at a trained multiturn adapter.
 Per decoder layer: relative error of the hidden states (forward, eval mode, no labels) against PEFT float32.
-Per LoRA parameter group (q/k/v/o x A/B): relative gradient error against PEFT float32 (lorakit unfused loss)."""
+Per LoRA parameter group (q/k/v/o x A/B): relative gradient error against PEFT float32 (lorakit unfused loss).
+Variants of lorakit's general path (a no-op hook on every base layer), monkeypatched here only: _peftsum sums the
+update as PEFT does (x A^T B^T rounded to bf16, times s, added and rounded again), _fp32update computes the update in
+the adapter's dtype (float32) under autocast and rounds the sum once. A third argument picks the compared variants
+(default: peft_bf16,lorakit_bf16,lorakit_bf16_general). Measures the library as of commit 35aa7cc."""
 import json, sys, statistics
 from collections import defaultdict
 from pathlib import Path
@@ -16,12 +20,26 @@ base = "smollm2"
 data = str(Path(__file__).resolve().parents[2] / "data" / "multiturn" / "train.jsonl")
 batches = gp._batches(base, data, 2, 8, 0)
 trained = gp._adapter_weights(adapter)
+compared = (sys.argv[3] if len(sys.argv) > 3 else "peft_bf16,lorakit_bf16,lorakit_bf16_general").split(",")
 variants = {"ref": ("peft", False, None), "peft_bf16": ("peft", True, None), "lorakit_bf16": ("lorakit", True, False),
-            "lorakit_bf16_general": ("lorakit", True, False)}
+            "lorakit_bf16_general": ("lorakit", True, False), "lorakit_bf16_general_peftsum": ("lorakit", True, False),
+            "lorakit_bf16_general_fp32update": ("lorakit", True, False)}
+variants = {k: v for k, v in variants.items() if k == "ref" or k in compared}
+import lorakit.kernels as K
+_orig = K._plus_update_in
+_orig_update = K._plus_update
+def _fp32_update(out, x, lora, training, in_place, dora=None):  # the update in the adapter's dtype even under autocast
+    with torch.autocast(x.device.type, enabled=False):
+        return _orig(out, x, lora, lora.a.dtype, training, in_place, dora)
+def _peft_sum(out, x, lora, dtype, training, in_place, dora):
+    a, b, x_lora, dropped = K._in_dtype(x, lora, dtype, training)
+    return out + (x_lora @ a.t() @ b.t()) * lora.scaling
 hidden, grads = {}, {}
 for name, (lib, bf16, fused) in variants.items():
     model = gp._adapted(lib, base, bf16, fused, 0, trained)
-    if name.endswith("_general"):  # a hook on each base layer turns the fast LoRA node off: kernels.add_lora instead
+    K._plus_update_in = _peft_sum if name.endswith("_peftsum") else _orig
+    K._plus_update = _fp32_update if name.endswith("_fp32update") else _orig_update
+    if "_general" in name:  # a hook on each base layer turns the fast LoRA node off: kernels.add_lora instead
         for n, m in model.named_modules():
             if n.endswith("base_layer"):
                 m.register_forward_hook(lambda mod, i, o: None)
@@ -57,7 +75,7 @@ for name, (lib, bf16, fused) in variants.items():
     del model
 res = {"hidden_rel_error_by_layer": {}, "grad_rel_error_by_group": {}}
 n_layers = len(hidden["ref"]) // len(batches)
-for name in ("peft_bf16", "lorakit_bf16", "lorakit_bf16_general"):
+for name in compared:
     errs = []
     for li in range(n_layers):
         e = []
