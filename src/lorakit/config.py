@@ -24,6 +24,7 @@ ALL_LINEAR = "all-linear"
 PEFT_ONLY_FIELDS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
+    "astra_config": None,
     "corda_config": None,
     "eva_config": None,
     "kasa_config": None,
