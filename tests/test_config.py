@@ -73,6 +73,9 @@ def test_unknown_fields_warn_once_and_missing_fields_take_defaults(tmp_path):
 def test_unsupported_peft_features_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="use_qalora=True, a PEFT feature lorakit does not implement"):
         LoraConfig.from_dict({"r": 4, "use_qalora": True})
+    with pytest.raises(ConfigError, match="astra_config=.*a PEFT feature lorakit does not implement"):
+        LoraConfig.from_dict({"r": 4, "astra_config": {"ratio": 0.5}})  # PEFT 0.22's Astra initialisation
+    assert LoraConfig.from_dict({"r": 4, "astra_config": None}).r == 4  # what PEFT writes when unused
 
 
 def test_missing_and_corrupt_config_files(tmp_path):
