@@ -152,8 +152,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         # decoding one token runs this for every adapted layer.
         _accumulate(out, x, lora_a, lora_b, scaling)
         return out
-    return _plus_update_in(out, x, LoraWeights(lora_a, lora_b, scaling, dropout_p), lora_a.dtype, dropout_p > 0,
-                           True, None)
+    return _plus_update_in(out, x, LoraWeights(lora_a, lora_b, scaling, dropout_p), dropout_p > 0, True, None)
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -206,7 +205,7 @@ def add_lora_by_rows(base_out: torch.Tensor, x: torch.Tensor,
     with torch.autocast(x.device.type, enabled=False) if auto else contextlib.nullcontext():
         total = _writable_sum(base_out, dtype, in_place)
         for lora, rows in adapters:
-            a, b, x_lora, _ = _in_dtype(x, lora, dtype, training)
+            a, b, x_lora, _ = _in_dtype(x, lora, training)
             _accumulate(total, x_lora, a, b, lora.scaling, rows)
         return total if total.dtype == base_out.dtype else total.to(base_out.dtype)
 
@@ -217,13 +216,14 @@ def _plus_update(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, training
     `out` may be written into (no autograd, and the tensor is the caller's own)."""
     if autocast_enabled(x):  # autocast would round the update's matmuls to its dtype
         with torch.autocast(x.device.type, enabled=False):
-            return _plus_update_in(out, x, lora, lora.a.dtype, training, in_place, dora)
-    return _plus_update_in(out, x, lora, lora.a.dtype, training, in_place, dora)
+            return _plus_update_in(out, x, lora, training, in_place, dora)
+    return _plus_update_in(out, x, lora, training, in_place, dora)
 
 
-def _plus_update_in(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, dtype: torch.dtype, training: bool,
-                    in_place: bool, dora: Optional[DoraBase]) -> torch.Tensor:
-    a, b, x_lora, dropped = _in_dtype(x, lora, dtype, training)
+def _plus_update_in(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, training: bool, in_place: bool,
+                    dora: Optional[DoraBase]) -> torch.Tensor:
+    dtype = lora.a.dtype
+    a, b, x_lora, dropped = _in_dtype(x, lora, training)
     if lora.magnitude is not None:
         return _plus_dora_update(out, x, x_lora, dropped, a, b, lora, dtype, dora)
     total = _writable_sum(out, dtype, in_place)
@@ -231,10 +231,10 @@ def _plus_update_in(out: torch.Tensor, x: torch.Tensor, lora: LoraWeights, dtype
     return total if total.dtype == out.dtype else total.to(out.dtype)
 
 
-def _in_dtype(x: torch.Tensor, lora: LoraWeights, dtype: torch.dtype, training: bool):
-    """(A, B, the input after the adapter's dropout, whether dropout ran), in `dtype`. Decoding one token runs this
-    once per adapted layer: conversions that would change nothing are skipped."""
-    a = lora.a if lora.a.dtype == dtype else lora.a.to(dtype)
+def _in_dtype(x: torch.Tensor, lora: LoraWeights, training: bool):
+    """(A, B, the input after the adapter's dropout, whether dropout ran), in the adapter's dtype (A's). Decoding
+    one token runs this once per adapted layer: conversions that would change nothing are skipped."""
+    a, dtype = lora.a, lora.a.dtype
     b = lora.b if lora.b.dtype == dtype else lora.b.to(dtype)
     x_lora = x if x.dtype == dtype else x.to(dtype)
     dropped = training and (lora.dropout_fn is not None or lora.dropout > 0)
