@@ -80,7 +80,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-ratio", dest="warmup_ratio", type=fraction, default=S,
                    help=f"share of the steps with the lr rising linearly from 0 (default {run.warmup_ratio})")
     g.add_argument("--warmup-steps", dest="warmup_steps", type=non_negative_int, default=S,
-                   help="the warmup in steps instead (with --warmup-ratio 0)")
+                   help="the warmup in steps instead of a share (with --warmup-ratio 0, the default)")
     g.add_argument("--weight-decay", dest="weight_decay", type=non_negative_float, default=S,
                    help=f"AdamW weight decay (default {run.weight_decay})")
     g.add_argument("--max-grad-norm", dest="max_grad_norm", type=non_negative_float, default=S,
