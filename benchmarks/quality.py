@@ -160,24 +160,30 @@ class Job:
     eval_limit: int | None = None
 
 
+def job_config(job: Job, work: Path, epochs: int | None):
+    """(the recipe's name, its TrainConfig) for a job whose train.jsonl is in `work`; the adapter goes to work/out."""
+    from lorakit.train_config import TrainConfig
+
+    name, changes = parse_recipe(job.recipe)
+    settings = {**({"epochs": epochs} if epochs else {}), **job.shared, **changes}
+    return name, TrainConfig(data=str(work / "train.jsonl"), base=job.base, out=str(work / "out"), seed=job.seed,
+                             bf16=job.bf16, device=job.device, progress=False,
+                             attention="eager" if job.bf16 else "sdpa", **settings)
+
+
 def run_job(job: Job) -> dict:
     """Train one recipe on one dataset with one seed, score it; the result row."""
     import torch
 
     from lorakit.data import padding_share, training_batches
     from lorakit.evaluate import evaluate
-    from lorakit.train_config import TrainConfig
 
     train_rows, scored_rows, epochs = dataset_rows(job.dataset, job.split)
     work = Path(tempfile.mkdtemp(prefix=f"{job.dataset}-", dir=job.workdir))
     try:
         for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", scored_rows[:job.eval_limit])):
             (work / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        name, changes = parse_recipe(job.recipe)
-        settings = {**({"epochs": epochs} if epochs else {}), **job.shared, **changes}
-        config = TrainConfig(data=str(work / "train.jsonl"), base=job.base, out=str(work / "out"), seed=job.seed,
-                             bf16=job.bf16, device=job.device, progress=False,
-                             attention="eager" if job.bf16 else "sdpa", **settings)
+        name, config = job_config(job, work, epochs)
         common = {"data": str(work / "eval.jsonl"), "include_base": False, "batch_size": job.eval_batch_size,
                   "progress": False, "bf16": job.bf16, "device": job.device}
         t0 = time.perf_counter()

@@ -11,14 +11,12 @@ torch.set_num_threads(2)
 import quality
 from lorakit.evaluate import evaluate
 from lorakit.models import load_base_model
-from lorakit.train_config import TrainConfig
 
 out_dir, recipe, seeds = Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3:]]
 out_dir.mkdir(parents=True, exist_ok=True)
 train_rows, scored_rows, epochs = quality.dataset_rows("multiturn", "test")
 for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", scored_rows)):
     (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-name, changes = quality.parse_recipe(recipe)
 
 
 def score_ways(adapter: Path) -> dict:
@@ -41,10 +39,11 @@ def score_ways(adapter: Path) -> dict:
 
 for seed in seeds:
     t0 = time.time()
+    job = quality.Job("multiturn", recipe, seed, "test", base="smollm2", device="cpu", bf16=True, shared={},
+                      workdir=str(out_dir))
+    name, config = quality.job_config(job, out_dir, epochs)
     adapter = out_dir / f"{name}-s{seed}"
-    config = TrainConfig(data=str(out_dir / "train.jsonl"), base="smollm2", out=str(adapter), seed=seed, bf16=True,
-                         device="cpu", progress=False, attention="eager", **({"epochs": epochs} if epochs else {}),
-                         **changes)
+    config.out = str(adapter)
     if name == "plain":
         trained, _, _ = quality.plain_peft_loop(config)
         trained["model"].save_pretrained(str(adapter))
