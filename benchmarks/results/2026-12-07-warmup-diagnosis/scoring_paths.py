@@ -14,6 +14,8 @@ from lorakit.models import load_base_model
 
 out_dir, recipe, seeds = Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3:]]
 out_dir.mkdir(parents=True, exist_ok=True)
+SCORING = dict(data=str(out_dir / "eval.jsonl"), include_base=False, batch_size=32, progress=False, bf16=True,
+               device="cpu")  # quality.py's evaluate settings
 train_rows, scored_rows, epochs = quality.dataset_rows("multiturn", "test")
 for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", scored_rows)):
     (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -23,16 +25,14 @@ def score_ways(adapter: Path) -> dict:
     import peft
     from lorakit import PeftModel as LkPeft
     res = {}
-    common = dict(data=str(out_dir / "eval.jsonl"), include_base=False, batch_size=32, progress=False, bf16=True,
-                  device="cpu")
-    r = evaluate(base="smollm2", adapter=str(adapter), **common).tuned  # quality.py's lorakit scoring
+    r = evaluate(base="smollm2", adapter=str(adapter), **SCORING).tuned  # quality.py's lorakit scoring
     res["lorakit_default_attn"] = (r.correct, round(r.perplexity, 4))
     for attn in ("eager", "sdpa"):
         for loader in ("lorakit", "peft"):
             model, tok = load_base_model("smollm2", dtype=torch.bfloat16, device="cpu", attention=attn)
             m = (LkPeft if loader == "lorakit" else peft.PeftModel).from_pretrained(model, str(adapter))
             m.eval()
-            r = evaluate(model=m, tokenizer=tok, **common).tuned
+            r = evaluate(model=m, tokenizer=tok, **SCORING).tuned
             res[f"{loader}_{attn}"] = (r.correct, round(r.perplexity, 4))
     return res
 
@@ -48,8 +48,7 @@ for seed in seeds:
         trained, _, _ = quality.plain_peft_loop(config)
         trained["model"].save_pretrained(str(adapter))
         final = trained["final_loss"]
-        r = evaluate(model=trained["model"], tokenizer=trained["tokenizer"], data=str(out_dir / "eval.jsonl"),
-                     include_base=False, batch_size=32, progress=False, bf16=True, device="cpu").tuned
+        r = evaluate(model=trained["model"], tokenizer=trained["tokenizer"], **SCORING).tuned
         inmem = (r.correct, round(r.perplexity, 4))
         del trained
     else:
