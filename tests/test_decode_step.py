@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.serve.decode_step import DecodeStep
+from lorakit.serve.decode_step import TABLE_SETS, DecodeStep
 from lorakit.serve.kv_cache import SlotCache
 from lorakit.weight_only import Int4Linear, Int8Linear, fuse_rows, quantize_for_decode
 
@@ -57,9 +57,10 @@ def prefilled(hf, prompts: list[list[int]], names, peft=None) -> SlotCache:
     return cache
 
 
-def both_ways(model, hf, names, prompts, steps=3):
-    """Logits of `steps` decode steps, by the fast step and by the model's forward, each from its own cache."""
-    fast_step = DecodeStep(hf)
+def both_ways(model, hf, names, prompts, steps=3, fast_step=None):
+    """Logits of `steps` decode steps, by the fast step (a new one unless given) and by the model's forward, each
+    from its own cache."""
+    fast_step = fast_step or DecodeStep(hf)
     peft = model if model is not hf else None
     caches = [prefilled(hf, prompts, names, peft) for _ in range(2)]
     positions = torch.tensor([len(p) for p in prompts])
@@ -102,6 +103,36 @@ def test_one_adapter_and_a_mixed_batch_equal_forward():
     # the adapters change the logits: the step did not drop them
     base_logits, _ = both_ways(model, hf, [None] * 4, PROMPTS)
     assert (fast[:, 0] - base_logits[:, 0]).abs().max() > 1e-2
+
+
+def test_a_step_stacks_the_adapters_its_batch_uses_once_many_are_resident():
+    hf = llama()
+    model = with_adapters(hf, {f"a{i}": dict(r=2 + i % 3, target_modules=["q_proj", "v_proj", "o_proj"])
+                               for i in range(10)})
+    step = DecodeStep(hf)
+    everyone = tuple(f"a{i}" for i in range(10))
+    # (batch's row adapters, the adapters the step stacks): every resident adapter while they are at most twice
+    # as many as the batch uses; else the batch's own, or a kept stack with them and at most as many others
+    for names, stacked in [(["a0", "a1", None, "a1"], ("a0", "a1")),
+                           (["a3", "a1", "a2", "a4", "a0"], everyone),
+                           (["a5", "a6", "a7"], ("a5", "a6", "a7")),
+                           (["a7", "a5", None], ("a5", "a6", "a7")),  # kept: 3 adapters for 2 used
+                           (["a8"], ("a8",)),
+                           (["a0", "a9"], ("a0", "a9"))]:
+        assert step.stacked_adapters(names) == stacked
+        fast, slow = both_ways(model, hf, names, (PROMPTS + [[22, 23, 24]])[:len(names)], fast_step=step)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert step.kept_stacks == [("a0", "a1"), everyone, ("a5", "a6", "a7"), ("a8",), ("a0", "a9")]
+    # stacks of several adapters: the TABLE_SETS used last (the least recently used dropped); of one: all
+    for i in range(1, 4):
+        both_ways(model, hf, [f"a{i}", f"a{i + 5}"], PROMPTS[:2], steps=1, fast_step=step)
+    several = [stack for stack in step.kept_stacks if len(stack) > 1]
+    assert several == [("a0", "a9"), ("a1", "a6"), ("a2", "a7"), ("a3", "a8")] and len(several) == TABLE_SETS
+    assert ("a8",) in step.kept_stacks
+    # few resident adapters: one stack of all of them serves every batch, as the adapters stay
+    few = DecodeStep(llama(seed=1))
+    with_adapters(few.hf, {n: dict(r=2, target_modules=["q_proj"]) for n in ("x", "y", "z")})
+    assert few.stacked_adapters(["x", "y"]) == few.stacked_adapters(["z", None, "y"]) == ("x", "y", "z")
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8", "int4+bf16"])

@@ -111,6 +111,27 @@ def test_mixed_batch_greedy_equals_offline_generate(setup, adapters):
     assert len({tuple(r[1]) for r in results}) == len(results)
 
 
+def test_a_batch_of_few_adapters_among_many_resident_equals_offline_generate(setup, tmp_path):
+    tok, base, _ = setup
+    names = [f"m{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        save_random_adapter(base, tmp_path / name, seed=10 + i, r=2 + 2 * (i % 3))
+    engine = Engine(copy.deepcopy(base), tok, EngineConfig(max_batch_size=8, max_model_len=256), base_name="tiny",
+                    adapter_dirs=[str(tmp_path)]).start()
+    try:
+        greedy = lambda: SamplingParams(max_tokens=12, temperature=0)
+        collect(submit_together(engine, [(tok(PROMPTS[0])["input_ids"], n) for n in names], greedy)[1])
+        jobs = [(tok(p)["input_ids"], a) for p, a in zip(PROMPTS, ["m1", "m4", None, "m4", "m1"])]
+        # six resident, two in the batch: the decode step stacks those two only
+        assert engine.call(lambda: engine.served.fast_step.stacked_adapters([a for _, a in jobs])).result(30) == \
+            ("m1", "m4")
+        results = collect(submit_together(engine, jobs, greedy)[1])
+    finally:
+        engine.stop()
+    for (prompt_ids, adapter), (_, ids, _) in zip(jobs, results):
+        assert ids == offline_ids(base, tok, prompt_ids, tmp_path / adapter if adapter else None, 12), adapter
+
+
 def test_continuous_batching_join_and_leave(setup):
     tok, base, root = setup
     engine = make_engine(setup, max_batch_size=3)

@@ -15,9 +15,13 @@ with the same weights, reading the model's modules directly:
 
 The LoRA update is lorakit.kernels' stacked form (`stack_lora`, `add_stacked_lora`): per group of projections
 that read the same input, three matmuls whatever adapters the rows use (or none), each adapter's weights read
-once per step. The stacks are built when the adapters change: a batch of one adapter uses that adapter's own,
-a batch of several the stack of every resident adapter this step covers (one set, so the memory stays twice
-the adapters').
+once per step. A step reads the weights of the adapters in its stack, so the stack follows the batch
+(`stacked_adapters`): a batch of one adapter uses that adapter's own; a batch of several the stack of every
+resident adapter while they are at most twice as many as the batch uses (built once, it serves every such
+batch), else a stack of the batch's adapters, or a kept stack holding them and at most as many others. With
+many adapters resident a step would otherwise read all of their weights for the few its rows use; stacking a
+new set costs about one step, paid when the batch's adapters change. Stacks of one adapter are kept until
+the adapters change (memory: the adapters' once more); of several, the TABLE_SETS used last.
 
 The fused base weights share storage with the model's: after fusing, each projection's weight is a view of
 its rows of the fused tensor (int4 packs rows in blocks of 64, so an int4 projection fuses only when its
@@ -41,6 +45,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 PROJECTIONS = ATTENTION + ("o_proj",) + MLP_IN + ("down_proj",)
+TABLE_SETS = 4  # stacks of several adapters kept at once (the least recently used is dropped)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -142,8 +147,29 @@ class DecodeStep:
                 adapted.setdefault(adapter, set()).add("modules_to_save")
         return False if merged else {a for a, where in adapted.items() if where <= set(PROJECTIONS)}
 
+    def stacked_adapters(self, names: Sequence[Optional[str]]) -> tuple:
+        """The adapters whose weights a step for rows with these adapters reads (see the module docstring)."""
+        if not self.supports(names):
+            raise ValueError(f"this decode step does not run adapters {sorted(set(names) - {None})} (DoRA, an adapted "
+                             "embedding or head, or merged adapters): use the model's forward (see supports()).")
+        present = tuple(sorted({n for n in names if n is not None}))
+        if len(present) <= 1:
+            return present
+        resident = tuple(sorted(self._plain))
+        if len(resident) <= 2 * len(present):
+            return resident
+        kept = [s for s in self._tables if len(s) <= 2 * len(present) and set(present) <= set(s)]
+        return min(kept, key=len) if kept else present
+
+    @property
+    def kept_stacks(self) -> list[tuple]:
+        """The adapter sets whose stacked tables are kept, least recently used first."""
+        return list(self._tables)
+
     def _tables_for(self, names: tuple) -> list:
-        if names not in self._tables:
+        if names in self._tables:
+            self._tables[names] = self._tables.pop(names)  # now the most recently used
+        else:
             tables, layouts = [], {}
             for layer in self._layers:
                 groups = [p.tables(names) for p in layer[:4]]
@@ -152,22 +178,20 @@ class DecodeStep:
                           for g in groups]
                 tables.append(tuple(groups))
             self._tables[names] = tables
+            several = [key for key in self._tables if len(key) > 1]
+            if len(several) > TABLE_SETS:
+                del self._tables[several[0]]
         return self._tables[names]
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, names: Sequence[Optional[str]], cache) -> torch.Tensor:
         """Logits [n, vocab] of the next token for rows feeding ids[i] at positions[i] with adapter names[i]; the
         rows' K/V go to `cache` (a SlotCache after begin_step(positions))."""
-        if not self.supports(names):
-            raise ValueError(f"this decode step does not run adapters {sorted(set(names) - {None})} (DoRA, an adapted "
-                             "embedding or head, or merged adapters): use the model's forward (see supports()).")
-        present = sorted({n for n in names if n is not None})
-        # one adapter: its own tables; several: the tables of every adapter that runs here (one set, built once)
-        table_names = tuple(present) if len(present) <= 1 else tuple(sorted(self._plain))
+        table_names = self.stacked_adapters(names)
         row_adapter = None
-        if len(present) > 1 or (present and None in names):
+        if len(table_names) > 1 or (table_names and None in names):
             index = {n: i for i, n in enumerate(table_names)}
             row_adapter = torch.tensor([index.get(n, -1) for n in names], device=ids.device)
-        tables = self._tables_for(table_names) if present else [(None,) * 4] * len(self._layers)
+        tables = self._tables_for(table_names) if table_names else [(None,) * 4] * len(self._layers)
         x = _base(self.inner.embed_tokens)(ids)  # [n, d]
         cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [n, 1, hd]
         n, kv_len = ids.shape[0], int(positions.max()) + 1
