@@ -2,8 +2,9 @@
 
     python benchmarks/serve.py [--clients 8] [--adapters 8] [--requests 32] [--max-tokens 32] [--runs 3]
 
-A real `lorakit serve` app (uvicorn on a loopback port, in this process) on the default base model, its weights at
-the server's default decode precision (`--decode-precision auto`; the JSON's setup says what it chose).
+A real `lorakit serve` app (uvicorn on a loopback port, in this process) on the default base model, on the server's
+default device (`--device auto`: the GPU if there is one), its weights at the server's default decode precision
+(`--decode-precision auto`; the JSON's setup says what it chose).
 N closed-loop clients send chat requests (prompts from the demo eval set) over HTTP; each request
 picks one of M adapters with Zipf popularity (p(k) ~ 1/k^s, like S-LoRA's workload); greedy decoding
 with a fixed output length (ignore_eos). Three scenarios, alternating, medians over --runs:
@@ -112,6 +113,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="auto",
                    help="the base's weights while decoding, as `lorakit serve --decode-precision` (default auto)")
+    p.add_argument("--device", default="auto", help="where the model runs, as `lorakit serve --device` (default auto)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -122,13 +124,14 @@ def main() -> None:
     if args.threads:  # from a thread that ends: the main thread keeps no OpenMP team (see on_short_lived_thread)
         on_short_lived_thread(torch.set_num_threads, args.threads)
 
-    from lorakit.models import load_base_model
+    from lorakit.models import load_base_model, resolve_device
     from lorakit.serve import ServerThread
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine, EngineConfig
     from lorakit.serve.metrics import ServerMetrics
     from lorakit.weight_only import prepare_for_decode
 
+    device = resolve_device(args.device)
     tmp = tempfile.TemporaryDirectory(prefix="lorakit-serve-bench-")
     if args.adapter_dir:
         adapter_dir = Path(args.adapter_dir)
@@ -144,7 +147,7 @@ def main() -> None:
 
     def load(given: list[str] | None) -> tuple[Engine, list[str]]:
         """As `lorakit serve` does: the PyTorch work before the engine starts runs on a thread of its own."""
-        base, tokenizer = load_base_model(args.base)
+        base, tokenizer = load_base_model(args.base, device=device)
         adapters = given if given is not None else make_random_adapters(base, args.adapters, adapter_dir, args.seed)
         precisions.append(prepare_for_decode(base, args.decode_precision))  # after the adapters: they see float32
         config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_adapters=len(adapters))
@@ -201,7 +204,7 @@ def main() -> None:
         "setup": {"base": args.base, "adapters": len(names), "adapter_source": args.adapter_dir or "random r=16 q,k,v,o",
                   "clients": args.clients, "requests_per_run": args.requests, "max_tokens": args.max_tokens,
                   "zipf_s": args.zipf, "max_batch_size": args.max_batch_size, "runs": args.runs,
-                  "decode_precision": precisions[0],
+                  "decode_precision": precisions[0], "device": str(device),
                   "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                   "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "median": summary,

@@ -170,6 +170,9 @@ def test_generate_and_chat_switch_between_adapter_and_base(trained, tiny_base, m
     assert main(["generate", "--base", tiny_base, "--max-new-tokens", "5", "What is the code for room 3?"]) == 0
     base_only = capsys.readouterr().out.strip()
     assert with_adapter != base_only
+    assert main(["generate", "--base", tiny_base, "--max-new-tokens", "5", "--device", "cpu",
+                 "What is the code for room 3?"]) == 0
+    assert capsys.readouterr().out.strip() == base_only
 
     lines = iter(["/adapters", "What is the code for room 3?", "word " * 600, "/base", "What is the code for room 3?",
                   "/adapter nope", "/adapter default", "/reset", "/quit"])
@@ -194,6 +197,8 @@ def test_errors_are_one_line_with_exit_status_2(tiny_base, tmp_path, capsys):
     assert "has no adapter_config.json" in capsys.readouterr().err
     assert main(["eval", "--base", tiny_base, "--adapter", str(tmp_path / "missing"), "--data", str(bad)]) == 2
     assert "not a directory" in capsys.readouterr().err
+    assert main(["generate", "--base", tiny_base, "--device", "gpu0", "hi"]) == 2
+    assert "lorakit generate: error: unknown device 'gpu0': use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bf16_speedup", [1.7, 0.15])  # a CPU with bf16 units; an AVX2-only one

@@ -263,3 +263,30 @@ def test_serving_engine_mixed_batch_equals_offline_generation(tmp_path):
                                  do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert ids == out[0, prompt.shape[1]:].tolist(), adapter
     assert len({tuple(ids) for ids in served[:3]}) == 3  # adapters a, b and the base answer differently
+
+
+def test_lorakit_serve_device_serves_from_the_gpu(tiny_base, tmp_path):
+    import argparse
+
+    import httpx
+
+    from lorakit.models import load_base_model
+    from lorakit.serve import ServerThread, add_serve_arguments, build_server
+    from test_serve_helpers import save_random_adapter
+
+    base, _ = load_base_model(tiny_base)
+    save_random_adapter(base, tmp_path / "a", seed=1)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--base", tiny_base, "--adapter", f"a={tmp_path / 'a'}", "--max-model-len", "128",
+                              "--device", str(DEVICE)])
+    server = ServerThread(build_server(args)).start()
+    try:
+        engine = server.app.state.engine
+        assert {p.device.type for p in engine.model.parameters()} == {DEVICE.type}
+        for model in ("a", tiny_base):
+            reply = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "What does code 3 mean?",
+                                                                   "max_tokens": 4, "temperature": 0}, timeout=60)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4, reply.text
+    finally:
+        server.stop()

@@ -9,8 +9,10 @@ import threading
 
 import httpx
 import pytest
+import torch
 from tiny_models import tiny_train_config, write_code_pairs
 
+from lorakit.models import ModelLoadError
 from lorakit.quant import NF4Linear
 from lorakit.serve import ServerThread, add_serve_arguments, build_server
 from lorakit.train import train
@@ -77,6 +79,20 @@ def test_a_plain_adapter_alone_gets_the_full_precision_base(tiny_base, adapters,
         assert server.app.state.engine.served.base_quantization is None and ask(server, "p").status_code == 200
     finally:
         server.stop()
+
+
+def test_device_says_where_the_model_runs_and_a_missing_gpu_is_named(tiny_base, adapters):
+    server = serve(tiny_base, adapters, "--device", "cpu")
+    try:
+        assert {p.device.type for p in server.app.state.engine.model.parameters()} == {"cpu"}
+        assert ask(server, "q").status_code == 200
+    finally:
+        server.stop()
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu0': use auto, cpu, cuda or cuda:N"):
+        serve(tiny_base, adapters, "--device", "gpu0")
+    if not torch.cuda.is_available():  # tests/test_cuda.py serves on the GPU where there is one
+        with pytest.raises(ModelLoadError, match="sees no CUDA GPU; use --device cpu"):
+            serve(tiny_base, adapters, "--device", "cuda")
 
 
 def test_on_short_lived_thread_returns_the_result_and_raises_the_error_of_a_thread_that_has_ended():

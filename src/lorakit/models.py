@@ -138,6 +138,9 @@ def load_tokenizer(name_or_path: str = DEFAULT_BASE):
     return tokenizer
 
 
+DEVICE_HELP = "auto (default: the GPU if there is one), cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" is the first CUDA GPU when there is one, else the CPU; anything else is checked and kept."""
     if str(device) == "auto":

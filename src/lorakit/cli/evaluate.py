@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from lorakit.cli.options import CliError, check_output_file, merge_options, positive_int, read_config_options
-from lorakit.models import DEFAULT_BASE
+from lorakit.models import DEFAULT_BASE, DEVICE_HELP
 
 EVAL_FIELDS = ("base", "adapter", "data", "query_field", "response_field", "system_prompt", "batch_size",
                "max_new_tokens", "exact_match", "include_base", "limit", "json_out", "bf16", "quantize", "device",
@@ -38,7 +38,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast for generation and perplexity")
     p.add_argument("--quantize", choices=["nf4"], default=S,
                    help="score on the NF4-rounded base (default: what the adapter was trained on)")
-    p.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--device", default=S, help=DEVICE_HELP)
 
 
 def eval_options_from_args(args: argparse.Namespace) -> dict[str, Any]:

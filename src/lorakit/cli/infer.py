@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from lorakit.cli.options import CliError, positive_int
-from lorakit.models import DEFAULT_BASE
+from lorakit.models import DEFAULT_BASE, DEVICE_HELP
 from lorakit.precision import DTYPES
 from lorakit.weight_only import DECODE_PRECISION_HELP, DECODE_PRECISIONS
 
@@ -25,6 +25,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype of the base weights, as `lorakit serve --dtype` (default %(default)s)")
+    p.add_argument("--device", default="auto", help=f"where the model runs, as `lorakit serve --device`: {DEVICE_HELP}")
     p.add_argument("--decode-precision", dest="decode_precision", choices=DECODE_PRECISIONS, default="auto",
                    help=DECODE_PRECISION_HELP)
 
@@ -37,14 +38,15 @@ def _start_engine(args: argparse.Namespace, base: str, adapters: dict[str, str],
     import torch
 
     from lorakit.generation import encode_prompt
-    from lorakit.models import load_base_for_adapters
+    from lorakit.models import load_base_for_adapters, resolve_device
     from lorakit.serve.engine import Engine, EngineConfig
     from lorakit.serve.server import on_short_lived_thread
     from lorakit.weight_only import prepare_for_decode
 
     def build():  # on a thread that ends: the engine's is the only OpenMP team
         model, tokenizer, quantization = load_base_for_adapters(base, list(adapters.values()),
-                                                                dtype=getattr(torch, args.dtype))
+                                                                dtype=getattr(torch, args.dtype),
+                                                                device=resolve_device(args.device))
         prepare_for_decode(model, args.decode_precision)
         limit = getattr(model.config, "max_position_embeddings", None)  # None: the model does not say
         prompt_ids, kwargs = None, {}

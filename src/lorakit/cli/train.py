@@ -7,7 +7,7 @@ import dataclasses
 
 from lorakit.cli.options import (CliError, comma_list, fraction, merge_options, non_negative_float, non_negative_int,
                                  positive_float, positive_int, read_config_options)
-from lorakit.models import DEFAULT_BASE
+from lorakit.models import DEFAULT_BASE, DEVICE_HELP
 
 # Flags that set the adapter (TrainConfig.lora) and the LoraConfig field each one sets.
 LORA_FLAGS = {"r": "r", "alpha": "lora_alpha", "targets": "target_modules", "dropout": "lora_dropout",
@@ -99,7 +99,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help=f"with --group-by-length: lengths within this share of each other count as equal, so their "
                         f"rows mix (default {run.length_tolerance}; 0: sort by exact length)")
     g.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast")
-    g.add_argument("--device", default=S, help="auto (default: the GPU if there is one), cpu, cuda or cuda:N")
+    g.add_argument("--device", default=S, help=DEVICE_HELP)
     g.add_argument("--attention", choices=["eager", "sdpa"], default=S,
                    help="attention kernel (default: transformers' choice, sdpa); eager is faster for short rows on CPU")
     g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=S,

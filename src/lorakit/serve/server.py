@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Callable, Optional, TypeVar
 
+from lorakit.models import DEVICE_HELP
 from lorakit.precision import DTYPES
 from lorakit.weight_only import DECODE_PRECISION_HELP, DECODE_PRECISIONS
 
@@ -44,6 +45,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "chat template's system prompt (0 disables; default 4096)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype of the base weights (default %(default)s)")
+    parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICE_HELP}")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                         help="the base's weights: 'auto' (default) serves the base the --adapter adapters were trained "
                              "on (NF4-rounded for QLoRA adapters) and refuses adapters trained on another; 'nf4' "
@@ -97,7 +99,7 @@ def _build_server(args: argparse.Namespace):
     import torch
 
     from lorakit.adapter_folder import checked_adapter_specs
-    from lorakit.models import QUANTIZE_AUTO, load_base_for_adapters
+    from lorakit.models import QUANTIZE_AUTO, load_base_for_adapters, resolve_device
     from lorakit.weight_only import prepare_for_decode
 
     from .app import create_app
@@ -107,7 +109,8 @@ def _build_server(args: argparse.Namespace):
     adapters = dict(checked_adapter_specs(args.adapter))
     quantize = {"auto": QUANTIZE_AUTO, "none": None}.get(args.quantize, args.quantize)
     model, tokenizer, quantization = load_base_for_adapters(args.base, list(adapters.values()),
-                                                            dtype=getattr(torch, args.dtype), quantize=quantize,
+                                                            dtype=getattr(torch, args.dtype),
+                                                            device=resolve_device(args.device), quantize=quantize,
                                                             keep_4bit=args.quantize == "nf4")
     precision = prepare_for_decode(model, args.decode_precision)
     logging.getLogger("lorakit.serve").info("decode precision: %s", precision)
