@@ -32,22 +32,15 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def _start_engine(args: argparse.Namespace, base: str, adapters: dict[str, str], messages: Optional[list] = None):
     """(engine, tokenizer, prompt ids) of the engine `lorakit serve` runs, for one user: the base these adapters need
-    at --dtype and --decode-precision, every adapter resident. With `messages` (generate: one answer) the context is
-    sized to that answer and the prompt's ids come back; without (chat) it is the model's whole context, with a prefix
-    cache so that each turn reuses the conversation's keys and values."""
-    import torch
-
+    at --dtype, --device and --decode-precision (load_engine_model), every adapter resident. With `messages`
+    (generate: one answer) the context is sized to that answer and the prompt's ids come back; without (chat) it is
+    the model's whole context, with a prefix cache so that each turn reuses the conversation's keys and values."""
     from lorakit.generation import encode_prompt
-    from lorakit.models import load_base_for_adapters, resolve_device
     from lorakit.serve.engine import Engine, EngineConfig
-    from lorakit.serve.server import on_short_lived_thread
-    from lorakit.weight_only import prepare_for_decode
+    from lorakit.serve.server import load_engine_model, on_short_lived_thread
 
     def build():  # on a thread that ends: the engine's is the only OpenMP team
-        model, tokenizer, quantization = load_base_for_adapters(base, list(adapters.values()),
-                                                                dtype=getattr(torch, args.dtype),
-                                                                device=resolve_device(args.device))
-        prepare_for_decode(model, args.decode_precision)
+        model, tokenizer, quantization, _ = load_engine_model(args, base, list(adapters.values()))
         limit = getattr(model.config, "max_position_embeddings", None)  # None: the model does not say
         prompt_ids, kwargs = None, {}
         if messages is None:  # chat: the model's whole context

@@ -95,12 +95,23 @@ def build_server(args: argparse.Namespace):
     return on_short_lived_thread(_build_server, args)
 
 
-def _build_server(args: argparse.Namespace):
+def load_engine_model(args: argparse.Namespace, base: str, adapter_paths: list[str], **quantize_options):
+    """The model the engine decodes with, from the options serve, generate and chat share: the base these adapters
+    were trained on (models.load_base_for_adapters; `quantize_options` go to it) at --dtype on --device, its
+    weights prepared for --decode-precision. Returns (model, tokenizer, base quantization, decode precision)."""
     import torch
 
-    from lorakit.adapter_folder import checked_adapter_specs
-    from lorakit.models import QUANTIZE_AUTO, load_base_for_adapters, resolve_device
+    from lorakit.models import load_base_for_adapters, resolve_device
     from lorakit.weight_only import prepare_for_decode
+
+    model, tokenizer, quantization = load_base_for_adapters(base, adapter_paths, dtype=getattr(torch, args.dtype),
+                                                            device=resolve_device(args.device), **quantize_options)
+    return model, tokenizer, quantization, prepare_for_decode(model, args.decode_precision)
+
+
+def _build_server(args: argparse.Namespace):
+    from lorakit.adapter_folder import checked_adapter_specs
+    from lorakit.models import QUANTIZE_AUTO
 
     from .app import create_app
     from .engine import Engine, EngineConfig
@@ -108,11 +119,8 @@ def _build_server(args: argparse.Namespace):
 
     adapters = dict(checked_adapter_specs(args.adapter))
     quantize = {"auto": QUANTIZE_AUTO, "none": None}.get(args.quantize, args.quantize)
-    model, tokenizer, quantization = load_base_for_adapters(args.base, list(adapters.values()),
-                                                            dtype=getattr(torch, args.dtype),
-                                                            device=resolve_device(args.device), quantize=quantize,
-                                                            keep_4bit=args.quantize == "nf4")
-    precision = prepare_for_decode(model, args.decode_precision)
+    model, tokenizer, quantization, precision = load_engine_model(args, args.base, list(adapters.values()),
+                                                                  quantize=quantize, keep_4bit=args.quantize == "nf4")
     logging.getLogger("lorakit.serve").info("decode precision: %s", precision)
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     max_len = args.max_model_len or min(2048, limit)
