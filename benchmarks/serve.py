@@ -17,6 +17,10 @@ with a fixed output length (ignore_eos). Three scenarios, alternating, medians o
 Adapters: --adapter-dir with trained adapters, else M random ones (r=16 on q,k,v,o, init_lora_weights=False)
 saved to a temp dir. Prints JSON: throughput (generated tokens/s), p50/p95 request latency, mean decode
 batch size, and the ratios the goals are stated in.
+
+On a machine the weights cannot reach (a lent GPU): `--base DIR --random-weights`, DIR holding the base's
+config.json and tokenizer files alone (3.5 MB for SmolLM2: the cached conversion without model.safetensors).
+Every request decodes its fixed length either way, so the work per token is the same; the text is not.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ import time
 from pathlib import Path
 
 import torch
+
+# benchmarks/ is the script's directory
+from train_step import add_random_weights_option, random_base  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "src" / "lorakit" / "demo_data" / "eval.jsonl"
@@ -99,7 +106,7 @@ async def run_load(url: str, jobs: list[tuple[str, str]], clients: int, max_toke
             "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     from lorakit.weight_only import DECODE_PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,20 +118,24 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="fixed output length per request")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s of adapter popularity")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=1024, help="as `lorakit serve --max-model-len`")
     p.add_argument("--decode-precision", choices=DECODE_PRECISIONS, default="auto",
                    help="the base's weights while decoding, as `lorakit serve --decode-precision` (default auto)")
     p.add_argument("--device", default="auto", help="where the model runs, as `lorakit serve --device` (default auto)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the base's dtype as loaded, as `lorakit serve --dtype` (default float32)")
+    add_random_weights_option(p)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from lorakit.serve.server import on_short_lived_thread
 
     if args.threads:  # from a thread that ends: the main thread keeps no OpenMP team (see on_short_lived_thread)
         on_short_lived_thread(torch.set_num_threads, args.threads)
 
-    from lorakit.models import load_base_model, resolve_device
+    from lorakit.models import load_base_model, load_tokenizer, resolve_device
     from lorakit.serve import ServerThread
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine, EngineConfig
@@ -147,10 +158,15 @@ def main() -> None:
 
     def load(given: list[str] | None) -> tuple[Engine, list[str]]:
         """As `lorakit serve` does: the PyTorch work before the engine starts runs on a thread of its own."""
-        base, tokenizer = load_base_model(args.base, device=device)
+        dtype = getattr(torch, args.dtype)
+        if args.random_weights:
+            base, tokenizer = random_base(args.base, dtype, device), load_tokenizer(args.base)
+        else:
+            base, tokenizer = load_base_model(args.base, dtype=dtype, device=device)
         adapters = given if given is not None else make_random_adapters(base, args.adapters, adapter_dir, args.seed)
         precisions.append(prepare_for_decode(base, args.decode_precision))  # after the adapters: they see float32
-        config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_adapters=len(adapters))
+        config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                              max_adapters=len(adapters))
         return Engine(base, tokenizer, config, base_name=args.base, adapter_dirs=[str(adapter_dir)],
                       metrics=metrics), adapters
 
@@ -201,7 +217,8 @@ def main() -> None:
                                                          "mean_batch_size", "decode_ms_per_step")} for s in scenarios}
     report = {
         "benchmark": "serve",
-        "setup": {"base": args.base, "adapters": len(names), "adapter_source": args.adapter_dir or "random r=16 q,k,v,o",
+        "setup": {"base": args.base, "random_weights": args.random_weights, "dtype": args.dtype,
+                  "adapters": len(names), "adapter_source": args.adapter_dir or "random r=16 q,k,v,o",
                   "clients": args.clients, "requests_per_run": args.requests, "max_tokens": args.max_tokens,
                   "zipf_s": args.zipf, "max_batch_size": args.max_batch_size, "runs": args.runs,
                   "decode_precision": precisions[0], "device": str(device),
@@ -229,6 +246,7 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    return report
 
 
 if __name__ == "__main__":

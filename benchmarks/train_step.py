@@ -88,21 +88,26 @@ def emit(result: dict, out: str | None) -> None:
 
 def add_random_weights_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true",
-                        help="the --model's architecture (its config.json alone) with random weights: for a machine "
-                             "the weights cannot reach. Timings and memory are the same; loss values are not")
+                        help="the base's architecture (its config.json alone) with random weights: for a machine "
+                             "the weights cannot reach. Timings and memory are the same; losses and answers are not")
+
+
+def random_base(name_or_path: str, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The architecture of `name_or_path` from its config.json, with random weights (seed 0), built on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.models import resolve_base
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(resolve_base(name_or_path))
+    with torch.device(device):  # initialised where it runs: fast on a GPU
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def load_base(args):
     dtype = getattr(torch, args.dtype)
     if args.random_weights and args.model != "tiny":
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from lorakit.models import resolve_base
-
-        torch.manual_seed(0)
-        config = AutoConfig.from_pretrained(resolve_base(args.model))
-        with torch.device(args.device):  # initialised where it runs: fast on a GPU
-            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        return random_base(args.model, dtype, args.device)
     if args.model == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
 

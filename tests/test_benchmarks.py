@@ -12,6 +12,7 @@ from tiny_models import single_thread
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import inference  # noqa: E402
+import serve  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -60,6 +61,42 @@ def test_inference_benchmark_checks_outputs_and_times_the_ablation():
     assert checks["max_abs_logit_diff_adapter_vs_base"] > 1e-3  # the adapter changes the output
     assert checks["same_greedy_tokens_lorakit_peft"] and checks["same_greedy_tokens_wrapper_only_base"]
     assert checks["merged_model_type"] == "LlamaForCausalLM"
+
+
+def config_only(base: str, folder: Path) -> str:
+    """A copy of the model directory `base` without its weights: what travels to a lent GPU."""
+    folder.mkdir()
+    for file in Path(base).iterdir():
+        if not file.name.endswith(".safetensors"):
+            (folder / file.name).write_bytes(file.read_bytes())
+    return str(folder)
+
+
+def test_random_base_builds_the_architecture_from_the_config_alone(tiny_base, tmp_path):
+    from lorakit.models import load_base_model
+
+    real, _ = load_base_model(tiny_base)
+    random = train_step.random_base(config_only(tiny_base, tmp_path / "config"), torch.bfloat16, "cpu")
+    assert {name: (tuple(p.shape), torch.bfloat16) for name, p in real.named_parameters()} \
+        == {name: (tuple(p.shape), p.dtype) for name, p in random.named_parameters()}
+    again = train_step.random_base(tiny_base, torch.bfloat16, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(random.parameters(), again.parameters()))  # seeded
+
+
+def test_serve_benchmark_runs_every_scenario_on_a_config_alone(tiny_base, tmp_path):
+    """What a lent GPU runs (there with --device cuda)."""
+    result = serve.main(["--base", config_only(tiny_base, tmp_path / "config"), "--random-weights", "--runs", "1",
+                         "--requests", "6", "--max-tokens", "3", "--adapters", "3", "--clients", "3",
+                         "--max-model-len", "256", "--device", "cpu", "--out", str(tmp_path / "serve.json")])
+    assert json.loads((tmp_path / "serve.json").read_text())["ratios"] == result["ratios"]
+    assert result["setup"]["random_weights"] and result["setup"]["adapters"] == 3
+    for scenario in ("mixed", "per_adapter", "single"):
+        run = result["runs"][scenario][0]
+        assert run["tokens"] == 6 * 3  # every request decoded its fixed length
+        assert 1 <= run["mean_batch_size"] <= 3
+    assert result["runs"]["single"][0]["distinct_adapters"] == 1
+    assert result["runs"]["mixed"][0]["distinct_adapters"] == result["runs"]["per_adapter"][0]["distinct_adapters"]
+    assert result["ratios"]["mixed_vs_per_adapter_throughput"] > 0
 
 
 import quality  # noqa: E402

@@ -95,6 +95,26 @@ def test_device_says_where_the_model_runs_and_a_missing_gpu_is_named(tiny_base, 
             serve(tiny_base, adapters, "--device", "cuda")
 
 
+@pytest.mark.parametrize("speedup", [0.2, 1.7])  # an AVX2-only CPU; one with bf16 units
+def test_bf16_weights_on_a_cpu_without_bf16_units_warn_with_the_option_that_avoids_them(tiny_base, monkeypatch, capsys,
+                                                                                       speedup):
+    from lorakit.serve.server import load_engine_model
+
+    monkeypatch.setattr("lorakit.precision.bf16_matmul_speedup", lambda device: speedup)
+    warning = "lorakit: warning: bf16 matmuls run 5.0x slower than float32 ones on this CPU"
+    for dtype, precision, instead in (("bfloat16", "auto", "with --dtype float32"), ("float32", "auto", None),
+                                      ("float32", "int4+bf16", "with --decode-precision int4"),
+                                      ("bfloat16", "int8", None)):
+        args = argparse.Namespace(dtype=dtype, device="cpu", decode_precision=precision)
+        model, _, _, chosen = load_engine_model(args, tiny_base, [])
+        assert chosen == ("fp32" if precision == "auto" else precision)
+        assert model.dtype == getattr(torch, dtype)
+        err = capsys.readouterr().err
+        expected = f"{warning} (it has no bf16 units, such as AVX512-BF16 or AMX): {instead} this will be faster"
+        assert (expected in err) is (instead is not None and speedup < 1), (dtype, precision, err)
+        assert (warning in err) is (expected in err)
+
+
 def test_on_short_lived_thread_returns_the_result_and_raises_the_error_of_a_thread_that_has_ended():
     from lorakit.serve.server import on_short_lived_thread
 

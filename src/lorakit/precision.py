@@ -41,15 +41,16 @@ def _cpu_bf16_speedup() -> float:
     return timings[torch.float32] / timings[torch.bfloat16]
 
 
-def slow_bf16_warning(device: torch.device) -> str | None:
-    """A warning to print when bf16 was asked for on a CPU where it runs slower than float32, else None."""
+def slow_bf16_warning(device: torch.device, instead: str = "without --bf16") -> str | None:
+    """A warning to print when bf16 was asked for on a CPU where it runs slower than float32, else None;
+    `instead` names the options that avoid it."""
     if device.type != "cpu":
         return None
     speedup = bf16_matmul_speedup(device)
     if speedup >= 1:
         return None
     return (f"lorakit: warning: bf16 matmuls run {1 / speedup:.1f}x slower than float32 ones on this CPU (it has no "
-            "bf16 units, such as AVX512-BF16 or AMX): without --bf16 this will be faster")
+            f"bf16 units, such as AVX512-BF16 or AMX): {instead} this will be faster")
 
 
 def autocast(bf16: bool, device_type: str = "cpu"):

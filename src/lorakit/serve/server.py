@@ -13,7 +13,7 @@ import time
 from typing import Callable, Optional, TypeVar
 
 from lorakit.models import DEVICE_HELP
-from lorakit.precision import DTYPES
+from lorakit.precision import DTYPES, slow_bf16_warning
 from lorakit.weight_only import DECODE_PRECISION_HELP, DECODE_PRECISIONS
 
 QUANTIZE_CHOICES = ("auto", "nf4", "none")
@@ -104,9 +104,21 @@ def load_engine_model(args: argparse.Namespace, base: str, adapter_paths: list[s
     from lorakit.models import load_base_for_adapters, resolve_device
     from lorakit.weight_only import prepare_for_decode
 
+    device = resolve_device(args.device)
     model, tokenizer, quantization = load_base_for_adapters(base, adapter_paths, dtype=getattr(torch, args.dtype),
-                                                            device=resolve_device(args.device), **quantize_options)
-    return model, tokenizer, quantization, prepare_for_decode(model, args.decode_precision)
+                                                            device=device, **quantize_options)
+    precision = prepare_for_decode(model, args.decode_precision)
+    # Matmuls in bf16: every one when bf16 weights are kept as loaded ("fp32": no quantization); with int4+bf16,
+    # those of batches and prompts.
+    if precision == "int4+bf16":
+        warning = slow_bf16_warning(device, "with --decode-precision int4")
+    elif precision == "fp32" and args.dtype == "bfloat16":
+        warning = slow_bf16_warning(device, "with --dtype float32")
+    else:
+        warning = None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return model, tokenizer, quantization, precision
 
 
 def _build_server(args: argparse.Namespace):
