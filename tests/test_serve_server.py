@@ -100,11 +100,12 @@ def test_bf16_weights_on_a_cpu_without_bf16_units_warn_with_the_option_that_avoi
                                                                                        speedup):
     from lorakit.serve.server import load_engine_model
 
-    monkeypatch.setattr("lorakit.precision.bf16_matmul_speedup", lambda device: speedup)
+    for module in ("precision", "weight_only"):
+        monkeypatch.setattr(f"lorakit.{module}.bf16_matmul_speedup", lambda device: speedup)
     warning = "lorakit: warning: bf16 matmuls run 5.0x slower than float32 ones on this CPU"
     for dtype, precision, instead in (("bfloat16", "auto", "with --dtype float32"), ("float32", "auto", None),
-                                      ("float32", "int4+bf16", "with --decode-precision int4"),
-                                      ("bfloat16", "int8", None)):
+                                      ("bfloat16", "fp32", "with --dtype float32"), ("bfloat16", "int8", None),
+                                      ("float32", "int4+bf16", None)):  # its copy is multiplied in float32 there
         args = argparse.Namespace(dtype=dtype, device="cpu", decode_precision=precision)
         model, _, _, chosen = load_engine_model(args, tiny_base, [])
         assert chosen == ("fp32" if precision == "auto" else precision)

@@ -11,8 +11,9 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit import weight_only
-from lorakit.weight_only import (BATCH_ROWS, GROUP_SIZE, HEAD_BATCH_ROWS, Int4Linear, Int8Linear, decode_precision,
-                                 fuse_rows, prepare_for_decode, quantize_for_decode, reproduces_in_int4)
+from lorakit.weight_only import (BATCH_ROWS, FLOAT32_BATCH_ROWS, GROUP_SIZE, HEAD_BATCH_ROWS, Int4Linear,
+                                 Int8Linear, decode_precision, fuse_rows, prepare_for_decode, quantize_for_decode,
+                                 reproduces_in_int4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,18 +82,20 @@ def four_bit_llama():
     return model
 
 
-def test_auto_picks_int4_for_a_four_bit_base_and_keeps_the_head_int8(monkeypatch):
+def test_int4_keeps_the_head_int8_and_auto_picks_int4_with_a_bf16_copy_for_a_four_bit_base(monkeypatch):
     model = four_bit_llama()
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    monkeypatch.setattr(weight_only, "bf16_matmul_speedup", lambda device: 0.3)  # a CPU without bf16 units
-    assert prepare_for_decode(model, "auto") == "int4"
+    assert prepare_for_decode(model, "int4") == "int4"
     assert all(m.batch_weight is None for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear)))
     assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14 and isinstance(model.lm_head, Int8Linear)
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert (after - before).abs().max() < 0.02 * before.abs().max()
+    for speedup in (0.3, 1.8):  # a CPU without bf16 units, one with them: int4 with a bf16 copy either way
+        monkeypatch.setattr(weight_only, "bf16_matmul_speedup", lambda device: speedup)
+        assert decode_precision("auto", torch.device("cpu"), four_bit_llama()) == "int4+bf16"
     # A model with ordinary weights keeps them.
     assert decode_precision("auto", torch.device("cpu"), tiny_llama()) == "fp32"
 
@@ -121,6 +124,28 @@ def test_int4_with_a_bf16_copy_multiplies_batches_by_the_same_weights():
     assert parts[1].batch_weight.data_ptr() == fused.batch_weight[64:].data_ptr()
     x = torch.randn(BATCH_ROWS, 128)
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_without_bf16_units_the_copy_is_multiplied_in_float32_for_prompts_and_the_head_keeps_none(monkeypatch):
+    model = four_bit_llama()
+    ids = torch.arange(3, 3 + FLOAT32_BATCH_ROWS)[None]  # a prompt just long enough for the copy
+    int4, bf16_units = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_for_decode(int4, "int4")
+    monkeypatch.setattr(weight_only, "bf16_matmul_speedup", lambda device: 1.8)
+    quantize_for_decode(bf16_units, "int4+bf16")
+    monkeypatch.setattr(weight_only, "bf16_matmul_speedup", lambda device: 0.3)  # an AVX2-only CPU
+    assert prepare_for_decode(model, "auto") == "int4+bf16"
+    body = [m for name, m in model.named_modules() if isinstance(m, (Int4Linear, Int8Linear)) and name != "lm_head"]
+    assert len(body) == 14 and all(m.batch_in_float32 and m.batch_rows == FLOAT32_BATCH_ROWS for m in body)
+    assert model.lm_head.batch_weight is None and "multiplied in float32" in repr(body[0])
+    # The same bf16 values as the copy multiplied in bf16: a layer's rows equal the widened product exactly.
+    layer, x = body[0], torch.randn(FLOAT32_BATCH_ROWS, body[0].in_features)
+    assert torch.equal(layer(x), x.bfloat16().float() @ layer.batch_weight.float().T)
+    assert torch.equal(layer(x[:-1]), int4.get_submodule("model.layers.0.self_attn.q_proj")(x[:-1]))
+    with torch.no_grad():
+        logits, packed, bf16 = (m(input_ids=ids).logits for m in (model, int4, bf16_units))
+    assert (logits - packed).abs().max() < 0.01 * packed.abs().max()
+    assert (logits - bf16).abs().max() < 0.01 * packed.abs().max()
 
 
 def test_auto_keeps_a_bf16_copy_where_bf16_matmuls_are_fast(monkeypatch):

@@ -24,9 +24,11 @@ every few rows, so their cost grows with the rows; a bfloat16 matmul on a CPU wi
 reads each weight once for a whole batch. One row (a single user's decode) reads the fewer int4 bytes; a batch of
 users, and a prompt, the bf16 copy. Both hold the same weights: `dequantize()` in bfloat16, for int4 the very
 values the packed matmul multiplies by, for the int8 head its int8 values times their scale rounded to bfloat16.
+A CPU without fast bf16 matmuls (AVX2 only: precision.bf16_matmul_speedup) multiplies the copy in float32 instead,
+widened for each call (exact: the same values), from FLOAT32_BATCH_ROWS rows on: a prompt; the head keeps no copy
+there (widening all of it would cost more than its int8 matmul saves).
 
-`decode_precision("auto", device, model)` picks int4 on a CPU where it reproduces the weights, int4+bf16 there
-when bfloat16 matmuls run faster than float32 ones (precision.bf16_matmul_speedup), else fp32.
+`decode_precision("auto", device, model)` picks int4+bf16 on a CPU where int4 reproduces the weights, else fp32.
 """
 
 from __future__ import annotations
@@ -46,18 +48,21 @@ INT4_ROW_BLOCK = 64  # PyTorch's CPU int4 layout packs output rows in blocks of 
 # cheaper to read than bf16 as the int4 body is) from fewer (benchmarks/README.md: int4 with a bf16 copy)
 BATCH_ROWS = 16
 HEAD_BATCH_ROWS = 8
+# Without fast bf16 matmuls: from this many rows on, the copy widened to float32 beats the packed kernels
+# (benchmarks/README.md: "int4+bf16 without bf16 units")
+FLOAT32_BATCH_ROWS = 32
 
-__all__ = ["BATCH_ROWS", "DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "GROUP_SIZE", "HEAD_BATCH_ROWS", "Int8Linear",
-           "Int4Linear", "fuse_rows", "quantize_for_decode", "decode_precision", "prepare_for_decode",
-           "reproduces_in_int4"]
+__all__ = ["BATCH_ROWS", "DECODE_PRECISIONS", "DECODE_PRECISION_HELP", "FLOAT32_BATCH_ROWS", "GROUP_SIZE",
+           "HEAD_BATCH_ROWS", "Int8Linear", "Int4Linear", "fuse_rows", "quantize_for_decode", "decode_precision",
+           "prepare_for_decode", "reproduces_in_int4"]
 
 DECODE_PRECISION_HELP = ("the base weights' precision while generating: 'int4' (groups of 32, like a Q4_1 GGUF) "
                          "or 'int8' (per output feature): fewer bytes to read per token, answers may differ slightly "
                          "from float32's; 'int4+bf16': int4 for one row at a time, plus a bfloat16 copy of the same "
-                         "weights for batches of users and for prompts (more memory, faster batches on a CPU with "
-                         "bf16 units); 'fp32': the weights as loaded; 'auto' (default): on a CPU int4 where it "
-                         "reproduces the weights (a base converted from a 4-bit GGUF, like the embedded SmolLM2), "
-                         "int4+bf16 there when bf16 matmuls are fast, else fp32")
+                         "weights for prompts and batches of users (more memory, faster prompts; on a CPU without "
+                         "bf16 units multiplied in float32, for prompts); 'fp32': the weights as loaded; 'auto' "
+                         "(default): on a CPU int4+bf16 where int4 reproduces the weights (a base converted from a "
+                         "4-bit GGUF, like the embedded SmolLM2), else fp32")
 
 
 class _PackedLinear(nn.Module):
@@ -74,6 +79,7 @@ class _PackedLinear(nn.Module):
         # not saved with the model
         self.register_buffer("batch_weight", None, persistent=False)
         self.batch_rows = BATCH_ROWS
+        self.batch_in_float32 = False  # multiply by the copy widened to float32 (a CPU without bf16 units)
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -81,22 +87,27 @@ class _PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def keep_bf16_copy(self, from_rows: int = BATCH_ROWS) -> None:
-        """Keep the weights in bfloat16 too, for batches of `from_rows` rows or more (int4+bf16)."""
+    def keep_bf16_copy(self, from_rows: int = BATCH_ROWS, in_float32: bool = False) -> None:
+        """Keep the weights in bfloat16 too, for batches of `from_rows` rows or more (int4+bf16), multiplied in
+        float32 when `in_float32`."""
         self.batch_weight = self.dequantize().to(torch.bfloat16)
-        self.batch_rows = from_rows
+        self.batch_rows, self.batch_in_float32 = from_rows, in_float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
         if self.batch_weight is not None and rows.shape[0] >= self.batch_rows:
-            out = rows @ self.batch_weight.T  # [tokens, out]
+            if self.batch_in_float32:  # the same bf16 values, widened: float32 matmuls are the fast ones here
+                out = rows.float() @ self.batch_weight.float().T  # [tokens, out]
+            else:
+                out = rows @ self.batch_weight.T
         else:
             out = self._matmul(rows)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        copy = ", bfloat16 copy for batches" if self.batch_weight is not None else ""
+        copy = "" if self.batch_weight is None else ", bfloat16 copy for batches" \
+            + (" (multiplied in float32)" if self.batch_in_float32 else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"weights={self.weights_note}{copy}"
 
@@ -193,6 +204,7 @@ def fuse_rows(parts: Sequence[nn.Module]) -> Optional[nn.Module]:
         return None
     if all(p.batch_weight is not None for p in parts):
         fused.batch_weight, fused.batch_rows = torch.cat([p.batch_weight for p in parts]), parts[0].batch_rows
+        fused.batch_in_float32 = parts[0].batch_in_float32
         _share_rows(parts, fused.batch_weight, lambda p, rows: setattr(p, "batch_weight", rows))
     return fused
 
@@ -234,8 +246,9 @@ def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
     """Replace (in place) every float nn.Linear of `model` that is not part of an adapter by an Int8Linear, or for
     "int4" by an Int4Linear where its shape allows (an Int8Linear elsewhere); the output head is int8 either way
     (a tied head gets its own copy; the embedding keeps its weights); "int4+bf16" as "int4", each layer keeping a
-    bfloat16 copy for batches. Works on a bare base model and on one that already carries LoRA layers (their
-    base_layer is replaced). Returns the count."""
+    bfloat16 copy for batches (multiplied in float32 from FLOAT32_BATCH_ROWS rows on, the head keeping none, where
+    bf16 matmuls are not fast: see the module docstring). Works on a bare base model and on one that already
+    carries LoRA layers (their base_layer is replaced). Returns the count."""
     if precision not in ("int8", "int4", "int4+bf16"):
         raise ValueError(f"quantize_for_decode takes 'int8', 'int4' or 'int4+bf16', got {precision!r}.")
     packed = precision.split("+")[0]
@@ -243,6 +256,8 @@ def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
         raise RuntimeError(f"this PyTorch ({torch.__version__}) has no {packed} packed CPU matmul; use decode "
                            "precision fp32, or a newer PyTorch.")
     modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    in_float32 = precision.endswith("+bf16") and bf16_matmul_speedup(device) < BF16_MIN_SPEEDUP
     everything = quantized_linear_names(model, skip_modules=())  # every Linear but LoRA's own
     body = set(quantized_linear_names(model))  # the same without the output heads
     for name in everything:
@@ -250,7 +265,10 @@ def quantize_for_decode(model: nn.Module, precision: str = "int8") -> int:
         int4 = packed == "int4" and name in body and Int4Linear.supports(linear)
         layer = Int4Linear.from_linear(linear) if int4 else Int8Linear.from_linear(linear)
         if precision.endswith("+bf16"):
-            layer.keep_bf16_copy(BATCH_ROWS if name in body else HEAD_BATCH_ROWS)
+            if not in_float32:
+                layer.keep_bf16_copy(BATCH_ROWS if name in body else HEAD_BATCH_ROWS)
+            elif name in body:  # the head keeps none (see the module docstring)
+                layer.keep_bf16_copy(FLOAT32_BATCH_ROWS, in_float32=True)
         replace_module(model, name, layer.to(linear.weight.device))
     if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # the head is its own (int8) tensor now
@@ -263,9 +281,8 @@ def _packed_mm_available(precision: str) -> bool:
 
 
 def decode_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """The decode precision to serve with: `requested` unless "auto", which on a CPU picks int4 when `model`'s base
-    weights reproduce in int4 (reproduces_in_int4), int4+bf16 when bfloat16 matmuls also run at least
-    BF16_MIN_SPEEDUP times faster than float32 ones there, else fp32; off a CPU it picks fp32. int8 is not chosen:
+    """The decode precision to serve with: `requested` unless "auto", which on a CPU picks int4+bf16 when `model`'s
+    base weights reproduce in int4 (reproduces_in_int4), else fp32; off a CPU it picks fp32. int8 is not chosen:
     where measured it decoded faster than fp32 but read a long prompt slower and changed a few greedy answers
     (benchmarks/decode_vs_llamacpp.py), a trade for the user to make."""
     if requested not in DECODE_PRECISIONS:
@@ -281,7 +298,7 @@ def decode_precision(requested: str, device: torch.device, model: nn.Module | No
     body = [modules[name] for name in quantized_linear_names(model)] if model is not None else []
     if _packed_mm_available("int4") and body and all(Int4Linear.supports(m) and reproduces_in_int4(m.weight)
                                                      for m in body):
-        return "int4+bf16" if bf16_matmul_speedup(device) >= BF16_MIN_SPEEDUP else "int4"
+        return "int4+bf16"
     return "fp32"
 
 

@@ -108,14 +108,10 @@ def load_engine_model(args: argparse.Namespace, base: str, adapter_paths: list[s
     model, tokenizer, quantization = load_base_for_adapters(base, adapter_paths, dtype=getattr(torch, args.dtype),
                                                             device=device, **quantize_options)
     precision = prepare_for_decode(model, args.decode_precision)
-    # Matmuls in bf16: every one when bf16 weights are kept as loaded ("fp32": no quantization); with int4+bf16,
-    # those of batches and prompts.
-    if precision == "int4+bf16":
-        warning = slow_bf16_warning(device, "with --decode-precision int4")
-    elif precision == "fp32" and args.dtype == "bfloat16":
-        warning = slow_bf16_warning(device, "with --dtype float32")
-    else:
-        warning = None
+    # bf16 weights kept as loaded ("fp32": not quantized) make every matmul a bf16 one (int4+bf16 multiplies its
+    # copy in float32 where that is faster)
+    warning = slow_bf16_warning(device, "with --dtype float32") \
+        if precision == "fp32" and args.dtype == "bfloat16" else None
     if warning:
         print(warning, file=sys.stderr, flush=True)
     return model, tokenizer, quantization, precision
