@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             base, tokenizer = load_base_model(args.base, dtype=dtype, device=device)
         adapters = given if given is not None else make_random_adapters(base, args.adapters, adapter_dir, args.seed)
-        precisions.append(prepare_for_decode(base, args.decode_precision))  # after the adapters: they see float32
+        # after the adapters, which are made on the weights as loaded
+        precisions.append(prepare_for_decode(base, args.decode_precision))
         config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                               max_adapters=len(adapters))
         return Engine(base, tokenizer, config, base_name=args.base, adapter_dirs=[str(adapter_dir)],

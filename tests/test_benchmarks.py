@@ -76,11 +76,11 @@ def test_random_base_builds_the_architecture_from_the_config_alone(tiny_base, tm
     from lorakit.models import load_base_model
 
     real, _ = load_base_model(tiny_base)
-    random = train_step.random_base(config_only(tiny_base, tmp_path / "config"), torch.bfloat16, "cpu")
+    built = train_step.random_base(config_only(tiny_base, tmp_path / "config"), torch.bfloat16, "cpu")
     assert {name: (tuple(p.shape), torch.bfloat16) for name, p in real.named_parameters()} \
-        == {name: (tuple(p.shape), p.dtype) for name, p in random.named_parameters()}
-    again = train_step.random_base(tiny_base, torch.bfloat16, "cpu")
-    assert all(torch.equal(a, b) for a, b in zip(random.parameters(), again.parameters()))  # seeded
+        == {name: (tuple(p.shape), p.dtype) for name, p in built.named_parameters()}
+    again = train_step.random_base(tiny_base, torch.bfloat16, "cpu")  # the weights file beside it is not read
+    assert all(torch.equal(a, b) for a, b in zip(built.parameters(), again.parameters()))  # seeded
 
 
 def test_serve_benchmark_runs_every_scenario_on_a_config_alone(tiny_base, tmp_path):
