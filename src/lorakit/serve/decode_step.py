@@ -20,8 +20,8 @@ once per step. A step reads the weights of the adapters in its stack, so the sta
 resident adapter while they are at most twice as many as the batch uses (built once, it serves every such
 batch), else a stack of the batch's adapters, or a kept stack holding them and at most as many others. With
 many adapters resident a step would otherwise read all of their weights for the few its rows use; stacking a
-new set costs half a step to a step (benchmarks/README.md), paid when the batch's adapters change. Stacks of one adapter are kept until
-the adapters change (memory: the adapters' once more); of several, the TABLE_SETS used last.
+new set costs half a step to a step (benchmarks/README.md), paid when the batch's adapters change. Stacks of one
+adapter are kept until the adapters change (memory: the adapters' once more); of several, the TABLE_SETS used last.
 
 The fused base weights share storage with the model's: after fusing, each projection's weight is a view of
 its rows of the fused tensor (int4 packs rows in blocks of 64, so an int4 projection fuses only when its
